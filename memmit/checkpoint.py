@@ -1,0 +1,71 @@
+"""Checkpoints that are complete or absent: written to a hidden temporary folder, then renamed.
+
+Layout: checkpoints/checkpoint-<step>/{shared.pt, process_<rank>.pt}. The shared part (θ̄, the
+round's accumulator, the position) comes from the main process; each process writes the state of
+its own shards, which accelerate's save_state would not hold.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / "shared.pt").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(root: Path, which: str) -> Optional[Path]:
+    """'latest' -> the newest complete checkpoint (or None); otherwise the given directory, checked."""
+    if which == "latest":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(which)
+    if not path.is_dir() and (root / which).is_dir():
+        path = root / which
+    if not (path / "shared.pt").is_file():
+        raise ValueError(f"resume_from_checkpoint {which!r} is not a complete memmit checkpoint")
+    return path
+
+
+def save(accelerator: Accelerator, root: Path, step: int, shared: dict, process_state: dict,
+         total_limit: Optional[int] = None) -> Path:
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(process_state, tmp / f"process_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # shared.pt is what marks a checkpoint complete, so it is written last, then the folder renamed.
+        torch.save(dict(shared, num_processes=accelerator.num_processes), tmp / "shared.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in list_checkpoints(root)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator: Accelerator, path: Path) -> tuple[dict, dict]:
+    shared = torch.load(path / "shared.pt", weights_only=True)
+    if shared["num_processes"] != accelerator.num_processes:
+        raise ValueError(f"checkpoint {path} was written by {shared['num_processes']} processes; "
+                         f"resume it with the same number (now {accelerator.num_processes})")
+    process_state = torch.load(path / f"process_{accelerator.process_index}.pt", weights_only=True)
+    return shared, process_state

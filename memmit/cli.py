@@ -1,0 +1,37 @@
+"""Command lines: `memmit train ...` (same as train_memmit.py)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .config import parse_args
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Parse, validate and train; bad input exits non-zero with one message, before training."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        cfg = parse_args(argv)
+        from .trainer import Trainer  # heavy imports only once the flags are known to be valid
+
+        trainer = Trainer(cfg)
+    except ValueError as exc:
+        print(f"memmit: error: {exc}", file=sys.stderr)
+        return 2
+    out = trainer.train()
+    print(f"memmit: mitigated pipeline written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"train": train_main}
+    if not argv or argv[0] not in commands:
+        print(f"usage: memmit {{{','.join(commands)}}} [options]; `memmit COMMAND --help` for options", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

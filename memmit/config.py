@@ -1,0 +1,187 @@
+"""Every memmit option: one dataclass field with its default, its help and its validation.
+
+A YAML file given with `--config` supplies defaults, command-line flags override it; flag names
+follow diffusers' training examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+SHARD_STRATEGIES = ("random", "contiguous", "stratified")
+AGGREGATIONS = ("size", "uniform")
+BANK_INITS = ("first", "zero")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+)
+
+
+def opt(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field carrying its one-line help."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class MemmitConfig:
+    # Model
+    pretrained_model_name_or_path: Optional[str] = opt(None, "Hub id or local directory of a diffusers pipeline with a UNet.")
+    revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    variant: Optional[str] = opt(None, "Weight variant to load, e.g. 'fp16'.")
+
+    # Data
+    dataset_name: Optional[str] = opt(None, "Hub dataset name or local directory written by `Dataset.save_to_disk`.")
+    dataset_config_name: Optional[str] = opt(None, "Configuration of a Hub dataset.")
+    train_data_dir: Optional[str] = opt(None, "Folder of images (datasets' imagefolder layout).")
+    image_column: str = opt("image", "Dataset column holding the images.")
+    label_column: Optional[str] = opt(None, "Dataset column of labels, used by shard_strategy=stratified.")
+    max_train_samples: Optional[int] = opt(None, "Keep only the first N samples (for debugging or quick runs).")
+    resolution: Optional[int] = opt(None, "Training resolution; defaults to the UNet's sample_size.")
+    center_crop: bool = opt(False, "Center-crop to the resolution (otherwise random crop).")
+    random_flip: bool = opt(False, "Randomly flip images horizontally.")
+
+    # Method: Iterative Ensemble Training
+    num_shards: int = opt(4, "K: number of disjoint data shards, one model copy trained per shard.")
+    shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
+    aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
+    num_rounds: int = opt(2, "Number of rounds; each ends by averaging the shard models.")
+    local_epochs: int = opt(1, "Epochs over its own shard that each shard trains per round.")
+    local_steps: Optional[int] = opt(None, "Optimizer steps per shard per round; when set, replaces local_epochs.")
+
+    # Method: Anti-Gradient Control
+    agc_lambda: float = opt(0.5, "Skip a sample when its loss < agc_lambda * loss_bank[t]; 0 turns AGC off.")
+    agc_bank_decay: float = opt(0.8, "Decay beta of the per-timestep loss bank: b <- beta*b + (1-beta)*loss.")
+    agc_bank_init: str = opt("first", "Loss bank start: first (first observed loss) | zero (as the reference code).", choices=BANK_INITS)
+
+    # EMA
+    use_ema: bool = opt(False, "Keep an EMA of each shard's weights; the averaged EMA is the result.")
+    ema_decay: float = opt(0.9999, "Maximum EMA decay (diffusers' EMAModel warm-up applies).")
+
+    # Optimisation
+    train_batch_size: int = opt(16, "Batch size per optimizer micro-step.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    learning_rate: float = opt(1e-4, "Peak learning rate.")
+    lr_scheduler: str = opt("constant", "diffusers get_scheduler name.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = opt(0, "Warm-up optimizer steps of each shard's LR scheduler.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: Optional[float] = opt(1.0, "Clip gradients to this norm; null disables clipping.")
+    seed: int = opt(0, "Seed of the shard split, data order, noise and timesteps.")
+    mixed_precision: str = opt("no", "Autocast precision: no | fp16 | bf16 (the UNet stays fp32).", choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet.")
+
+    # Output, logging and checkpoints
+    output_dir: str = opt("memmit-output", "Where the merged pipeline, checkpoints and logs go.")
+    overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds another run.")
+    checkpointing_steps: Optional[int] = opt(500, "Checkpoint every N optimizer steps (per process); rounds' ends are always checkpointed.")
+    checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints.")
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint directory to resume from.")
+    report_to: str = opt("tensorboard", "Tracker for logs: tensorboard | none.", choices=("tensorboard", "none"))
+    num_validation_images: int = opt(16, "Images sampled into the logs at each round's end; 0 disables.")
+    validation_inference_steps: int = opt(50, "DDIM steps for the round-end sample grid.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid option."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            need(choices is None or value in choices, f"{f.name}={value!r} is not one of {list(choices or [])}")
+        need(self.pretrained_model_name_or_path is not None, "pretrained_model_name_or_path is required")
+        need((self.dataset_name is None) != (self.train_data_dir is None),
+             "give exactly one of dataset_name or train_data_dir")
+        need(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
+        need(self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}")
+        need(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
+        need(self.local_steps is None or self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
+        need(self.agc_lambda >= 0, f"agc_lambda must be >= 0, got {self.agc_lambda}")
+        need(0 <= self.agc_bank_decay < 1, f"agc_bank_decay must be in [0, 1), got {self.agc_bank_decay}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.train_batch_size >= 1, f"train_batch_size must be >= 1, got {self.train_batch_size}")
+        need(self.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        need(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        need(self.max_train_samples is None or self.max_train_samples >= 1, f"max_train_samples must be >= 1, got {self.max_train_samples}")
+        need(self.resolution is None or self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}")
+        need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
+        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
+        need(self.num_validation_images >= 0, f"num_validation_images must be >= 0, got {self.num_validation_images}")
+        need(self.shard_strategy != "stratified" or self.label_column is not None,
+             "shard_strategy=stratified needs label_column")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    """The scalar type of a field, Optional[...] unwrapped."""
+    hint = typing.get_type_hints(MemmitConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _parse_value(kind: type):
+    """argparse type for a field; 'none'/'null' gives None so YAML-style nulls work on flags."""
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="memmit: mitigate memorization in a diffusers pipeline with IET + AGC fine-tuning.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=str, help="YAML file of option defaults; flags override it.")
+    for f in dataclasses.fields(MemmitConfig):
+        kind = _field_type(f)
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=_parse_value(kind), choices=None, help=help_text)
+    return parser
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Options from a YAML file; an unknown key is an error naming the valid ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
+    valid = [f.name for f in dataclasses.fields(MemmitConfig)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} in {str(path)!r}; valid options: {valid}")
+    # YAML 1.1 reads "1e-4" as a string: coerce numbers with the field's own type.
+    kinds = {f.name: _field_type(f) for f in dataclasses.fields(MemmitConfig)}
+    return {k: kinds[k](v) if isinstance(v, str) and kinds[k] in (int, float) else v for k, v in data.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> MemmitConfig:
+    """Resolve defaults < YAML file < flags into one validated config."""
+    flags = vars(build_parser().parse_args(argv))
+    values = load_yaml(flags.pop("config")) if "config" in flags else {}
+    values.update(flags)
+    return MemmitConfig(**values)

@@ -1,0 +1,156 @@
+"""Training data: loading through `datasets`, image conversion, stable sample ids, the shard split."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def load_train_dataset(
+    dataset_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    image_column: str = "image",
+    label_column: Optional[str] = None,
+    max_train_samples: Optional[int] = None,
+    dataset_config_name: Optional[str] = None,
+    extra_columns: Sequence[str] = (),
+) -> datasets.Dataset:
+    """The training split, checked: columns exist, not empty. Row i has stable sample id i."""
+    source = train_data_dir or dataset_name
+    if train_data_dir is not None:
+        if not Path(train_data_dir).is_dir():
+            raise ValueError(f"train_data_dir {train_data_dir!r} is not a directory")
+        if not any(p.is_file() for p in Path(train_data_dir).rglob("*")):
+            raise ValueError(f"train_data_dir {train_data_dir!r} is empty")
+    try:
+        if train_data_dir is not None:
+            ds = datasets.load_dataset("imagefolder", data_dir=train_data_dir, split="train")
+        elif os.path.isdir(dataset_name) and _is_saved_to_disk(Path(dataset_name)):
+            ds = datasets.load_from_disk(dataset_name)
+        else:
+            ds = datasets.load_dataset(dataset_name, dataset_config_name)
+    except (OSError, ValueError) as exc:  # datasets' own messages, e.g. "corresponds to no data"
+        raise ValueError(f"cannot load dataset {source!r} (missing, empty or not a dataset?): {exc}") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"dataset {dataset_name!r} has no 'train' split (splits: {list(ds)})")
+        ds = ds["train"]
+    for role, col in [("image_column", image_column), ("label_column", label_column),
+                      *[("column", c) for c in extra_columns]]:
+        if col is not None and col not in ds.column_names:
+            raise ValueError(f"{role} {col!r} not in dataset columns {ds.column_names}")
+    if len(ds) == 0:
+        raise ValueError(f"dataset {source!r} is empty")
+    if max_train_samples is not None:
+        ds = ds.select(range(min(max_train_samples, len(ds))))
+    return ds
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def source_names(ds: datasets.Dataset, image_column: str) -> list[str]:
+    """Where each sample came from: its file path when known, else 'index i'."""
+    raw = ds.cast_column(image_column, datasets.Image(decode=False))[image_column]
+    return [(r or {}).get("path") or f"index {i}" for i, r in enumerate(raw)]
+
+
+def check_images(ds: datasets.Dataset, image_column: str, show_progress: bool = True) -> None:
+    """Decode every image once, so an unreadable file fails before training, by name."""
+    raw = ds.cast_column(image_column, datasets.Image(decode=False))
+    for i in tqdm(range(len(raw)), desc="checking images", disable=not show_progress, leave=False):
+        item = raw[i][image_column]
+        name = (item or {}).get("path") or f"index {i}"
+        try:
+            if item is None:
+                raise ValueError("missing image")
+            with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as img:
+                img.load()
+        except Exception as exc:  # PIL raises many types for corrupt files
+            raise ValueError(f"cannot read image {name} (sample {i}) in column {image_column!r}: {exc}") from exc
+
+
+def convert_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode (L, LA, RGB, RGBA, P, 16-bit, float) to the model's channel count."""
+    if channels not in _MODES:
+        raise ValueError(f"models with {channels} image channels are not supported (1, 3 or 4)")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and 32-bit grey: PIL's own convert clips to 255, so rescale to 8 bits first.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    return img if img.mode == _MODES[channels] else img.convert(_MODES[channels])
+
+
+class ImageTransform:
+    """Resize (shorter side), crop, flip, scale to [-1, 1]: the diffusers examples' pipeline, without torchvision."""
+
+    def __init__(self, resolution: int, channels: int, center_crop: bool = False, random_flip: bool = False):
+        self.resolution, self.channels = resolution, channels
+        self.center_crop, self.random_flip = center_crop, random_flip
+
+    def __call__(self, img: Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        img = convert_mode(img, self.channels)
+        r = self.resolution
+        w, h = img.size
+        scale = r / min(w, h)
+        size = (max(r, round(w * scale)), max(r, round(h * scale)))
+        if size != (w, h):
+            img = img.resize(size, Image.BILINEAR)
+        w, h = img.size
+        if self.center_crop:
+            left, top = (w - r) // 2, (h - r) // 2
+        else:
+            left = int(torch.randint(0, w - r + 1, (1,), generator=generator))
+            top = int(torch.randint(0, h - r + 1, (1,), generator=generator))
+        img = img.crop((left, top, left + r, top + r))
+        x = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(r, r, self.channels).permute(2, 0, 1)
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            x = x.flip(-1)
+        return x / 127.5 - 1.0
+
+
+def split_shards(
+    num_samples: int,
+    num_shards: int,
+    strategy: str = "random",
+    seed: int = 0,
+    labels: Optional[Sequence] = None,
+) -> list[list[int]]:
+    """K disjoint shards of sample ids covering 0..N-1; no sample is dropped."""
+    if num_samples < num_shards:
+        raise ValueError(f"{num_samples} samples cannot fill num_shards={num_shards} shards")
+    gen = torch.Generator().manual_seed(seed)
+    if strategy == "contiguous":
+        order = torch.arange(num_samples)
+    elif strategy == "random":
+        order = torch.randperm(num_samples, generator=gen)
+    elif strategy == "stratified":
+        if labels is None or len(labels) != num_samples:
+            raise ValueError("shard_strategy=stratified needs one label per sample")
+        # Deal each label's (shuffled) samples round-robin, continuing across labels, so every
+        # shard gets each label's share and shard sizes differ by at most one.
+        shards: list[list[int]] = [[] for _ in range(num_shards)]
+        slot = 0
+        for label in sorted(set(labels), key=repr):
+            ids = [i for i, l in enumerate(labels) if l == label]
+            for j in torch.randperm(len(ids), generator=gen).tolist():
+                shards[slot % num_shards].append(ids[j])
+                slot += 1
+        return [sorted(s) for s in shards]
+    else:
+        raise ValueError(f"unknown shard_strategy {strategy!r}")
+    return [sorted(c.tolist()) for c in torch.tensor_split(order, num_shards)]

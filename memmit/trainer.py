@@ -1,0 +1,404 @@
+"""The memmit loop: rounds -> shard turns -> AGC steps -> aggregation, with exact checkpoints.
+
+Each process trains the shards k with k % num_processes == process_index, one after another, on
+one live UNet; everything a shard carries across rounds (optimizer moments, LR-scheduler position,
+GradScaler, AGC bank, data-order RNG, EMA step) is a `ShardState` held on the CPU between turns.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .agc import LossBank, masked_mean
+from .config import MemmitConfig
+from .data import check_images, load_train_dataset, source_names, split_shards
+from .ensemble import FlatAverage, floating_tensors, shard_weights
+from .tasks import load_task
+
+logger = get_logger(__name__)
+
+
+class ShardStream:
+    """A shard's data order: a fresh seeded permutation each epoch; batches never cross epochs."""
+
+    def __init__(self, ids: list[int], seed: int):
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = self.ids[torch.randperm(len(self.ids), generator=self.generator)]
+        self.cursor = 0
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        if self.cursor >= len(self.order):
+            self.order = self.ids[torch.randperm(len(self.ids), generator=self.generator)]
+            self.cursor = 0
+        batch = self.order[self.cursor:self.cursor + batch_size]
+        self.cursor += len(batch)
+        return batch.tolist()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order.clone(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.cursor = state["order"].clone(), state["cursor"]
+
+
+@dataclass
+class ShardState:
+    """Everything of one shard that persists across rounds; only the weights restart from θ̄."""
+
+    index: int
+    ids: list[int]
+    stream: ShardStream
+    bank: LossBank
+    optimizer: Optional[dict] = None
+    lr_scheduler: Optional[dict] = None
+    scaler: Optional[dict] = None
+    ema_step: int = 0
+
+    def state_dict(self) -> dict:
+        return {"index": self.index, "stream": self.stream.state_dict(), "bank": self.bank.state_dict(),
+                "optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler, "scaler": self.scaler,
+                "ema_step": self.ema_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.bank.load_state_dict(state["bank"])
+        self.optimizer, self.lr_scheduler = state["optimizer"], state["lr_scheduler"]
+        self.scaler, self.ema_step = state["scaler"], state["ema_step"]
+
+
+def micro_batches_per_turn(cfg: MemmitConfig, shard_size: int) -> int:
+    if cfg.local_steps is not None:
+        return cfg.local_steps * cfg.gradient_accumulation_steps
+    return cfg.local_epochs * math.ceil(shard_size / cfg.train_batch_size)
+
+
+def windows_per_turn(cfg: MemmitConfig, shard_size: int) -> int:
+    """Optimizer-step windows in one turn (the last one may hold fewer micro-batches)."""
+    return math.ceil(micro_batches_per_turn(cfg, shard_size) / cfg.gradient_accumulation_steps)
+
+
+def _to_cpu(obj):
+    """Deep copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def check_output_dir(cfg: MemmitConfig) -> None:
+    """Refuse to write into a directory that holds another run, unless told to."""
+    out = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint or not out.exists() or not any(out.iterdir()):
+        return
+    if not cfg.overwrite_output_dir:
+        raise ValueError(f"output_dir {str(out)!r} is not empty; pass --overwrite_output_dir to replace it "
+                         "or --resume_from_checkpoint latest to continue it")
+
+
+class Trainer:
+    def __init__(self, cfg: MemmitConfig, accelerator: Optional[Accelerator] = None):
+        self.cfg = cfg
+        check_output_dir(cfg)
+        self.out = Path(cfg.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        acc = self.accelerator
+        set_seed(cfg.seed)
+
+        self.task = load_task(cfg)
+        with acc.main_process_first():
+            self.dataset = load_train_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.image_column,
+                                              cfg.label_column, cfg.max_train_samples, cfg.dataset_config_name)
+            check_images(self.dataset, cfg.image_column, show_progress=acc.is_local_main_process)
+        n = len(self.dataset)
+        if n < cfg.num_shards:
+            raise ValueError(f"the dataset has {n} samples, fewer than num_shards={cfg.num_shards}")
+        if cfg.num_shards < acc.num_processes:
+            raise ValueError(f"num_shards={cfg.num_shards} is smaller than the {acc.num_processes} processes")
+        labels = self.dataset[cfg.label_column] if cfg.shard_strategy == "stratified" else None
+        self.shards = split_shards(n, cfg.num_shards, cfg.shard_strategy, cfg.seed, labels)
+        self.weights = shard_weights([len(s) for s in self.shards], cfg.aggregation)
+        self.my_shards = [k for k in range(cfg.num_shards) if k % acc.num_processes == acc.process_index]
+
+        self.unet = self.task.unet.to(acc.device, dtype=torch.float32)
+        self.unet.train()
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.live = floating_tensors(self.unet)
+        self.theta = FlatAverage(self.live)
+        self.ema_avg = FlatAverage(self.params) if cfg.use_ema else None
+
+        self.states = {k: ShardState(k, self.shards[k], ShardStream(self.shards[k], cfg.seed + 1000 + k),
+                                     LossBank(self.task.num_train_timesteps, cfg.agc_bank_decay, cfg.agc_bank_init))
+                       for k in self.my_shards}
+        self.seen = np.zeros(n, dtype=np.int64)
+        self.skipped = np.zeros(n, dtype=np.int64)
+        self.global_step = 0
+        self.position = {"round": 0, "turn": 0, "window": 0}
+
+    # ---- one shard turn -------------------------------------------------------------------
+    def _make_optimizer(self, state: ShardState):
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        total = cfg.num_rounds * windows_per_turn(cfg, len(state.ids))
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                  num_training_steps=total)
+        scaler = torch.amp.GradScaler(self.accelerator.device.type,
+                                      enabled=cfg.mixed_precision == "fp16" and self.accelerator.device.type == "cuda")
+        if state.optimizer is not None:
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.lr_scheduler)
+            scaler.load_state_dict(state.scaler)
+        return optimizer, scheduler, scaler
+
+    def _make_ema(self, state: ShardState) -> Optional[EMAModel]:
+        if self.ema_avg is None:
+            return None
+        ema = EMAModel(self.params, decay=self.cfg.ema_decay)
+        self.ema_avg.load_into(ema.shadow_params)
+        ema.optimization_step = state.ema_step
+        return ema
+
+    def _train_window(self, state: ShardState, optimizer, scheduler, scaler, ema, n_micro: int) -> dict:
+        """One optimizer step's worth of micro-batches with the AGC mask; returns log values."""
+        cfg, acc = self.cfg, self.accelerator
+        gen = state.stream.generator
+        kept_total, seen_total, losses_logged = 0, 0, []
+        for _ in range(n_micro):
+            ids = state.stream.next_batch(cfg.train_batch_size)
+            batch = self.task.batch(self.dataset[ids][cfg.image_column], gen)
+            with acc.autocast():
+                losses, timesteps = self.task.per_sample_loss(self.unet, batch, gen, acc.device)
+            keep = state.bank.keep_mask(losses, timesteps, cfg.agc_lambda)
+            state.bank.update(losses, timesteps)
+            self.seen[ids] += 1
+            self.skipped[np.asarray(ids)[~keep.numpy()]] += 1
+            seen_total += len(ids)
+            if keep.any():
+                loss = masked_mean(losses, keep) / n_micro
+                scaler.scale(loss).backward()
+                kept_total += int(keep.sum())
+                losses_logged.append(float(loss) * n_micro)
+        if kept_total:
+            if cfg.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.step(self.params)
+        # No kept sample: no optimizer step (the schedule still advances with the data).
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        return {"loss": float(np.mean(losses_logged)) if losses_logged else float("nan"),
+                "skip_fraction": 1 - kept_total / seen_total, "lr": lr}
+
+    def _turn(self, rnd: int, turn: int, start_window: int, bar) -> None:
+        cfg = self.cfg
+        k = self.my_shards[turn]
+        state = self.states[k]
+        if start_window == 0:
+            self.theta.load_into(self.live)
+        optimizer, scheduler, scaler = self._make_optimizer(state)
+        ema = self._make_ema(state)
+        if start_window and ema is not None and self._resumed_ema is not None:
+            for p, s in zip(ema.shadow_params, self._resumed_ema):
+                p.data.copy_(s)
+        n_micro_total = micro_batches_per_turn(cfg, len(state.ids))
+        n_windows = windows_per_turn(cfg, len(state.ids))
+        for w in range(start_window, n_windows):
+            n_micro = min(cfg.gradient_accumulation_steps, n_micro_total - w * cfg.gradient_accumulation_steps)
+            logs = self._train_window(state, optimizer, scheduler, scaler, ema, n_micro)
+            self.global_step += 1
+            self.position = {"round": rnd, "turn": turn, "window": w + 1}
+            bar.update(1)
+            bar.set_postfix(round=rnd, shard=k, loss=f"{logs['loss']:.4f}", skip=f"{100 * logs['skip_fraction']:.0f}%")
+            self.accelerator.log({f"shard_{k}/{name}": v for name, v in logs.items()}, step=self.global_step)
+            if self._checkpoint_due() and w + 1 < n_windows:
+                self.save_checkpoint(live=(state, optimizer, scheduler, scaler, ema))
+        state.optimizer, state.lr_scheduler = _to_cpu(optimizer.state_dict()), scheduler.state_dict()
+        state.scaler = scaler.state_dict()
+        if ema is not None:
+            state.ema_step = ema.optimization_step
+            self.ema_avg.add(ema.shadow_params, self.weights[k])
+        self.theta.add(self.live, self.weights[k])
+        self.position = {"round": rnd, "turn": turn + 1, "window": 0}
+        # A due checkpoint that fell on the turn's last step is written now the shard is folded
+        # in; the round's last turn is covered by the round-end checkpoint.
+        if self._checkpoint_due() and n_windows > start_window and turn + 1 < len(self.my_shards):
+            self.save_checkpoint(live=None)
+
+    def _checkpoint_due(self) -> bool:
+        return bool(self.cfg.checkpointing_steps) and self.global_step % self.cfg.checkpointing_steps == 0
+
+    # ---- the run --------------------------------------------------------------------------
+    def _all_reduce(self):
+        if self.accelerator.num_processes == 1:
+            return None
+        return lambda t: torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+
+    def train(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        self._resumed_ema = None
+        self._prepare_output()
+        if cfg.resume_from_checkpoint:
+            self.load_checkpoint(cfg.resume_from_checkpoint)
+        if acc.is_main_process:
+            acc.init_trackers("memmit", config={k: v for k, v in cfg.to_dict().items()
+                                                if isinstance(v, (int, float, str, bool))})
+        per_round = sum(windows_per_turn(cfg, len(self.shards[k])) for k in self.my_shards)
+        bar = tqdm(total=per_round * cfg.num_rounds, initial=self.global_step, desc="memmit",
+                   disable=not acc.is_local_main_process)
+        start = dict(self.position)
+        for rnd in range(start["round"], cfg.num_rounds):
+            first_turn = start["turn"] if rnd == start["round"] else 0
+            for turn in range(first_turn, len(self.my_shards)):
+                resumed_mid_turn = rnd == start["round"] and turn == start["turn"]
+                self._turn(rnd, turn, start["window"] if resumed_mid_turn else 0, bar)
+            self.theta.finish_round(self._all_reduce())
+            if self.ema_avg is not None:
+                self.ema_avg.finish_round(self._all_reduce())
+            self.position = {"round": rnd + 1, "turn": 0, "window": 0}
+            self.save_checkpoint(live=None)
+            self._log_samples(rnd)
+        bar.close()
+        return self.export()
+
+    def _load_result(self) -> None:
+        """θ̄ (or the averaged EMA) into the live UNet."""
+        self.theta.load_into(self.live)
+        if self.ema_avg is not None:
+            self.ema_avg.load_into(self.params)
+
+    def _log_samples(self, rnd: int) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        if not cfg.num_validation_images or cfg.report_to != "tensorboard" or not acc.is_main_process:
+            return
+        self._load_result()
+        self.unet.eval()
+        images = self.task.sample(self.unet, cfg.num_validation_images, cfg.validation_inference_steps,
+                                  torch.Generator().manual_seed(cfg.seed))
+        self.unet.train()
+        acc.get_tracker("tensorboard", unwrap=True).add_images("samples", images, rnd + 1)
+
+    # ---- output -----------------------------------------------------------------------------
+    def _prepare_output(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if self.cfg.overwrite_output_dir and not self.cfg.resume_from_checkpoint:
+            # Stale checkpoints or a stale pipeline must not pass for this run's.
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+            (self.out / "model_index.json").unlink(missing_ok=True)
+        meta = self.out / "memmit"
+        meta.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(meta / "config.yaml")
+        (meta / "shards.json").write_text(json.dumps({str(k): s for k, s in enumerate(self.shards)}))
+
+    def _gather_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.accelerator.num_processes == 1:
+            return self.seen, self.skipped
+        both = torch.from_numpy(np.stack([self.seen, self.skipped])).to(self.accelerator.device)
+        torch.distributed.all_reduce(both)
+        both = both.cpu().numpy()
+        return both[0], both[1]
+
+    def write_candidates(self, path: Path) -> None:
+        """Samples ranked by how often AGC skipped them: the memorization candidates."""
+        seen, skipped = self._gather_counts()
+        if not self.accelerator.is_main_process:
+            return
+        names = source_names(self.dataset, self.cfg.image_column)
+        shard_of = {i: k for k, ids in enumerate(self.shards) for i in ids}
+        frac = np.where(seen > 0, skipped / np.maximum(seen, 1), 0.0)
+        order = sorted(range(len(seen)), key=lambda i: (-frac[i], -skipped[i], i))
+        lines = ["rank,sample_id,seen,skipped,skip_fraction,shard,source"]
+        for rank, i in enumerate(order, 1):
+            source = names[i].replace('"', '""')
+            lines.append(f'{rank},{i},{seen[i]},{skipped[i]},{frac[i]:.4f},{shard_of[i]},"{source}"')
+        path.write_text("\n".join(lines) + "\n")
+
+    def export(self) -> Path:
+        acc = self.accelerator
+        self.write_candidates(self.out / "memmit" / "candidates.csv")
+        if acc.is_main_process:
+            self._load_result()
+            self.task.save_pipeline(self.unet, self.out)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return self.out
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, live) -> None:
+        """Everything needed to continue exactly; `live` is the running shard's (state, opt, sched, scaler, ema)."""
+        states = {k: s.state_dict() for k, s in self.states.items()}
+        process_state = {"shards": states, "seen": torch.from_numpy(self.seen.copy()),
+                         "skipped": torch.from_numpy(self.skipped.copy()),
+                         "torch_rng": torch.get_rng_state()}
+        if live is not None:
+            state, optimizer, scheduler, scaler, ema = live
+            process_state["shards"][state.index].update(
+                optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                ema_step=ema.optimization_step if ema is not None else state.ema_step)
+            process_state["live_weights"] = [t.detach().cpu() for t in self.live]
+            if ema is not None:
+                process_state["live_ema"] = [t.detach().cpu() for t in ema.shadow_params]
+        shared = {"theta": self.theta.state_dict(), "position": self.position, "global_step": self.global_step,
+                  "ema": self.ema_avg.state_dict() if self.ema_avg is not None else None, "shards": self.shards}
+        ckpt.save(self.accelerator, self.out / "checkpoints", self.global_step, shared, process_state,
+                  self.cfg.checkpoints_total_limit)
+
+    def load_checkpoint(self, which: str) -> None:
+        path = ckpt.resolve(self.out / "checkpoints", which)
+        if path is None:
+            logger.info("no checkpoint found in %s; starting a new run", self.out / "checkpoints", main_process_only=True)
+            return
+        shared, process_state = ckpt.load(self.accelerator, path)
+        if shared["shards"] != self.shards:
+            raise ValueError(f"checkpoint {path} was made with another shard split (num_shards, seed, "
+                             "shard_strategy or data changed); resume needs the same settings")
+        self.theta.load_state_dict(shared["theta"])
+        if self.ema_avg is not None:
+            self.ema_avg.load_state_dict(shared["ema"])
+        self.position, self.global_step = shared["position"], shared["global_step"]
+        for k, s in process_state["shards"].items():
+            self.states[k].load_state_dict(s)
+        self.seen[:], self.skipped[:] = process_state["seen"].numpy(), process_state["skipped"].numpy()
+        torch.set_rng_state(process_state["torch_rng"])
+        if "live_weights" in process_state:
+            with torch.no_grad():
+                for t, src in zip(self.live, process_state["live_weights"]):
+                    t.copy_(src)
+        self._resumed_ema = process_state.get("live_ema")
+        logger.info("resumed from %s at %s", path, self.position, main_process_only=True)
+
+
+def train(cfg: MemmitConfig) -> Path:
+    """Run memmit end to end and return the output directory holding the merged pipeline."""
+    return Trainer(cfg).train()

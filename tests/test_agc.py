@@ -1,0 +1,73 @@
+"""The AGC rule (DESIGN.md §1) against hand computations."""
+
+import pytest
+import torch
+
+from memmit.agc import LossBank, masked_mean
+
+
+def test_first_init_keeps_unset_then_skips_low_losses():
+    bank = LossBank(num_timesteps=5, decay=0.8, init="first")
+    losses = torch.tensor([1.0, 2.0, 0.4])
+    t = torch.tensor([3, 1, 3])  # timestep 3 appears twice
+    # Nothing set yet: everything kept.
+    assert bank.keep_mask(losses, t, 0.5).tolist() == [True, True, True]
+    bank.update(losses, t)
+    # b[3]: first loss 1.0, then 0.8*1.0 + 0.2*0.4 = 0.88 (batch order); b[1] = 2.0.
+    assert bank.values[3].item() == pytest.approx(0.88)
+    assert bank.values[1].item() == pytest.approx(2.0)
+    assert bank.is_set.tolist() == [False, True, False, True, False]
+
+    # Next batch: thresholds 0.5*0.88 = 0.44 at t=3, 0.5*2.0 = 1.0 at t=1; t=0 unset -> kept.
+    losses = torch.tensor([0.43, 0.45, 0.99, 1.0, 0.0])
+    t = torch.tensor([3, 3, 1, 1, 0])
+    assert bank.keep_mask(losses, t, 0.5).tolist() == [False, True, False, True, True]
+    # The bank is updated with every sample, skipped or not.
+    bank.update(losses, t)
+    expected3 = 0.8 * (0.8 * 0.88 + 0.2 * 0.43) + 0.2 * 0.45
+    expected1 = 0.8 * (0.8 * 2.0 + 0.2 * 0.99) + 0.2 * 1.0
+    assert bank.values[3].item() == pytest.approx(expected3)
+    assert bank.values[1].item() == pytest.approx(expected1)
+    assert bank.values[0].item() == 0.0 and bool(bank.is_set[0])
+
+
+def test_all_skipped_batch():
+    bank = LossBank(4, decay=0.5)
+    bank.update(torch.tensor([1.0, 1.0]), torch.tensor([0, 2]))
+    keep = bank.keep_mask(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 2, 2]), 0.5)
+    assert not keep.any()
+
+
+def test_zero_init_is_reference_warmup():
+    bank = LossBank(3, decay=0.8, init="zero")
+    losses, t = torch.tensor([0.001, 5.0]), torch.tensor([0, 1])
+    # Entries start at 0: nothing is below lambda * 0, so nothing is skipped.
+    assert bank.keep_mask(losses, t, 0.8).all()
+    bank.update(losses, t)
+    assert bank.values.tolist() == pytest.approx([0.2 * 0.001, 0.2 * 5.0, 0.0])
+
+
+def test_lambda_zero_turns_agc_off():
+    bank = LossBank(2)
+    bank.update(torch.tensor([10.0]), torch.tensor([0]))
+    assert bank.keep_mask(torch.tensor([0.0, 1e-9]), torch.tensor([0, 0]), 0.0).all()
+
+
+def test_masked_mean_over_kept_samples_and_weights():
+    losses = torch.tensor([1.0, 2.0, 4.0])
+    keep = torch.tensor([True, False, True])
+    assert masked_mean(losses, keep).item() == pytest.approx(2.5)
+    assert masked_mean(losses, keep, torch.tensor([0.5, 9.0, 0.25])).item() == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_state_round_trip():
+    bank = LossBank(3)
+    bank.update(torch.tensor([1.0]), torch.tensor([2]))
+    other = LossBank(3)
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other.values, bank.values) and torch.equal(other.is_set, bank.is_set)
+
+
+def test_bad_init():
+    with pytest.raises(ValueError, match="agc_bank_init"):
+        LossBank(3, init="ones")

@@ -1,0 +1,52 @@
+"""Options: YAML defaults, flag overrides, unknown keys, validation."""
+
+import pytest
+import yaml
+
+from memmit.config import MemmitConfig, parse_args
+
+BASE = ["--pretrained_model_name_or_path", "p", "--dataset_name", "d"]
+
+
+def test_yaml_gives_defaults_and_flags_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_shards: 3\nlearning_rate: 1e-4\ncenter_crop: true\nmax_grad_norm: null\n")
+    cfg = parse_args(BASE + ["--config", str(path), "--num_shards", "5", "--no-center_crop"])
+    assert cfg.num_shards == 5 and cfg.center_crop is False
+    assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
+    assert cfg.max_grad_norm is None
+    assert parse_args(BASE + ["--config", str(path)]).num_shards == 3
+
+
+def test_unknown_yaml_key_names_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_shard: 3\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_shard'\].*num_shards"):
+        parse_args(BASE + ["--config", str(path)])
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--num_shards", "0", "num_shards must be >= 1"),
+    ("--agc_lambda", "-0.1", "agc_lambda must be >= 0"),
+    ("--agc_bank_decay", "1.0", r"agc_bank_decay must be in \[0, 1\)"),
+    ("--num_rounds", "0", "num_rounds must be >= 1"),
+    ("--shard_strategy", "hash", "shard_strategy='hash' is not one of"),
+    ("--mixed_precision", "fp8", "mixed_precision='fp8'"),
+    ("--train_batch_size", "0", "train_batch_size must be >= 1"),
+])
+def test_invalid_values(flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(BASE + [flag, value])
+
+
+def test_stratified_needs_label_and_one_data_source():
+    with pytest.raises(ValueError, match="label_column"):
+        parse_args(BASE + ["--shard_strategy", "stratified"])
+    with pytest.raises(ValueError, match="exactly one of dataset_name or train_data_dir"):
+        parse_args(BASE + ["--train_data_dir", "x"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_args(BASE + ["--agc_lambda", "0.25"])
+    cfg.save(tmp_path / "c.yaml")
+    assert MemmitConfig(**yaml.safe_load((tmp_path / "c.yaml").read_text())) == cfg
