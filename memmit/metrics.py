@@ -1,0 +1,209 @@
+"""Memorization and sample-quality metrics on flattened images or embeddings.
+
+Pure torch: callers load data, flatten it to ``[num_items, dim]`` and write reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics.image.fid import _compute_fid
+
+DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Somepalli et al. (2023) count a generation as a copy above this similarity.
+COPY_COSINE = 0.5
+_NORM_EPS = 1e-12  # same guard as torch.nn.functional.normalize
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_search_args(queries: Tensor, refs: Tensor, k: int, metric: str,
+                       query_chunk: int, ref_chunk: int) -> None:
+    if queries.ndim != 2 or refs.ndim != 2 or queries.shape[1] != refs.shape[1]:
+        raise ValueError(f"expected [M, D] and [N, D] tensors, got {tuple(queries.shape)} "
+                         f"and {tuple(refs.shape)}")
+    if not 1 <= k <= refs.shape[0]:
+        raise ValueError(f"k must be in [1, {refs.shape[0]}] (number of references), got {k}")
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    if query_chunk < 1 or ref_chunk < 1:
+        raise ValueError("query_chunk and ref_chunk must be positive")
+
+
+def _block_scores(q: Tensor, q_norm_sq: Tensor, r: Tensor, r_norm_sq: Tensor,
+                  metric: str) -> Tensor:
+    """Squared L2 distances or cosine similarities between two chunks."""
+    block = q @ r.T
+    if metric == "l2":
+        # ||q||^2 - 2 q.r + ||r||^2 can dip below 0 by rounding error.
+        return block.mul_(-2).add_(q_norm_sq[:, None]).add_(r_norm_sq[None, :]).clamp_(min=0)
+    q_norm = q_norm_sq.sqrt().clamp_(min=_NORM_EPS)
+    r_norm = r_norm_sq.sqrt().clamp_(min=_NORM_EPS)
+    return block.div_(q_norm[:, None]).div_(r_norm[None, :])
+
+
+def nearest_neighbours(queries: Tensor, refs: Tensor, k: int, *, metric: str = "l2",
+                       query_chunk: int = 1024, ref_chunk: int = 8192,
+                       device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Exact k nearest ``refs`` per query: squared L2 ascending or cosine descending.
+
+    Scores one ``query_chunk x (ref_chunk + k)`` block at a time; returns CPU [M, k] tensors.
+    """
+    _check_search_args(queries, refs, k, metric, query_chunk, ref_chunk)
+    device = torch.device(device) if device is not None else _default_device()
+    largest = metric == "cosine"
+    # Refs are converted once (a no-op for float32 CPU input) rather than once per query chunk.
+    ref_chunks = [(start, refs[start:start + ref_chunk].to(device, dtype))
+                  for start in range(0, refs.shape[0], ref_chunk)]
+    ref_norms_sq = [r.square().sum(1) for _, r in ref_chunks]
+    values, indices = [], []
+    for q_start in range(0, queries.shape[0], query_chunk):
+        q = queries[q_start:q_start + query_chunk].to(device, dtype)
+        q_norm_sq = q.square().sum(1)
+        best_v = q.new_empty(q.shape[0], 0)
+        best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
+        for (r_start, r), r_norm_sq in zip(ref_chunks, ref_norms_sq):
+            block = _block_scores(q, q_norm_sq, r, r_norm_sq, metric)
+            block_i = torch.arange(r_start, r_start + r.shape[0], device=device)
+            cand_v = torch.cat([best_v, block], dim=1)
+            cand_i = torch.cat([best_i, block_i.expand(q.shape[0], -1)], dim=1)
+            best_v, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1, largest=largest)
+            best_i = cand_i.gather(1, pos)
+        values.append(best_v.cpu())
+        indices.append(best_i.cpu())
+    return torch.cat(values), torch.cat(indices)
+
+
+def collapse_duplicates(refs: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct rows of ``refs`` and, per original row, the index of its distinct row."""
+    return torch.unique(refs, dim=0, return_inverse=True)
+
+
+def first_occurrence(inverse: Tensor, num_unique: int) -> Tensor:
+    """For each distinct row, the smallest original row index mapping to it."""
+    first = torch.full((num_unique,), inverse.numel(), dtype=torch.long, device=inverse.device)
+    rows = torch.arange(inverse.numel(), device=inverse.device)
+    return first.scatter_reduce_(0, inverse, rows, reduce="amin")
+
+
+def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` with 0/0 read as 0 (the sample coincides with its neighbours)."""
+    return torch.where((num == 0) & (den == 0), torch.zeros_like(num), num / den)
+
+
+def nn_ratio(sq_d1: Tensor, sq_d2: Tensor) -> Tensor:
+    """L2 distance ratio d1/d2 from squared distances to the two nearest distinct images."""
+    return _safe_ratio(sq_d1, sq_d2).sqrt()
+
+
+def nn_ratio_memorized(sq_d1: Tensor, sq_d2: Tensor, threshold: float = 1 / 3) -> Tensor:
+    """Memorized when d1/d2 < threshold (Yoon et al. 2023; Gu et al. 2023)."""
+    # d2 == 0: an exact copy (d1 == 0) is memorized (ratio 0), anything else is not (ratio inf).
+    return nn_ratio(sq_d1, sq_d2) < threshold
+
+
+def neighbourhood_normalised_score(sq_dists_topk: Tensor) -> Tensor:
+    """d1^2 over the mean of the k smallest squared distances (Carlini et al. 2023; MQ)."""
+    return _safe_ratio(sq_dists_topk[:, 0], sq_dists_topk.mean(dim=1))
+
+
+def memorized_fraction_by_threshold(scores: Tensor,
+                                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+                                    ) -> dict[float, float]:
+    """Fraction of samples with ``score < t`` for each threshold ``t``."""
+    return {float(t): (scores < t).double().mean().item() for t in thresholds}
+
+
+def cosine_similarity_stats(max_cos: Tensor) -> dict[str, float]:
+    """Mean, 95th percentile and fraction above 0.5 of per-sample max cosine similarity."""
+    max_cos = max_cos.double()
+    return {"mean": max_cos.mean().item(),
+            "p95": torch.quantile(max_cos, 0.95).item(),
+            "frac_above_0_5": (max_cos > COPY_COSINE).double().mean().item()}
+
+
+def copied_counts(nearest_index: Tensor, mask: Tensor) -> dict[int, int]:
+    """Training index -> number of flagged samples nearest to it, by count descending."""
+    idx, counts = torch.unique(nearest_index[mask], return_counts=True)
+    pairs = sorted(zip(idx.tolist(), counts.tolist()), key=lambda p: (-p[1], p[0]))
+    return dict(pairs)
+
+
+def _l2_report(values: Tensor, nearest: Tensor, threshold: float,
+               thresholds: Sequence[float]) -> tuple[dict, dict]:
+    ratio = nn_ratio(values[:, 0], values[:, 1])
+    memorized = ratio < threshold
+    scores = neighbourhood_normalised_score(values)
+    per_sample = {"nearest_index": nearest, "d1": values[:, 0].sqrt(),
+                  "d2": values[:, 1].sqrt(), "ratio": ratio, "memorized": memorized,
+                  "nn_score": scores}
+    summary = {"threshold": threshold,
+               "fraction_memorized_ratio": memorized.double().mean().item(),
+               "fraction_memorized_by_score": memorized_fraction_by_threshold(scores, thresholds),
+               "copied_counts": copied_counts(nearest, memorized)}
+    return summary, per_sample
+
+
+def _cosine_report(values: Tensor, nearest: Tensor) -> tuple[dict, dict]:
+    max_cos = values[:, 0]
+    copied = max_cos > COPY_COSINE
+    per_sample = {"nearest_index": nearest, "max_cos": max_cos, "copied": copied}
+    summary = {"cosine": cosine_similarity_stats(max_cos),
+               "copied_counts": copied_counts(nearest, copied)}
+    return summary, per_sample
+
+
+def memorization_report(samples: Tensor, train: Tensor, *, k: int = 50,
+                        threshold: float = 1 / 3, metric: str = "l2",
+                        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                        query_chunk: int = 1024, ref_chunk: int = 8192,
+                        device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+    """Nearest-neighbour memorization report of ``samples`` against distinct ``train`` rows.
+
+    Returns ``{"summary": JSON-friendly dict, "per_sample": dict of CPU tensors [M]}``.
+    """
+    if metric == "l2" and k < 2:
+        raise ValueError(f"the d1/d2 criterion needs k >= 2, got {k}")
+    unique, inverse = collapse_duplicates(train)
+    num_unique = unique.shape[0]
+    if metric == "l2" and num_unique < 2:
+        raise ValueError("the d1/d2 criterion needs at least two distinct training images")
+    # k is clipped to the number of distinct images; cosine only needs the nearest one.
+    k_used = min(k, num_unique) if metric == "l2" else 1
+    values, unique_idx = nearest_neighbours(samples, unique, k_used, metric=metric,
+                                            query_chunk=query_chunk, ref_chunk=ref_chunk,
+                                            device=device, dtype=dtype)
+    nearest = first_occurrence(inverse.cpu(), num_unique)[unique_idx[:, 0]]
+    if metric == "l2":
+        summary, per_sample = _l2_report(values, nearest, threshold, thresholds)
+    else:
+        summary, per_sample = _cosine_report(values, nearest)
+    header = {"metric": metric, "num_samples": samples.shape[0], "num_train": train.shape[0],
+              "num_distinct_train": num_unique, "k": k_used}
+    return {"summary": {**header, **summary}, "per_sample": per_sample}
+
+
+def _gaussian_fit(feats: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance of ``feats`` [n, d] in float64."""
+    if feats.ndim != 2 or feats.shape[0] < 2:
+        raise ValueError(f"expected [n >= 2, d] features, got {tuple(feats.shape)}")
+    feats = feats.double()
+    mu = feats.mean(dim=0)
+    centred = feats - mu
+    return mu, centred.T @ centred / (feats.shape[0] - 1)
+
+
+def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (the FID formula)."""
+    if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
+        raise ValueError("feature sets must be [n, d] and [m, d] with the same d")
+    mu_a, sigma_a = _gaussian_fit(feats_a)
+    mu_b, sigma_b = _gaussian_fit(feats_b)
+    # torchmetrics has no public functional FID; _compute_fid is what its FID metric calls.
+    return _compute_fid(mu_a, sigma_a, mu_b, sigma_b).item()
