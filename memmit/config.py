@@ -139,10 +139,13 @@ def _field_type(f: dataclasses.Field) -> type:
     return args[0] if args else hint
 
 
-def _parse_value(kind: type):
-    """argparse type for a field; 'none'/'null' gives None so YAML-style nulls work on flags."""
+def _parse_value(f: dataclasses.Field):
+    """argparse type for a field; 'none'/'null' gives None for optional fields, as in YAML."""
+    kind = _field_type(f)
+    optional = type(None) in typing.get_args(typing.get_type_hints(MemmitConfig)[f.name])
+
     def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
+        return None if optional and text.lower() in ("none", "null") else kind(text)
     return parse
 
 
@@ -158,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=_parse_value(kind), choices=None, help=help_text)
+            parser.add_argument(f"--{f.name}", type=_parse_value(f), help=help_text)
     return parser
 
 

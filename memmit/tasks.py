@@ -26,9 +26,13 @@ def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Op
     if os.path.isdir(name_or_path) and not (Path(name_or_path) / "model_index.json").is_file():
         raise ValueError(f"{name_or_path!r} is not a diffusers pipeline (no model_index.json)")
     try:
-        return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant)
+        index = DiffusionPipeline.load_config(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load pipeline {name_or_path!r}: {exc}") from exc
+    if "unet" not in index:
+        raise ValueError(f"pipeline {index.get('_class_name')} at {name_or_path!r} has no UNet; "
+                         "memmit trains pipelines with a `unet` component")
+    return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant)
 
 
 class UnconditionalTask:
@@ -97,11 +101,7 @@ class UnconditionalTask:
 def load_task(cfg) -> UnconditionalTask:
     """The task for the pipeline `cfg.pretrained_model_name_or_path` points to."""
     pipeline = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-    unet = getattr(pipeline, "unet", None)
-    if unet is None:
-        raise ValueError(f"pipeline {type(pipeline).__name__} at {cfg.pretrained_model_name_or_path!r} has no UNet; "
-                         "memmit trains pipelines with a `unet` component")
-    if isinstance(unet, UNet2DModel):
+    if isinstance(pipeline.unet, UNet2DModel):
         return UnconditionalTask(pipeline, cfg.resolution, cfg.center_crop, cfg.random_flip)
-    raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(unet).__name__} is not supported yet "
+    raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(pipeline.unet).__name__} is not supported yet "
                      "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline)")

@@ -144,7 +144,10 @@ class Trainer:
         self.weights = shard_weights([len(s) for s in self.shards], cfg.aggregation)
         self.my_shards = [k for k in range(cfg.num_shards) if k % acc.num_processes == acc.process_index]
 
-        self.unet = self.task.unet.to(acc.device, dtype=torch.float32)
+        # The trained UNet stays fp32 (autocast handles mixed precision), even from an fp16 variant.
+        self.unet = self.task.unet.to(acc.device)
+        if self.unet.dtype != torch.float32:
+            self.unet.float()
         self.unet.train()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -204,7 +207,7 @@ class Trainer:
                 loss = masked_mean(losses, keep) / n_micro
                 scaler.scale(loss).backward()
                 kept_total += int(keep.sum())
-                losses_logged.append(float(loss) * n_micro)
+                losses_logged.append(loss.item() * n_micro)
         if kept_total:
             if cfg.max_grad_norm is not None:
                 scaler.unscale_(optimizer)

@@ -1,0 +1,218 @@
+"""The recipe end to end on a tiny real pipeline and real digits: export, equivalence, resume, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from diffusers import DDPMPipeline, DiffusionPipeline
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file
+
+from memmit.cli import train_main
+from memmit.config import parse_args
+from memmit.data import ImageTransform, load_train_dataset
+from memmit.trainer import Trainer
+
+from conftest import save_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator():
+    """Accelerator state is a process-wide singleton: every test starts from none."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def args(pipe, data, out, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", pipe, "--dataset_name", data, "--output_dir", str(out),
+            "--train_batch_size", "4", "--report_to", "none", "--checkpointing_steps", "1000", *map(str, extra)]
+
+
+def unet_weights(out) -> dict:
+    return load_file(Path(out) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_path, num_shards):
+    out = tmp_path / "out"
+    cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", num_shards, "--num_rounds", 2,
+                          "--agc_lambda", 0.9))
+    Trainer(cfg).train()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "memmit", "model_index.json", "scheduler", "unet"]
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
+    assert sorted(p.name for p in (out / "memmit").iterdir()) == ["candidates.csv", "config.yaml", "shards.json"]
+    pipe = DDPMPipeline.from_pretrained(out)
+    assert type(DiffusionPipeline.from_pretrained(out)) is DDPMPipeline
+    before, after = load_file(Path(tiny_pipeline) / "unet" / "diffusion_pytorch_model.safetensors"), unet_weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 1) and images.std() > 0
+
+    rows = (out / "memmit" / "candidates.csv").read_text().splitlines()
+    assert rows[0] == "rank,sample_id,seen,skipped,skip_fraction,shard,source" and len(rows) == 25
+    fields = [r.split(",") for r in rows[1:]]
+    # Every sample is seen once per round (local_epochs=1); skip fractions are ranked descending.
+    assert all(int(f[2]) == 2 for f in fields)
+    fractions = [float(f[4]) for f in fields]
+    assert fractions == sorted(fractions, reverse=True) and sum(int(f[3]) for f in fields) > 0
+
+
+def test_one_shard_no_agc_equals_plain_finetuning(tiny_pipeline, digits_dir, tmp_path):
+    """K = 1, lambda = 0: memmit is a plain fine-tuning loop, step for step."""
+    out = tmp_path / "out"
+    cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 1, "--num_rounds", 2, "--agc_lambda", 0,
+                          "--center_crop", "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--max_grad_norm", 0.5))
+    Trainer(cfg).train()
+
+    # The plain loop: one AdamW, one schedule, mean-squared error on epsilon, the same random draws
+    # (data order, then per batch noise and timesteps) from one seeded generator.
+    pipe = DDPMPipeline.from_pretrained(tiny_pipeline)
+    unet, sched = pipe.unet.train(), pipe.scheduler
+    ds = load_train_dataset(dataset_name=digits_dir)
+    transform = ImageTransform(16, 1, center_crop=True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, weight_decay=1e-2)
+    steps = 2 * 6
+    lr_sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=steps)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000)
+    for _ in range(2):
+        order = torch.randperm(24, generator=gen).tolist()
+        for b in range(6):
+            x0 = torch.stack([transform(img) for img in ds[order[4 * b:4 * b + 4]]["image"]])
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, sched.config.num_train_timesteps, (4,), generator=gen)
+            loss = torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 0.5)
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad()
+    got = unet_weights(out)
+    for name, value in unet.state_dict().items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_prediction_types_and_ema_and_accumulation(digits_dir, tmp_path, prediction_type):
+    pipe = save_pipeline(tmp_path / "pipe", prediction_type=prediction_type)
+    out = tmp_path / "out"
+    Trainer(parse_args(args(pipe, digits_dir, out, "--num_shards", 3, "--num_rounds", 1, "--use_ema",
+                            "--ema_decay", 0.5, "--gradient_accumulation_steps", 2, "--local_steps", 2))).train()
+    assert DDPMPipeline.from_pretrained(out).scheduler.config.prediction_type == prediction_type
+
+
+def run_script(argv, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train_memmit.py"), *argv], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+
+
+def test_sigkill_mid_round_then_resume_is_bit_identical(tiny_pipeline, digits_dir, tmp_path):
+    common = ["--num_shards", 3, "--num_rounds", 2, "--local_epochs", 3, "--agc_lambda", 0.8, "--random_flip",
+              "--checkpointing_steps", 1, "--checkpoints_total_limit", 3, "--use_ema"]
+    reference = run_script(args(tiny_pipeline, digits_dir, tmp_path / "ref", *common))
+
+    out = tmp_path / "killed"
+    proc = run_script(args(tiny_pipeline, digits_dir, out, *common))
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert steps and steps[-1] < 18, "the run was not killed during its first round"
+    assert not (out / "model_index.json").exists()
+
+    resumed = run_script(args(tiny_pipeline, digits_dir, out, *common, "--resume_from_checkpoint", "latest"))
+    log = resumed.communicate()[0].decode()
+    assert resumed.returncode == 0, log
+    assert "resumed from" in log
+    assert reference.wait() == 0, reference.communicate()[0].decode()
+    a, b = unet_weights(tmp_path / "ref"), unet_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((out / "checkpoints").glob("checkpoint-*"))) == 3
+    assert (out / "memmit" / "candidates.csv").read_text() == (tmp_path / "ref" / "memmit" / "candidates.csv").read_text()
+
+
+def test_script_exit_code_and_message_for_bad_input(tmp_path, digits_dir):
+    proc = run_script(["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--dataset_name", digits_dir,
+                       "--output_dir", str(tmp_path / "out")])
+    log = proc.communicate()[0].decode()
+    assert proc.returncode == 2
+    assert "does not exist" in log and str(tmp_path / "nope") in log
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
+    """(flags, expected message) for every kind of bad input; each must fail before training."""
+    import datasets
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    no_unet = tmp_path / "no_unet"
+    DDPMScheduler(num_train_timesteps=10).save_pretrained(no_unet / "scheduler")
+    (no_unet / "model_index.json").write_text('{"_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1", '
+                                              '"scheduler": ["diffusers", "DDPMScheduler"]}')
+    broken = tmp_path / "broken_images"
+    broken.mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), i).save(broken / f"ok{i}.png")
+    (broken / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "model_index.json").write_text("{}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    few = tmp_path / "few"
+    datasets.load_from_disk(digits_dir).select(range(2)).save_to_disk(str(few))
+    base = ["--pretrained_model_name_or_path", tiny_pipeline]
+    data = ["--dataset_name", digits_dir]
+    return [
+        (base + data + ["--image_column", "img"], "image_column 'img' not in dataset columns ['image', 'label']"),
+        (base + data + ["--shard_strategy", "stratified", "--label_column", "digit"], "label_column 'digit' not in"),
+        (base + ["--train_data_dir", str(empty)], "is empty"),
+        (base + ["--dataset_name", str(few), "--num_shards", "4"], "fewer than num_shards=4"),
+        (base + ["--train_data_dir", str(broken)], "bad.png"),
+        (["--pretrained_model_name_or_path", str(tmp_path / "missing")] + data, "does not exist"),
+        (["--pretrained_model_name_or_path", str(no_unet)] + data, "has no UNet"),
+        (base + data + ["--num_shards", "0"], "num_shards must be >= 1"),
+        (base + data + ["--agc_lambda", "-1"], "agc_lambda must be >= 0"),
+        (base + data + ["--agc_bank_decay", "1"], "agc_bank_decay must be in [0, 1)"),
+        (base + data + ["--num_rounds", "0"], "num_rounds must be >= 1"),
+        (base + data + ["--output_dir", str(busy)], "is not empty; pass --overwrite_output_dir"),
+    ]
+
+
+def test_every_bad_input_fails_before_training(tmp_path, tiny_pipeline, digits_dir, capsys):
+    for flags, message in _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
+        out = tmp_path / "out"
+        if "--output_dir" not in flags:
+            flags = flags + ["--output_dir", str(out)]
+        assert train_main(flags + ["--report_to", "none"]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err, (flags, err)
+        assert err.count("memmit: error:") == 1
+        assert not (out / "model_index.json").exists() and not (out / "checkpoints").exists()
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_overwrite_output_dir_replaces_a_finished_run(tiny_pipeline, digits_dir, tmp_path):
+    out = tmp_path / "out"
+    flags = args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1)
+    Trainer(parse_args(flags)).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    Trainer(parse_args(flags + ["--overwrite_output_dir", "--num_shards", "3"])).train()
+    assert DDPMPipeline.from_pretrained(out) is not None
+    assert '"2"' in (out / "memmit" / "shards.json").read_text()
