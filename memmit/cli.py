@@ -1,7 +1,8 @@
-"""Command lines: `memmit train ...` (same as train_memmit.py)."""
+"""Command lines: `memmit train ...` (same as train_memmit.py), `memmit eval ...`, `memmit compare ...`."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
@@ -24,14 +25,18 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+COMMANDS = {"train": "memmit.cli:train_main", "eval": "memmit.evaluate:eval_main",
+            "compare": "memmit.evaluate:compare_main"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main}
-    if not argv or argv[0] not in commands:
-        print(f"usage: memmit {{{','.join(commands)}}} [options]; `memmit COMMAND --help` for options", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: memmit {{{','.join(COMMANDS)}}} [options]; `memmit COMMAND --help` for options", file=sys.stderr)
         return 2
-    return commands[argv[0]](argv[1:])
-
+    # Each command imports its heavy modules only when chosen.
+    module, function = COMMANDS[argv[0]].split(":")
+    return getattr(importlib.import_module(module), function)(argv[1:])
 
 if __name__ == "__main__":
     sys.exit(main())

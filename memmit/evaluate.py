@@ -1,0 +1,476 @@
+"""`memmit eval`: sample a pipeline, measure how much it copies its training set; `memmit compare`: tabulate reports.
+
+Sampling and scoring are separate steps: `sample_images` gives uint8 images (saved as samples.npy), and
+`score_samples` turns samples and training images into the report, so anyone can rescore saved samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import datasets
+import diffusers
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import memmit
+
+from .data import check_images, load_train_dataset, source_names
+from .metrics import frechet_distance, memorization_report
+from .tasks import UnconditionalTask, load_task
+
+MOST_COPIED = 10  # training images listed in the report
+FIGURE_PAIRS = 16  # sample / nearest-training-image pairs drawn in most_copied.png
+FIGURE_MIN_SIDE = 64  # images are upscaled to at least this many pixels so 16px digits are legible
+MQ_THRESHOLD = "0.5"  # the neighbourhood-score threshold `compare` shows
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Extractor:
+    """An image embedding: [N, C, H, W] in [0, 1] -> [N, D], and how the report names it."""
+
+    info: dict
+    embed: Callable[[Tensor], Tensor]
+
+    @torch.no_grad()
+    def __call__(self, images01: Tensor, batch_size: int) -> Tensor:
+        return torch.cat([self.embed(images01[i:i + batch_size]).flatten(1).float().cpu()
+                          for i in range(0, images01.shape[0], batch_size)])
+
+
+def _torchscript_extractor(path: str, device: torch.device) -> Extractor:
+    try:
+        module = torch.jit.load(path, map_location=device).eval()
+    except RuntimeError as exc:
+        raise ValueError(f"cannot load {path!r} as a TorchScript module: {exc}") from exc
+    return Extractor({"kind": "torchscript", "path": path}, lambda x: module(x.to(device)))
+
+
+def _transformers_extractor(path: str, device: torch.device) -> Extractor:
+    from transformers import AutoImageProcessor, AutoModel
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load {path!r} as a transformers image model: {exc}") from exc
+    wants = getattr(model.config, "num_channels", 3)
+
+    def embed(x: Tensor) -> Tensor:
+        if x.shape[1] == 1 and wants == 3:  # grey training sets on RGB encoders
+            x = x.repeat(1, 3, 1, 1)
+        inputs = processor(images=list(x.numpy()), do_rescale=False, input_data_format="channels_first",
+                           return_tensors="pt").to(device)
+        # CLIP-like models embed images with get_image_features; plain encoders pool their output.
+        out = model.get_image_features(**inputs) if hasattr(model, "get_image_features") else model(**inputs)
+        if isinstance(out, Tensor):
+            return out
+        pooled = getattr(out, "pooler_output", None)
+        return pooled if pooled is not None else out.last_hidden_state.mean(1)
+
+    return Extractor({"kind": "transformers", "path": path, "class": type(model).__name__}, embed)
+
+
+def load_extractor(path: str, device: torch.device, probe: Tensor, role: str) -> Extractor:
+    """A TorchScript file or a transformers model directory, tried on `probe` so it fails before sampling."""
+    if Path(path).is_dir():
+        extractor = _transformers_extractor(path, device)
+    elif Path(path).is_file():
+        extractor = _torchscript_extractor(path, device)
+    else:
+        raise ValueError(f"{role} {path!r} does not exist")
+    try:
+        feats = extractor(probe, probe.shape[0])
+    except Exception as exc:  # a foreign module can raise anything on unexpected input
+        raise ValueError(f"{role} {path!r} failed on images of shape {tuple(probe.shape)}: {exc}") from exc
+    if feats.shape[0] != probe.shape[0] or feats.shape[1] == 0:
+        raise ValueError(f"{role} {path!r} returned shape {tuple(feats.shape)} for {probe.shape[0]} images")
+    return extractor
+
+
+def to_uint8(images01: Tensor) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> uint8 [N, H, W, C], rounded as diffusers' numpy_to_pil rounds."""
+    return (images01 * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(images: np.ndarray) -> Tensor:
+    """uint8 [N, H, W, C] -> [N, C, H, W] in [-1, 1], exactly as ImageTransform scales training images."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def sample_images(task: UnconditionalTask, num_samples: int, num_inference_steps: int, batch_size: int,
+                  seed: int, device: torch.device, show_progress: bool = True) -> np.ndarray:
+    """DDIM samples as uint8 [N, H, W, C]; one CPU generator, so the images do not depend on the device."""
+    unet = task.unet.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not show_progress):
+        n = min(batch_size, num_samples - start)
+        batches.append(to_uint8(task.sample(unet, n, num_inference_steps, generator)))
+    return np.concatenate(batches)
+
+
+def load_train_images(ds: datasets.Dataset, image_column: str, transform: Callable,
+                      show_progress: bool = True) -> Tensor:
+    """Every training image through `transform`, stacked: [N, C, H, W] in [-1, 1]."""
+    check_images(ds, image_column, show_progress)  # an unreadable file fails here, by name
+    column = ds.select_columns([image_column])
+    return torch.stack([transform(row[image_column])
+                        for row in tqdm(column, desc="loading training images", disable=not show_progress)])
+
+
+def _most_copied(copied_counts: dict[int, int], sources: list[str]) -> list[dict]:
+    return [{"index": i, "source": sources[i], "count": c} for i, c in list(copied_counts.items())[:MOST_COPIED]]
+
+
+def _pixel_report(samples: Tensor, train: Tensor, sources: list[str], k: int, threshold: float) -> dict:
+    rep = memorization_report(samples.flatten(1), train.flatten(1), k=k, threshold=threshold)
+    summary = dict(rep["summary"])
+    summary["fraction_memorized_by_score"] = {f"{t:g}": v for t, v in summary["fraction_memorized_by_score"].items()}
+    summary["most_copied"] = _most_copied(summary.pop("copied_counts"), sources)
+    summary["per_sample"] = {name: v.tolist() for name, v in rep["per_sample"].items()}
+    return summary
+
+
+def _feature_report(samples01: Tensor, train01: Tensor, sources: list[str], extractor: Extractor,
+                    batch_size: int) -> dict:
+    rep = memorization_report(extractor(samples01, batch_size), extractor(train01, batch_size), metric="cosine")
+    summary = {"extractor": extractor.info, **rep["summary"]}
+    summary["most_copied"] = _most_copied(summary.pop("copied_counts"), sources)
+    summary["per_sample"] = {name: v.tolist() for name, v in rep["per_sample"].items()}
+    return summary
+
+
+def _inception_fid(samples01: Tensor, train01: Tensor, batch_size: int) -> dict:
+    """torchmetrics' FID when torch-fidelity and its Inception weights load (offline they may not)."""
+    info = {"kind": "inception-v3", "via": "torchmetrics FrechetInceptionDistance"}
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        # Inception at 299x299 over a whole training set is hours on a CPU, minutes on a GPU.
+        fid = FrechetInceptionDistance(feature=2048, normalize=True).to(_default_device())
+    except (ImportError, OSError, RuntimeError) as exc:  # missing package, or weights not downloadable
+        return {"available": False, "extractor": info, "reason": f"{type(exc).__name__}: {exc}"}
+    for images, real in ((samples01, False), (train01, True)):
+        for i in range(0, images.shape[0], batch_size):
+            batch = images[i:i + batch_size]
+            batch = batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch[:, :3]
+            fid.update(batch.to(fid.device), real=real)
+    return {"available": True, "extractor": info, "frechet_distance": fid.compute().item()}
+
+
+def _quality_report(samples01: Tensor, train01: Tensor, extractor: Optional[Extractor], batch_size: int) -> dict:
+    if extractor is None:
+        return _inception_fid(samples01, train01, batch_size)
+    fd = frechet_distance(extractor(samples01, batch_size), extractor(train01, batch_size))
+    return {"available": True, "extractor": extractor.info, "frechet_distance": fd}
+
+
+def score_samples(samples: Tensor, train: Tensor, sources: list[str], *, k: int = 50, threshold: float = 1 / 3,
+                  feature_extractor: Optional[Extractor] = None, quality_extractor: Optional[Extractor] = None,
+                  batch_size: int = 64) -> dict:
+    """The memorization and quality report of `samples` against `train`, both [N, C, H, W] in [-1, 1].
+
+    Keys: "pixel" (L2 ratio and neighbourhood criteria), "features" (cosine in the feature
+    extractor's space, or None), "quality" (Fréchet distance, or why it is unavailable).
+    """
+    samples01, train01 = (samples + 1) / 2, (train + 1) / 2
+    features = (None if feature_extractor is None
+                else _feature_report(samples01, train01, sources, feature_extractor, batch_size))
+    return {"pixel": _pixel_report(samples, train, sources, k, threshold),
+            "features": features,
+            "quality": _quality_report(samples01, train01, quality_extractor, batch_size)}
+
+
+def _to_pil(image: np.ndarray, scale: int) -> Image.Image:
+    """uint8 [H, W, C] -> an RGB PIL image upscaled by `scale` without smoothing."""
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert("RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def draw_most_copied(samples: np.ndarray, train: Tensor, pixel: dict, path: Path, columns: int = 4) -> None:
+    """The samples closest to copying (lowest d1/d2) beside their nearest training image, captioned."""
+    per_sample = pixel["per_sample"]
+    order = sorted(range(len(per_sample["ratio"])), key=lambda i: per_sample["ratio"][i])[:FIGURE_PAIRS]
+    train_u8 = to_uint8((train + 1) / 2)
+    scale = max(1, math.ceil(FIGURE_MIN_SIDE / samples.shape[1]))
+    side, gap, caption = samples.shape[1] * scale, 8, 14
+    pair = 2 * side + 2
+    font = ImageFont.load_default()
+    title = f"sample | nearest training image   d: L2 distance, r: d1/d2 (copy if r < {pixel['threshold']:.3g})"
+    cols = min(columns, len(order))
+    width = max(cols * (pair + gap) + gap, int(font.getlength(title)) + 2 * gap)
+    rows = math.ceil(len(order) / cols)
+    canvas = Image.new("RGB", (width, 20 + rows * (side + caption + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, 4), title, fill="black", font=font)
+    for slot, i in enumerate(order):
+        x = gap + (slot % cols) * (pair + gap)
+        y = 20 + (slot // cols) * (side + caption + gap)
+        canvas.paste(_to_pil(samples[i], scale), (x, y))
+        canvas.paste(_to_pil(train_u8[per_sample["nearest_index"][i]], scale), (x + side + 2, y))
+        copied = per_sample["memorized"][i]
+        draw.text((x, y + side + 1), f"d={per_sample['d1'][i]:.2f} r={per_sample['ratio'][i]:.2f}",
+                  fill="red" if copied else "black", font=font)
+    canvas.save(path)
+
+
+def _describe_top(top: Optional[dict]) -> str:
+    if top is None:
+        return "none"
+    # source_names falls back to "index i" when a dataset stores no file paths.
+    name = top["source"] if top["source"] == f"index {top['index']}" else f"{top['source']} (index {top['index']})"
+    return f"{name}, copied by {top['count']} sample{'s' if top['count'] != 1 else ''}"
+
+
+def format_report(report: dict) -> str:
+    """The main numbers as a plain-text table."""
+    pixel, features, quality = report["pixel"], report["features"], report["quality"]
+    top = pixel["most_copied"][0] if pixel["most_copied"] else None
+    by_score = pixel["fraction_memorized_by_score"]
+    rows = [("samples / training images (distinct)",
+             f"{pixel['num_samples']} / {pixel['num_train']} ({pixel['num_distinct_train']})"),
+            (f"memorized, d1/d2 < {pixel['threshold']:.3g}", f"{100 * pixel['fraction_memorized_ratio']:.1f}%"),
+            (f"neighbourhood score < {min(by_score, key=float)} .. {max(by_score, key=float)}",
+             " ".join(f"{100 * v:.1f}%" for v in by_score.values())),
+            ("most copied training image", _describe_top(top))]
+    if features is not None:
+        cos = features["cosine"]
+        rows.append((f"cosine ({features['extractor']['kind']}) mean / p95 / >0.5",
+                     f"{cos['mean']:.3f} / {cos['p95']:.3f} / {100 * cos['frac_above_0_5']:.1f}%"))
+    rows.append((f"Frechet distance ({quality['extractor']['kind']})",
+                 f"{quality['frechet_distance']:.3f}" if quality["available"] else f"unavailable: {quality['reason']}"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+@dataclass
+class Prepared:
+    """Everything `run_evaluation` needs, loaded and checked."""
+
+    settings: dict
+    task: UnconditionalTask
+    train: Tensor  # [N, C, H, W] in [-1, 1]
+    sources: list[str]
+    feature_extractor: Optional[Extractor]
+    quality_extractor: Optional[Extractor]
+    device: torch.device
+
+
+def _check_settings(s: dict) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(msg)
+
+    need((s["dataset_name"] is None) != (s["train_data_dir"] is None),
+         "give exactly one of dataset_name or train_data_dir")
+    need(s["num_samples"] >= 2, f"num_samples must be >= 2 (a Frechet distance needs two), got {s['num_samples']}")
+    need(s["num_inference_steps"] >= 1, f"num_inference_steps must be >= 1, got {s['num_inference_steps']}")
+    need(s["batch_size"] >= 1, f"batch_size must be >= 1, got {s['batch_size']}")
+    need(s["k"] >= 2, f"k must be >= 2 (the d1/d2 criterion needs two neighbours), got {s['k']}")
+    need(0 < s["threshold"] <= 1, f"threshold must be in (0, 1] (d1/d2 is at most 1), got {s['threshold']}")
+    need(s["max_train_samples"] is None or s["max_train_samples"] >= 2,
+         f"max_train_samples must be >= 2, got {s['max_train_samples']}")
+    need(s["resolution"] is None or s["resolution"] >= 8, f"resolution must be >= 8, got {s['resolution']}")
+
+
+def _load_eval_task(s: dict) -> UnconditionalTask:
+    cfg = SimpleNamespace(pretrained_model_name_or_path=s["pretrained_model_name_or_path"], revision=s["revision"],
+                          variant=s["variant"], resolution=s["resolution"], center_crop=True, random_flip=False)
+    task = load_task(cfg)
+    factor = 2 ** (len(task.unet.config.block_out_channels) - 1)
+    if task.resolution % factor:
+        raise ValueError(f"resolution {task.resolution} must be a multiple of {factor} for this UNet")
+    # DDIMPipeline samples at the UNet's configured sample_size; a convolutional UNet runs at any multiple.
+    task.unet.register_to_config(sample_size=task.resolution)
+    return task
+
+
+def prepare_evaluation(settings: dict, show_progress: bool = True) -> Prepared:
+    """Check the settings and load model, data and extractors; every bad input raises ValueError here."""
+    _check_settings(settings)
+    task = _load_eval_task(settings)
+    ds = load_train_dataset(settings["dataset_name"], settings["train_data_dir"], settings["image_column"],
+                            max_train_samples=settings["max_train_samples"],
+                            dataset_config_name=settings["dataset_config_name"])
+    train = load_train_images(ds, settings["image_column"], task.transform, show_progress)
+    # memorization_report would say so too, but only after sampling.
+    if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
+        raise ValueError("the training set needs at least two distinct images at this resolution")
+    device = _default_device()
+    probe = (train[:2] + 1) / 2
+    extractors = {role: load_extractor(settings[role], device, probe, role) if settings[role] else None
+                  for role in ("feature_extractor", "quality_extractor")}
+    return Prepared(settings, task, train, source_names(ds, settings["image_column"]),
+                    extractors["feature_extractor"], extractors["quality_extractor"], device)
+
+
+def run_evaluation(p: Prepared, show_progress: bool = True) -> dict:
+    """Sample, score, and write report.json, samples.npy and most_copied.png to settings["output_dir"]."""
+    s = p.settings
+    samples = sample_images(p.task, s["num_samples"], s["num_inference_steps"], s["batch_size"], s["seed"],
+                            p.device, show_progress)
+    scores = score_samples(from_uint8(samples), p.train, p.sources, k=s["k"], threshold=s["threshold"],
+                           feature_extractor=p.feature_extractor, quality_extractor=p.quality_extractor,
+                           batch_size=s["batch_size"])
+    report = {"settings": {**s, "resolution": p.task.resolution, "channels": p.task.channels,
+                           "sampler": "DDIM", "pipeline": type(p.task.pipeline).__name__, "device": str(p.device)},
+              "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                           "memmit": memmit.__version__},
+              **scores,
+              "files": {"samples": "samples.npy", "figure": "most_copied.png"}}
+    out = Path(s["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", samples)
+    draw_most_copied(samples, p.train, scores["pixel"], out / "most_copied.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def evaluate(pretrained_model_name_or_path: str, output_dir: str, *, dataset_name: Optional[str] = None,
+             train_data_dir: Optional[str] = None, dataset_config_name: Optional[str] = None,
+             image_column: str = "image", max_train_samples: Optional[int] = None,
+             resolution: Optional[int] = None, revision: Optional[str] = None, variant: Optional[str] = None,
+             num_samples: int = 256, num_inference_steps: int = 50, batch_size: int = 64, seed: int = 0,
+             feature_extractor: Optional[str] = None, quality_extractor: Optional[str] = None,
+             threshold: float = 1 / 3, k: int = 50, show_progress: bool = True) -> dict:
+    """Sample `num_samples` images from the pipeline and report how many copy the training set.
+
+    Writes report.json, samples.npy and most_copied.png to `output_dir` and returns the report.
+    """
+    settings = {name: value for name, value in locals().items() if name != "show_progress"}
+    return run_evaluation(prepare_evaluation(settings, show_progress), show_progress)
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memmit eval", description="Measure how much a diffusers pipeline copies "
+                                "its training images (and, optionally, sample quality).")
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="Pipeline directory or Hub id.")
+    p.add_argument("--revision", help="Hub revision of the pipeline.")
+    p.add_argument("--variant", help="Weight variant, e.g. fp16.")
+    p.add_argument("--dataset_name", help="Hub dataset or a directory written by Dataset.save_to_disk.")
+    p.add_argument("--dataset_config_name", help="Configuration of a Hub dataset.")
+    p.add_argument("--train_data_dir", help="Folder of training images (imagefolder layout).")
+    p.add_argument("--image_column", default="image", help="Dataset column of the images (default: image).")
+    p.add_argument("--max_train_samples", type=int, help="Compare against the first N training images only.")
+    p.add_argument("--resolution", type=int, help="Sampling and comparison resolution (default: UNet sample_size).")
+    p.add_argument("--num_samples", type=int, default=256, help="Images to sample (default: 256).")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (default: 50).")
+    p.add_argument("--batch_size", type=int, default=64, help="Sampling and embedding batch size (default: 64).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default: 0).")
+    p.add_argument("--output_dir", required=True, help="Where report.json, samples.npy and most_copied.png go.")
+    p.add_argument("--feature_extractor", help="TorchScript file or transformers model dir: also report cosine "
+                   "similarity of embeddings.")
+    p.add_argument("--quality_extractor", help="TorchScript file or transformers model dir for the Frechet "
+                   "distance (default: torchmetrics' Inception FID, if it loads).")
+    p.add_argument("--threshold", type=float, default=1 / 3, help="Memorized when d1/d2 < threshold (default: 1/3).")
+    p.add_argument("--k", type=int, default=50, help="Neighbours for the neighbourhood-normalised score (default: 50).")
+    return p
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """`memmit eval`: bad input exits 2 with one message, before sampling."""
+    settings = vars(build_eval_parser().parse_args(argv))
+    try:
+        prepared = prepare_evaluation(settings)
+    except ValueError as exc:
+        print(f"memmit: error: {exc}", file=sys.stderr)
+        return 2
+    report = run_evaluation(prepared)
+    print(format_report(report))
+    print(f"memmit: report written to {Path(settings['output_dir']) / 'report.json'}")
+    return 0
+
+
+def _load_report(path: str) -> dict:
+    """A report.json, or the one inside a directory."""
+    file = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+    try:
+        report = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read report {str(file)!r}: {exc}") from exc
+    if not isinstance(report, dict) or "pixel" not in report:
+        raise ValueError(f"{str(file)!r} is not a memmit eval report")
+    return report
+
+
+def compare_rows(reports: list[dict], labels: list[str]) -> list[dict]:
+    """The numbers `compare` shows, one dict per report."""
+    rows = []
+    for label, r in zip(labels, reports):
+        quality = r.get("quality") or {}
+        rows.append({"label": label,
+                     "memorized_pct": 100 * r["pixel"]["fraction_memorized_ratio"],
+                     "mq_pct": 100 * r["pixel"]["fraction_memorized_by_score"][MQ_THRESHOLD],
+                     "top_count": r["pixel"]["most_copied"][0]["count"] if r["pixel"]["most_copied"] else 0,
+                     "quality": quality.get("frechet_distance") if quality.get("available") else None})
+    return rows
+
+
+def format_compare(rows: list[dict]) -> str:
+    header = ("report", "memorized %", f"MQ<{MQ_THRESHOLD} %", "top copies", "Frechet dist.")
+    cells = [header] + [(r["label"], f"{r['memorized_pct']:.1f}", f"{r['mq_pct']:.1f}", str(r["top_count"]),
+                         "-" if r["quality"] is None else f"{r['quality']:.3f}") for r in rows]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def draw_compare(rows: list[dict], path: Path) -> None:
+    """Horizontal bars of memorized % per report, labelled with the report and its value."""
+    font = ImageFont.load_default()
+    label_w = int(max(font.getlength(r["label"]) for r in rows)) + 16
+    bar_max, row_h, top = 400, 28, 30
+    longest = max(max(r["memorized_pct"] for r in rows), 1.0)  # all-zero reports still draw an axis
+    canvas = Image.new("RGB", (label_w + bar_max + 70, top + row_h * len(rows) + 10), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 8), "memorized samples (%, d1/d2 criterion)", fill="black", font=font)
+    for i, r in enumerate(rows):
+        y = top + i * row_h
+        length = round(bar_max * r["memorized_pct"] / longest)
+        draw.text((8, y + 6), r["label"], fill="black", font=font)
+        draw.rectangle((label_w, y + 2, label_w + max(length, 1), y + row_h - 4), fill=(70, 110, 180))
+        draw.text((label_w + length + 6, y + 6), f"{r['memorized_pct']:.1f}%", fill="black", font=font)
+    canvas.save(path)
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """`memmit compare`: a table and a bar chart of several eval reports."""
+    p = argparse.ArgumentParser(prog="memmit compare", description="Compare memmit eval reports.")
+    p.add_argument("reports", nargs="+", help="report.json files (or the directories holding them).")
+    p.add_argument("--labels", nargs="+", help="One label per report (default: each report's directory name).")
+    p.add_argument("--output", help="Figure path (default: compare.png next to the first report).")
+    args = p.parse_args(argv)
+    try:
+        if args.labels is not None and len(args.labels) != len(args.reports):
+            raise ValueError(f"got {len(args.labels)} labels for {len(args.reports)} reports")
+        reports = [_load_report(r) for r in args.reports]
+    except ValueError as exc:
+        print(f"memmit: error: {exc}", file=sys.stderr)
+        return 2
+    first = Path(args.reports[0])
+    labels = args.labels or [(Path(r) if Path(r).is_dir() else Path(r).parent).resolve().name for r in args.reports]
+    output = Path(args.output) if args.output else (first if first.is_dir() else first.parent) / "compare.png"
+    rows = compare_rows(reports, labels)
+    print(format_compare(rows))
+    draw_compare(rows, output)
+    print(f"memmit: figure written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(eval_main())

@@ -1,0 +1,221 @@
+"""`memmit eval` and `memmit compare` on a tiny real pipeline and real digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from memmit.cli import main
+from memmit.data import load_train_dataset, source_names
+from memmit.evaluate import (evaluate, format_report, from_uint8, load_extractor, load_train_images, score_samples,
+                             to_uint8)
+from memmit.tasks import UnconditionalTask, load_pipeline
+
+# The brief's extractor format is TorchScript, which torch 2.13 marks deprecated.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def eval_flags(pipe, data, out, *extra) -> list[str]:
+    return ["eval", "--pretrained_model_name_or_path", pipe, "--dataset_name", data, "--output_dir", str(out),
+            "--num_samples", "8", "--num_inference_steps", "3", "--batch_size", "4", *map(str, extra)]
+
+
+class TinyEncoder(torch.nn.Module):
+    """A fixed random conv embedding: enough to exercise a user-supplied TorchScript extractor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 6, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).relu().mean(dim=(2, 3)) + 0.1  # + 0.1: never an all-zero embedding
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("extractor") / "encoder.pt"
+    torch.jit.script(TinyEncoder()).save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def digits(tiny_pipeline, digits_dir):
+    """The 24 training digits as the evaluator loads them ([-1, 1], centre-cropped) and their names."""
+    task = UnconditionalTask(load_pipeline(tiny_pipeline), center_crop=True)
+    ds = load_train_dataset(dataset_name=digits_dir)
+    return load_train_images(ds, "image", task.transform, show_progress=False), source_names(ds, "image")
+
+
+def test_eval_end_to_end_with_feature_extractor(tiny_pipeline, digits_dir, encoder_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(eval_flags(tiny_pipeline, digits_dir, out, "--feature_extractor", encoder_file, "--k", 5)) == 0
+    printed = capsys.readouterr().out
+    assert "memorized, d1/d2 < 0.333" in printed and "cosine (torchscript)" in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"settings", "versions", "pixel", "features", "quality", "files"}
+    assert report["settings"]["resolution"] == 16 and report["settings"]["sampler"] == "DDIM"
+    assert set(report["versions"]) == {"torch", "diffusers", "memmit"}
+    pixel = report["pixel"]
+    assert (pixel["num_samples"], pixel["num_train"], pixel["k"]) == (8, 24, 5)
+    assert 0 <= pixel["fraction_memorized_ratio"] <= 1
+    assert list(pixel["fraction_memorized_by_score"]) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
+    by_score = list(pixel["fraction_memorized_by_score"].values())
+    assert by_score == sorted(by_score) and all(0 <= v <= 1 for v in by_score)
+    per_sample = pixel["per_sample"]
+    assert all(len(v) == 8 for v in per_sample.values())
+    assert all(0 <= r <= 1 for r in per_sample["ratio"]) and all(0 <= i < 24 for i in per_sample["nearest_index"])
+
+    features = report["features"]
+    assert features["extractor"] == {"kind": "torchscript", "path": encoder_file}
+    assert -1 <= features["cosine"]["mean"] <= features["cosine"]["p95"] <= 1
+    assert 0 <= features["cosine"]["frac_above_0_5"] <= 1
+    # torch-fidelity's Inception weights cannot be fetched offline: the report says so instead of failing.
+    quality = report["quality"]
+    assert quality["extractor"]["kind"] == "inception-v3"
+    assert quality["available"] or quality["reason"]
+
+    samples = np.load(out / "samples.npy")
+    assert samples.shape == (8, 16, 16, 1) and samples.dtype == np.uint8 and samples.std() > 0
+    with Image.open(out / "most_copied.png") as fig:
+        assert fig.width >= 4 * 2 * 64 and fig.height >= 2 * 64  # 8 pairs, digits upscaled 4x
+
+
+def test_saved_samples_rescore_to_the_same_report(tiny_pipeline, digits_dir, digits, tmp_path):
+    out = tmp_path / "out"
+    report = evaluate(tiny_pipeline, str(out), dataset_name=digits_dir, num_samples=4, num_inference_steps=2,
+                      batch_size=4, k=5, show_progress=False)
+    train, sources = digits
+    rescored = score_samples(from_uint8(np.load(out / "samples.npy")), train, sources, k=5)
+    assert rescored["pixel"] == report["pixel"]
+
+
+def test_exact_copies_are_all_memorized(digits, encoder_file):
+    train, sources = digits
+    copies = train[[3, 3, 7, 0, 12, 3]]
+    quality = load_extractor(encoder_file, torch.device("cpu"), (train[:2] + 1) / 2, "quality_extractor")
+    report = score_samples(copies, train, sources, k=50, feature_extractor=quality, quality_extractor=quality)
+    pixel = report["pixel"]
+    assert pixel["fraction_memorized_ratio"] == 1.0
+    assert all(v == 1.0 for v in pixel["fraction_memorized_by_score"].values())
+    assert pixel["per_sample"]["nearest_index"] == [3, 3, 7, 0, 12, 3]
+    assert pixel["most_copied"][0] == {"index": 3, "source": sources[3], "count": 3}
+    assert report["features"]["cosine"]["frac_above_0_5"] == 1.0
+    assert report["quality"]["available"] and report["quality"]["frechet_distance"] >= 0
+    assert "100.0%" in format_report(report)
+
+
+def test_transformers_image_encoder_as_feature_extractor(digits, tmp_path):
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    path = tmp_path / "vit"
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=16, patch_size=4)).save_pretrained(path)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(path)
+    train, sources = digits
+    # A 3-channel encoder on 1-channel digits: the evaluator repeats the grey channel.
+    vit = load_extractor(str(path), torch.device("cpu"), (train[:2] + 1) / 2, "feature_extractor")
+    report = score_samples(train[:4], train, sources, k=5, feature_extractor=vit)
+    assert report["features"]["extractor"] == {"kind": "transformers", "path": str(path), "class": "ViTModel"}
+    assert report["features"]["per_sample"]["nearest_index"] == [0, 1, 2, 3]
+    assert report["features"]["cosine"]["frac_above_0_5"] == 1.0
+
+
+def test_uint8_round_trip_is_exact_on_training_pixels(digits):
+    train, _ = digits
+    assert torch.equal(from_uint8(to_uint8((train + 1) / 2)), train)
+
+
+def test_resolution_and_train_data_dir(tiny_pipeline, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    assert main(["eval", "--pretrained_model_name_or_path", tiny_pipeline, "--train_data_dir", str(folder),
+                 "--resolution", "8", "--num_samples", "2", "--num_inference_steps", "2",
+                 "--output_dir", str(out)]) == 0
+    assert np.load(out / "samples.npy").shape == (2, 8, 8, 1)
+    report = json.loads((out / "report.json").read_text())
+    assert report["pixel"]["num_train"] == 4 and report["features"] is None
+    assert {c["source"] for c in report["pixel"]["most_copied"]} <= {str(folder / f"{i}.png") for i in range(4)}
+
+
+def test_bad_input_exits_2_before_sampling(tiny_pipeline, digits_dir, tmp_path, capsys):
+    not_a_module = tmp_path / "not_torchscript.pt"
+    not_a_module.write_text("hello")
+    cases = [
+        (["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--dataset_name", digits_dir],
+         f"pretrained_model_name_or_path {str(tmp_path / 'nope')!r} does not exist"),
+        (["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", digits_dir, "--image_column", "img"],
+         "image_column 'img' not in dataset columns ['image', 'label']"),
+        (["--pretrained_model_name_or_path", tiny_pipeline], "give exactly one of dataset_name or train_data_dir"),
+        (["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", digits_dir, "--resolution", "9"],
+         "resolution 9 must be a multiple of 2"),
+        (["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", digits_dir,
+          "--feature_extractor", str(not_a_module)], "as a TorchScript module"),
+        (["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", digits_dir, "--k", "1"],
+         "k must be >= 2"),
+    ]
+    for flags, message in cases:
+        out = tmp_path / "out"
+        assert main(["eval", *flags, "--output_dir", str(out)]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("memmit: error:") == 1, (flags, err)
+        assert not out.exists()
+
+
+def test_extractor_that_rejects_the_images_fails_before_sampling(tiny_pipeline, digits_dir, tmp_path, capsys):
+    rgb_only = tmp_path / "rgb.pt"
+    torch.jit.trace(torch.nn.Conv2d(3, 4, 3), torch.zeros(1, 3, 16, 16)).save(str(rgb_only))
+    flags = eval_flags(tiny_pipeline, digits_dir, tmp_path / "out", "--quality_extractor", rgb_only)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert f"quality_extractor {str(rgb_only)!r} failed on images of shape (2, 1, 16, 16)" in err
+
+
+def test_compare_prints_both_and_draws(tmp_path, capsys, digits):
+    train, sources = digits
+    dirs = []
+    for name, samples in [("baseline", train[:6]), ("memmit", train[:6] * 0.5)]:
+        report = score_samples(samples, train, sources, k=5)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        dirs.append(tmp_path / name)
+    assert main(["compare", str(dirs[0] / "report.json"), str(dirs[1])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["baseline", "100.0"] and lines[2].startswith("memmit")
+    with Image.open(dirs[0] / "compare.png") as fig:
+        assert fig.size[0] > 400
+
+    figure = tmp_path / "custom.png"
+    assert main(["compare", str(dirs[0]), str(dirs[1]), "--labels", "before", "after", "--output", str(figure)]) == 0
+    printed = capsys.readouterr().out
+    assert "before" in printed and "after" in printed and figure.is_file()
+
+    assert main(["compare", str(dirs[0]), "--labels", "a", "b"]) == 2
+    assert "got 2 labels for 1 reports" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read report" in capsys.readouterr().err
+
+
+def test_module_entry_point_exits_2_on_a_missing_pipeline(tmp_path, digits_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "memmit.evaluate", "--pretrained_model_name_or_path",
+                           str(tmp_path / "nope"), "--dataset_name", digits_dir, "--output_dir", str(tmp_path / "out")],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"memmit: error: pretrained_model_name_or_path {str(tmp_path / 'nope')!r} "
+                                        "does not exist")
