@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -42,6 +43,9 @@ def resolve(root: Path, which: str) -> Optional[Path]:
 
 def save(accelerator: Accelerator, root: Path, step: int, shared: dict, process_state: dict,
          total_limit: Optional[int] = None) -> Path:
+    """Write a checkpoint named after the main process's step; every process must call this together."""
+    if accelerator.num_processes > 1:
+        step = broadcast_object_list([step])[0]
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:

@@ -143,6 +143,14 @@ class Trainer:
         self.shards = split_shards(n, cfg.num_shards, cfg.shard_strategy, cfg.seed, labels)
         self.weights = shard_weights([len(s) for s in self.shards], cfg.aggregation)
         self.my_shards = [k for k in range(cfg.num_shards) if k % acc.num_processes == acc.process_index]
+        # Every process walks the same turn slots, so turn-boundary collectives line up; a process
+        # with fewer shards idles through its last slot.
+        self.turns_per_round = math.ceil(cfg.num_shards / acc.num_processes)
+        if cfg.num_shards % acc.num_processes:
+            idle = acc.num_processes - cfg.num_shards % acc.num_processes
+            logger.warning(f"num_shards={cfg.num_shards} is not a multiple of the {acc.num_processes} processes: "
+                           f"{idle} process(es) idle for 1 of {self.turns_per_round} turns every round "
+                           f"(~{100 / self.turns_per_round:.0f}% of their time)", main_process_only=True)
 
         # The trained UNet stays fp32 (autocast handles mixed precision), even from an fp16 variant.
         self.unet = self.task.unet.to(acc.device)
@@ -162,6 +170,7 @@ class Trainer:
         self.seen = np.zeros(n, dtype=np.int64)
         self.skipped = np.zeros(n, dtype=np.int64)
         self.global_step = 0
+        self.last_checkpoint_step = 0
         self.position = {"round": 0, "turn": 0, "window": 0}
 
     # ---- one shard turn -------------------------------------------------------------------
@@ -234,6 +243,7 @@ class Trainer:
         if start_window and ema is not None and self._resumed_ema is not None:
             for p, s in zip(ema.shadow_params, self._resumed_ema):
                 p.data.copy_(s)
+            self._resumed_ema = None
         n_micro_total = micro_batches_per_turn(cfg, len(state.ids))
         n_windows = windows_per_turn(cfg, len(state.ids))
         for w in range(start_window, n_windows):
@@ -244,7 +254,8 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(round=rnd, shard=k, loss=f"{logs['loss']:.4f}", skip=f"{100 * logs['skip_fraction']:.0f}%")
             self.accelerator.log({f"shard_{k}/{name}": v for name, v in logs.items()}, step=self.global_step)
-            if self._checkpoint_due() and w + 1 < n_windows:
+            # Mid-turn checkpoints need no agreement between processes only when there is one.
+            if self.accelerator.num_processes == 1 and self._checkpoint_due() and w + 1 < n_windows:
                 self.save_checkpoint(live=(state, optimizer, scheduler, scaler, ema))
         state.optimizer, state.lr_scheduler = _to_cpu(optimizer.state_dict()), scheduler.state_dict()
         state.scaler = scaler.state_dict()
@@ -252,14 +263,16 @@ class Trainer:
             state.ema_step = ema.optimization_step
             self.ema_avg.add(ema.shadow_params, self.weights[k])
         self.theta.add(self.live, self.weights[k])
-        self.position = {"round": rnd, "turn": turn + 1, "window": 0}
-        # A due checkpoint that fell on the turn's last step is written now the shard is folded
-        # in; the round's last turn is covered by the round-end checkpoint.
-        if self._checkpoint_due() and n_windows > start_window and turn + 1 < len(self.my_shards):
-            self.save_checkpoint(live=None)
 
-    def _checkpoint_due(self) -> bool:
-        return bool(self.cfg.checkpointing_steps) and self.global_step % self.cfg.checkpointing_steps == 0
+    def _checkpoint_due(self, collective: bool = False) -> bool:
+        """checkpointing_steps optimizer steps since the last checkpoint (on any process, if collective)."""
+        n = self.cfg.checkpointing_steps
+        due = bool(n) and self.global_step - self.last_checkpoint_step >= n
+        if collective and self.accelerator.num_processes > 1:
+            flag = torch.tensor([int(due)], device=self.accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            due = bool(flag.item())
+        return due
 
     # ---- the run --------------------------------------------------------------------------
     def _all_reduce(self):
@@ -282,9 +295,14 @@ class Trainer:
         start = dict(self.position)
         for rnd in range(start["round"], cfg.num_rounds):
             first_turn = start["turn"] if rnd == start["round"] else 0
-            for turn in range(first_turn, len(self.my_shards)):
-                resumed_mid_turn = rnd == start["round"] and turn == start["turn"]
-                self._turn(rnd, turn, start["window"] if resumed_mid_turn else 0, bar)
+            for turn in range(first_turn, self.turns_per_round):
+                if turn < len(self.my_shards):
+                    resumed_mid_turn = rnd == start["round"] and turn == start["turn"]
+                    self._turn(rnd, turn, start["window"] if resumed_mid_turn else 0, bar)
+                self.position = {"round": rnd, "turn": turn + 1, "window": 0}
+                # The round's last turn is covered by the round-end checkpoint.
+                if turn + 1 < self.turns_per_round and self._checkpoint_due(collective=True):
+                    self.save_checkpoint(live=None)
             self.theta.finish_round(self._all_reduce())
             if self.ema_avg is not None:
                 self.ema_avg.finish_round(self._all_reduce())
@@ -361,7 +379,7 @@ class Trainer:
     def save_checkpoint(self, live) -> None:
         """Everything needed to continue exactly; `live` is the running shard's (state, opt, sched, scaler, ema)."""
         states = {k: s.state_dict() for k, s in self.states.items()}
-        process_state = {"shards": states, "seen": torch.from_numpy(self.seen.copy()),
+        process_state = {"shards": states, "global_step": self.global_step, "seen": torch.from_numpy(self.seen.copy()),
                          "skipped": torch.from_numpy(self.skipped.copy()),
                          "torch_rng": torch.get_rng_state()}
         if live is not None:
@@ -372,10 +390,11 @@ class Trainer:
             process_state["live_weights"] = [t.detach().cpu() for t in self.live]
             if ema is not None:
                 process_state["live_ema"] = [t.detach().cpu() for t in ema.shadow_params]
-        shared = {"theta": self.theta.state_dict(), "position": self.position, "global_step": self.global_step,
+        shared = {"theta": self.theta.state_dict(), "position": self.position,
                   "ema": self.ema_avg.state_dict() if self.ema_avg is not None else None, "shards": self.shards}
         ckpt.save(self.accelerator, self.out / "checkpoints", self.global_step, shared, process_state,
                   self.cfg.checkpoints_total_limit)
+        self.last_checkpoint_step = self.global_step
 
     def load_checkpoint(self, which: str) -> None:
         path = ckpt.resolve(self.out / "checkpoints", which)
@@ -389,7 +408,8 @@ class Trainer:
         self.theta.load_state_dict(shared["theta"])
         if self.ema_avg is not None:
             self.ema_avg.load_state_dict(shared["ema"])
-        self.position, self.global_step = shared["position"], shared["global_step"]
+        self.position, self.global_step = shared["position"], process_state["global_step"]
+        self.last_checkpoint_step = self.global_step
         for k, s in process_state["shards"].items():
             self.states[k].load_state_dict(s)
         self.seen[:], self.skipped[:] = process_state["seen"].numpy(), process_state["skipped"].numpy()

@@ -111,7 +111,7 @@ def test_one_shard_no_agc_equals_plain_finetuning(tiny_pipeline, digits_dir, tmp
 def test_prediction_types_and_ema_and_accumulation(digits_dir, tmp_path, prediction_type):
     pipe = save_pipeline(tmp_path / "pipe", prediction_type=prediction_type)
     out = tmp_path / "out"
-    Trainer(parse_args(args(pipe, digits_dir, out, "--num_shards", 3, "--num_rounds", 1, "--use_ema",
+    Trainer(parse_args(args(pipe, digits_dir, out, "--num_shards", 3, "--num_rounds", 1, "--use_ema", "--gradient_checkpointing",
                             "--ema_decay", 0.5, "--gradient_accumulation_steps", 2, "--local_steps", 2))).train()
     assert DDPMPipeline.from_pretrained(out).scheduler.config.prediction_type == prediction_type
 

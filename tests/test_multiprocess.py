@@ -1,0 +1,70 @@
+"""Two real gloo processes through `accelerate launch`: same result as one process, and exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--num_shards", "4", "--num_rounds", "2", "--local_epochs", "2", "--agc_lambda", "0.8",
+          "--train_batch_size", "4", "--report_to", "none", "--num_validation_images", "0"]
+
+
+def launch(num_processes: int, pipe: str, data: str, out: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes),
+                  "--main_process_port", str(29500 + os.getpid() % 1000)]
+    if num_processes > 1:
+        accelerate.append("--multi_gpu")
+    cmd = accelerate + [str(ROOT / "train_memmit.py"), "--pretrained_model_name_or_path", pipe,
+                        "--dataset_name", data, "--output_dir", str(out), *COMMON, *extra]
+    # A session of its own, so the launcher and both workers can be killed together.
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    log = proc.communicate()[0].decode()
+    assert proc.returncode == 0, log
+    return log
+
+
+def weights(out: Path) -> dict:
+    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_two_processes_equal_one_and_resume_exactly(tiny_pipeline, digits_dir, tmp_path):
+    finish(launch(1, tiny_pipeline, digits_dir, tmp_path / "one"))
+    log = finish(launch(2, tiny_pipeline, digits_dir, tmp_path / "two", "--checkpointing_steps", "1000"))
+    assert "resumed" not in log
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in one:
+        # The sum over shards is associated differently (two partial sums, then an all-reduce).
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "one" / "memmit" / "candidates.csv").read_text() == \
+        (tmp_path / "two" / "memmit" / "candidates.csv").read_text()
+
+    # Kill both processes mid-run, then resume with the same number of processes.
+    out = tmp_path / "killed"
+    proc = launch(2, tiny_pipeline, digits_dir, out, "--checkpointing_steps", "1")
+    deadline = time.time() + 180
+    while not list((out / "checkpoints").glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert steps and steps[-1] < 24, "the run was not killed before its end"
+    assert not (out / "model_index.json").exists()
+    log = finish(launch(2, tiny_pipeline, digits_dir, out, "--checkpointing_steps", "1",
+                        "--resume_from_checkpoint", "latest"))
+    assert "resumed from" in log
+    resumed = weights(out)
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
