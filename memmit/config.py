@@ -26,7 +26,10 @@ LR_SCHEDULERS = (
 
 def opt(default: Any, help: str, **kwargs) -> Any:
     """A dataclass field carrying its one-line help."""
-    return field(default=default, metadata={"help": help, **kwargs})
+    metadata = {"help": help, **kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -41,6 +44,7 @@ class MemmitConfig:
     dataset_config_name: Optional[str] = opt(None, "Configuration of a Hub dataset.")
     train_data_dir: Optional[str] = opt(None, "Folder of images (datasets' imagefolder layout).")
     image_column: str = opt("image", "Dataset column holding the images.")
+    caption_column: Optional[str] = opt(None, "Dataset column of captions (a string or a list per image) for text-to-image pipelines.")
     label_column: Optional[str] = opt(None, "Dataset column of labels, used by shard_strategy=stratified.")
     max_train_samples: Optional[int] = opt(None, "Keep only the first N samples (for debugging or quick runs).")
     resolution: Optional[int] = opt(None, "Training resolution; defaults to the UNet's sample_size.")
@@ -56,9 +60,24 @@ class MemmitConfig:
     local_steps: Optional[int] = opt(None, "Optimizer steps per shard per round; when set, replaces local_epochs.")
 
     # Method: Anti-Gradient Control
-    agc_lambda: float = opt(0.5, "Skip a sample when its loss < agc_lambda * loss_bank[t]; 0 turns AGC off.")
+    agc_lambda: Optional[float] = opt(None, "Skip a sample when its loss < agc_lambda * loss_bank[t]; 0 turns AGC off. Default: 0.5 for pixel-space unconditional pipelines, 0.8 for text-to-image.")
     agc_bank_decay: float = opt(0.8, "Decay beta of the per-timestep loss bank: b <- beta*b + (1-beta)*loss.")
     agc_bank_init: str = opt("first", "Loss bank start: first (first observed loss) | zero (as the reference code).", choices=BANK_INITS)
+
+    # Text-to-image
+    caption_dropout: float = opt(0.0, "Probability of training on the empty prompt (for classifier-free guidance).")
+    snr_gamma: Optional[float] = opt(None, "Min-SNR loss weighting gamma (e.g. 5.0); AGC still reads the unweighted loss.")
+    validation_prompts: Optional[list[str]] = opt(None, "Prompts rendered into the logs at each round's end (default: a few training captions).")
+
+    # LoRA
+    lora_rank: Optional[int] = opt(None, "Train a LoRA adapter of this rank per shard instead of the full UNet.")
+    lora_alpha: Optional[float] = opt(None, "LoRA alpha (default: the rank, i.e. scale 1).")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
+
+    # Export
+    export: str = opt("full", "What output_dir holds: full (the merged pipeline) | lora (one LoRA of the whole change).", choices=("full", "lora"))
+    export_lora_rank: int = opt(64, "Rank of the truncated-SVD LoRA written by --export lora.")
 
     # EMA
     use_ema: bool = opt(False, "Keep an EMA of each shard's weights; the averaged EMA is the result.")
@@ -78,6 +97,7 @@ class MemmitConfig:
     seed: int = opt(0, "Seed of the shard split, data order, noise and timesteps.")
     mixed_precision: str = opt("no", "Autocast precision: no | fp16 | bf16 (the UNet stays fp32).", choices=MIXED_PRECISIONS)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet.")
+    use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
 
     # Output, logging and checkpoints
     output_dir: str = opt("memmit-output", "Where the merged pipeline, checkpoints and logs go.")
@@ -109,7 +129,12 @@ class MemmitConfig:
         need(self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}")
         need(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
         need(self.local_steps is None or self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
-        need(self.agc_lambda >= 0, f"agc_lambda must be >= 0, got {self.agc_lambda}")
+        need(self.agc_lambda is None or self.agc_lambda >= 0, f"agc_lambda must be >= 0, got {self.agc_lambda}")
+        need(0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        need(self.snr_gamma is None or self.snr_gamma > 0, f"snr_gamma must be > 0, got {self.snr_gamma}")
+        need(self.lora_rank is None or self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.export_lora_rank >= 1, f"export_lora_rank must be >= 1, got {self.export_lora_rank}")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(0 <= self.agc_bank_decay < 1, f"agc_bank_decay must be in [0, 1), got {self.agc_bank_decay}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.train_batch_size >= 1, f"train_batch_size must be >= 1, got {self.train_batch_size}")
@@ -133,10 +158,11 @@ class MemmitConfig:
 
 
 def _field_type(f: dataclasses.Field) -> type:
-    """The scalar type of a field, Optional[...] unwrapped."""
+    """The scalar type of a field, Optional[...] unwrapped (list[str] stays list)."""
     hint = typing.get_type_hints(MemmitConfig)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    hint = args[0] if args and typing.get_origin(hint) is not list else hint
+    return list if typing.get_origin(hint) is list else hint
 
 
 def _parse_value(f: dataclasses.Field):
@@ -160,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{f.metadata['help']} (default: {f.default})"
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is list:
+            parser.add_argument(f"--{f.name}", nargs="+", help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=_parse_value(f), help=help_text)
     return parser

@@ -7,6 +7,7 @@ pipeline kind by writing one more Task subclass and naming it in `load_task`.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -35,12 +36,25 @@ def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Op
     return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant)
 
 
+@dataclass
+class LossOutput:
+    """Per-sample fp32 losses (what AGC reads), their timesteps (CPU), and optional loss weights (e.g. min-SNR)."""
+
+    losses: torch.Tensor
+    timesteps: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+
+
 class UnconditionalTask:
     """DDPMPipeline / DDIMPipeline: a UNet2DModel denoising pixels, no conditioning."""
 
+    default_agc_lambda = 0.5  # the paper's mem_ratio 2.0 for pixel-space models
+    extra_columns: tuple[str, ...] = ()  # dataset columns needed besides the image column
+
     def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
-                 center_crop: bool = False, random_flip: bool = False):
+                 center_crop: bool = False, random_flip: bool = False, image_column: str = "image"):
         self.pipeline = pipeline
+        self.image_column = image_column
         self.unet: UNet2DModel = pipeline.unet
         self.scheduler = pipeline.scheduler
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
@@ -52,12 +66,15 @@ class UnconditionalTask:
         self.channels = int(self.unet.config.in_channels)
         self.transform = ImageTransform(self.resolution, self.channels, center_crop, random_flip)
 
-    def batch(self, images: list, generator: torch.Generator) -> dict:
-        """Model inputs for a list of PIL images (random crops/flips drawn from the shard's generator)."""
-        return {"pixels": torch.stack([self.transform(img, generator) for img in images])}
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Move frozen parts to the device in the mixed-precision dtype; an unconditional UNet has none."""
+
+    def batch(self, rows: dict, generator: torch.Generator) -> dict:
+        """Model inputs for dataset rows (random crops/flips drawn from the shard's generator)."""
+        return {"pixels": torch.stack([self.transform(img, generator) for img in rows[self.image_column]])}
 
     def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator,
-                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                        device: torch.device) -> LossOutput:
         """Unreduced fp32 loss per sample and its timestep.
 
         Randomness is drawn on the CPU from the shard's generator, noise first then timesteps,
@@ -69,7 +86,7 @@ class UnconditionalTask:
         x0, noise, t = x0.to(device), noise.to(device), timesteps.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         pred = unet(noisy, t).sample
-        return self.loss_from_prediction(pred, x0, noise, t), timesteps
+        return LossOutput(self.loss_from_prediction(pred, x0, noise, t), timesteps)
 
     def loss_from_prediction(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
                              t: torch.Tensor) -> torch.Tensor:
@@ -102,6 +119,7 @@ def load_task(cfg) -> UnconditionalTask:
     """The task for the pipeline `cfg.pretrained_model_name_or_path` points to."""
     pipeline = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     if isinstance(pipeline.unet, UNet2DModel):
-        return UnconditionalTask(pipeline, cfg.resolution, cfg.center_crop, cfg.random_flip)
+        return UnconditionalTask(pipeline, cfg.resolution, cfg.center_crop, cfg.random_flip,
+                                 getattr(cfg, "image_column", "image"))
     raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(pipeline.unet).__name__} is not supported yet "
                      "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline)")

@@ -130,9 +130,12 @@ class Trainer:
         set_seed(cfg.seed)
 
         self.task = load_task(cfg)
+        if cfg.agc_lambda is None:
+            cfg.agc_lambda = self.task.default_agc_lambda
         with acc.main_process_first():
             self.dataset = load_train_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.image_column,
-                                              cfg.label_column, cfg.max_train_samples, cfg.dataset_config_name)
+                                              cfg.label_column, cfg.max_train_samples, cfg.dataset_config_name,
+                                              extra_columns=self.task.extra_columns)
             check_images(self.dataset, cfg.image_column, show_progress=acc.is_local_main_process)
         n = len(self.dataset)
         if n < cfg.num_shards:
@@ -156,6 +159,7 @@ class Trainer:
         self.unet = self.task.unet.to(acc.device)
         if self.unet.dtype != torch.float32:
             self.unet.float()
+        self.task.prepare(acc.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32))
         self.unet.train()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -204,16 +208,16 @@ class Trainer:
         kept_total, seen_total, losses_logged = 0, 0, []
         for _ in range(n_micro):
             ids = state.stream.next_batch(cfg.train_batch_size)
-            batch = self.task.batch(self.dataset[ids][cfg.image_column], gen)
+            batch = self.task.batch(self.dataset[ids], gen)
             with acc.autocast():
-                losses, timesteps = self.task.per_sample_loss(self.unet, batch, gen, acc.device)
-            keep = state.bank.keep_mask(losses, timesteps, cfg.agc_lambda)
-            state.bank.update(losses, timesteps)
+                out = self.task.per_sample_loss(self.unet, batch, gen, acc.device)
+            keep = state.bank.keep_mask(out.losses, out.timesteps, cfg.agc_lambda)
+            state.bank.update(out.losses, out.timesteps)
             self.seen[ids] += 1
             self.skipped[np.asarray(ids)[~keep.numpy()]] += 1
             seen_total += len(ids)
             if keep.any():
-                loss = masked_mean(losses, keep) / n_micro
+                loss = masked_mean(out.losses, keep, out.weights) / n_micro
                 scaler.scale(loss).backward()
                 kept_total += int(keep.sum())
                 losses_logged.append(loss.item() * n_micro)
