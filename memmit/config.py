@@ -133,6 +133,7 @@ class MemmitConfig:
         need(0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
         need(self.snr_gamma is None or self.snr_gamma > 0, f"snr_gamma must be > 0, got {self.snr_gamma}")
         need(self.lora_rank is None or self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
+        need(self.lora_rank is None or not self.use_ema, "use_ema is not supported with lora_rank (adapters restart every turn)")
         need(self.export_lora_rank >= 1, f"export_lora_rank must be >= 1, got {self.export_lora_rank}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(0 <= self.agc_bank_decay < 1, f"agc_bank_decay must be in [0, 1), got {self.agc_bank_decay}")

@@ -29,6 +29,7 @@ from .agc import LossBank, masked_mean
 from .config import MemmitConfig
 from .data import check_images, load_train_dataset, source_names, split_shards
 from .ensemble import FlatAverage, floating_tensors, shard_weights
+from .lora import add_lora, add_merged, is_lora_key, plain_state_dict, reset_adapters, svd_lora
 from .tasks import load_task
 
 logger = get_logger(__name__)
@@ -163,9 +164,20 @@ class Trainer:
         self.unet.train()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.lora = cfg.lora_rank is not None
+        if cfg.export == "lora":
+            self.pretrained_plain = {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+            if not hasattr(type(self.task.pipeline), "save_lora_weights"):
+                raise ValueError(f"--export lora needs a pipeline that loads LoRA weights; "
+                                 f"{type(self.task.pipeline).__name__} does not")
+        if self.lora:
+            add_lora(self.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        # live: everything a mid-turn checkpoint restores; base: what θ̄ averages (adapters excluded).
         self.live = floating_tensors(self.unet)
-        self.theta = FlatAverage(self.live)
+        self.base = [t for name, t in self.unet.state_dict(keep_vars=True).items()
+                     if t.is_floating_point() and not is_lora_key(name)]
+        self.theta = FlatAverage(self.base)
         self.ema_avg = FlatAverage(self.params) if cfg.use_ema else None
 
         self.states = {k: ShardState(k, self.shards[k], ShardStream(self.shards[k], cfg.seed + 1000 + k),
@@ -187,9 +199,14 @@ class Trainer:
                                   num_training_steps=total)
         scaler = torch.amp.GradScaler(self.accelerator.device.type,
                                       enabled=cfg.mixed_precision == "fp16" and self.accelerator.device.type == "cuda")
+        # LoRA adapters restart every turn and their optimizer state with them (state.optimizer is
+        # then None, except when resuming mid-turn); the schedule always goes on.
         if state.optimizer is not None:
             optimizer.load_state_dict(state.optimizer)
+        if state.lr_scheduler is not None:
             scheduler.load_state_dict(state.lr_scheduler)
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
             scaler.load_state_dict(state.scaler)
         return optimizer, scheduler, scaler
 
@@ -241,7 +258,9 @@ class Trainer:
         k = self.my_shards[turn]
         state = self.states[k]
         if start_window == 0:
-            self.theta.load_into(self.live)
+            self.theta.load_into(self.base)
+            if self.lora:
+                reset_adapters(self.unet, seed=self.cfg.seed + 7919 * rnd + k)
         optimizer, scheduler, scaler = self._make_optimizer(state)
         ema = self._make_ema(state)
         if start_window and ema is not None and self._resumed_ema is not None:
@@ -261,12 +280,15 @@ class Trainer:
             # Mid-turn checkpoints need no agreement between processes only when there is one.
             if self.accelerator.num_processes == 1 and self._checkpoint_due() and w + 1 < n_windows:
                 self.save_checkpoint(live=(state, optimizer, scheduler, scaler, ema))
-        state.optimizer, state.lr_scheduler = _to_cpu(optimizer.state_dict()), scheduler.state_dict()
-        state.scaler = scaler.state_dict()
+        state.optimizer = None if self.lora else _to_cpu(optimizer.state_dict())
+        state.lr_scheduler, state.scaler = scheduler.state_dict(), scaler.state_dict()
         if ema is not None:
             state.ema_step = ema.optimization_step
             self.ema_avg.add(ema.shadow_params, self.weights[k])
-        self.theta.add(self.live, self.weights[k])
+        if self.lora:
+            add_merged(self.theta, self.unet, self.base, self.weights[k])
+        else:
+            self.theta.add(self.base, self.weights[k])
 
     def _checkpoint_due(self, collective: bool = False) -> bool:
         """checkpointing_steps optimizer steps since the last checkpoint (on any process, if collective)."""
@@ -317,8 +339,10 @@ class Trainer:
         return self.export()
 
     def _load_result(self) -> None:
-        """θ̄ (or the averaged EMA) into the live UNet."""
-        self.theta.load_into(self.live)
+        """θ̄ (or the averaged EMA) into the live UNet, adapters zeroed."""
+        self.theta.load_into(self.base)
+        if self.lora:
+            reset_adapters(self.unet, seed=self.cfg.seed)
         if self.ema_avg is not None:
             self.ema_avg.load_into(self.params)
 
@@ -374,10 +398,43 @@ class Trainer:
         self.write_candidates(self.out / "memmit" / "candidates.csv")
         if acc.is_main_process:
             self._load_result()
-            self.task.save_pipeline(self.unet, self.out)
+            unet = self._plain_unet()
+            if self.cfg.export == "lora":
+                self._export_lora(unet)
+            else:
+                self.task.save_pipeline(unet, self.out)
         acc.wait_for_everyone()
         acc.end_training()
         return self.out
+
+    def _plain_unet(self) -> torch.nn.Module:
+        """The result as a UNet of the pipeline's own class, without adapter layers."""
+        if not self.lora:
+            return self.unet
+        plain = type(self.unet).from_config(self.unet.config)
+        plain.load_state_dict(plain_state_dict(self.unet))
+        return plain
+
+    def _export_lora(self, unet: torch.nn.Module) -> None:
+        """One LoRA of the whole change (final - pretrained) in the target modules, by truncated SVD."""
+        cfg = self.cfg
+        final = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+        def targeted(name: str) -> bool:
+            module = name.removesuffix(".weight")
+            return name.endswith(".weight") and any(module == t or module.endswith("." + t)
+                                                    for t in cfg.lora_target_modules)
+        deltas = {k: final[k].float() - self.pretrained_plain[k].float() for k in final
+                  if final[k].is_floating_point()}
+        lora_state, error = svd_lora({k: d for k, d in deltas.items() if targeted(k)}, cfg.export_lora_rank)
+        total = sum(float(d.pow(2).sum()) for d in deltas.values())
+        outside = sum(float(d.pow(2).sum()) for k, d in deltas.items() if not targeted(k))
+        type(self.task.pipeline).save_lora_weights(self.out, unet_lora_layers=lora_state, safe_serialization=True)
+        summary = {"export_lora_rank": cfg.export_lora_rank, "relative_svd_error": error,
+                   "change_outside_targets": (outside / total) ** 0.5 if total > 0 else 0.0,
+                   "target_modules": cfg.lora_target_modules}
+        (self.out / "memmit" / "lora_export.json").write_text(json.dumps(summary, indent=2))
+        print(f"memmit: LoRA export rank {cfg.export_lora_rank}: relative SVD error {error:.2e}; "
+              f"share of the change outside {cfg.lora_target_modules}: {summary['change_outside_targets']:.2e}")
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, live) -> None:

@@ -1,0 +1,72 @@
+"""LoRA shards: exact aggregation of B·A products, the SVD export, and LoRA runs end to end."""
+
+import pytest
+import torch
+
+from memmit.ensemble import FlatAverage, shard_weights
+from memmit.lora import add_lora, add_merged, is_lora_key, lora_layers, svd_lora
+
+
+class Attn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.to_q = torch.nn.Linear(5, 4)
+        self.other = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.other(self.to_q(x))
+
+
+def base_tensors(model):
+    return [t for n, t in model.state_dict(keep_vars=True).items() if t.is_floating_point() and not is_lora_key(n)]
+
+
+def test_aggregation_is_the_mean_of_the_products_not_of_the_factors():
+    model = Attn()
+    w0 = model.to_q.weight.detach().clone()
+    add_lora(model, rank=2, alpha=4, dropout=0.0, target_modules=["to_q"])  # scale = alpha / rank = 2
+    layer = lora_layers(model)[0]
+    base = base_tensors(model)
+    avg = FlatAverage(base)
+    weights = shard_weights([1, 3])
+    factors = []
+    gen = torch.Generator().manual_seed(1)
+    for w in weights:
+        a, b = torch.randn(2, 5, generator=gen), torch.randn(4, 2, generator=gen)
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+        add_merged(avg, model, base, w)
+        # Unmerged again: the live base weight is back to θ̄ (up to float rounding).
+        torch.testing.assert_close(layer.base_layer.weight, w0)
+        factors.append((a, b))
+    avg.finish_round()
+    avg.load_into(base)
+
+    exact = w0 + sum(w * 2 * (b @ a) for w, (a, b) in zip(weights, factors))
+    torch.testing.assert_close(layer.base_layer.weight, exact, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.other.weight, Attn().other.weight)  # untargeted layers keep θ̄
+
+    mean_a = sum(w * a for w, (a, _) in zip(weights, factors))
+    mean_b = sum(w * b for w, (_, b) in zip(weights, factors))
+    separate = w0 + 2 * (mean_b @ mean_a)
+    assert (separate - exact).abs().max() > 0.1  # averaging A and B separately is a different model
+
+
+def test_svd_lora_is_exact_at_full_rank_and_reports_truncation_error():
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(6, 3, generator=gen) @ torch.randn(3, 8, generator=gen)  # rank 3
+    state, error = svd_lora({"blk.to_q.weight": delta}, rank=3)
+    b, a = state["blk.to_q.lora_B.weight"], state["blk.to_q.lora_A.weight"]
+    assert a.shape == (3, 8) and b.shape == (6, 3)
+    torch.testing.assert_close(b @ a, delta, rtol=1e-4, atol=1e-5)
+    assert error < 1e-6
+    _, error1 = svd_lora({"blk.to_q.weight": delta}, rank=1)
+    s = torch.linalg.svdvals(delta.double())
+    assert error1 == pytest.approx(float((s[1:].pow(2).sum() / s.pow(2).sum()).sqrt()), rel=1e-6)
+
+
+def test_bad_target_modules():
+    with pytest.raises(ValueError, match="match no module"):
+        add_lora(Attn(), 2, None, 0.0, ["to_x"])
