@@ -20,13 +20,19 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
-    out = trainer.train()
+    from .hub import PushError
+
+    try:
+        out = trainer.train()
+    except PushError as exc:  # the trained output is on disk; only the upload failed
+        print(f"memmit: error: {exc}", file=sys.stderr)
+        return 1
     print(f"memmit: mitigated pipeline written to {out}")
     return 0
 
 
 COMMANDS = {"train": "memmit.cli:train_main", "eval": "memmit.evaluate:eval_main",
-            "compare": "memmit.evaluate:compare_main"}
+            "compare": "memmit.evaluate:compare_main", "push": "memmit.hub:push_main"}
 
 
 def main(argv: list[str] | None = None) -> int:

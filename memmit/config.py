@@ -19,6 +19,7 @@ SHARD_STRATEGIES = ("random", "contiguous", "stratified")
 AGGREGATIONS = ("size", "uniform")
 BANK_INITS = ("first", "zero")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SECRET_OPTIONS = ("hub_token",)
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
@@ -105,6 +106,10 @@ class MemmitConfig:
     checkpointing_steps: Optional[int] = opt(500, "Checkpoint every N optimizer steps (per process); rounds' ends are always checkpointed.")
     checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints.")
     resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint directory to resume from.")
+    push_to_hub: bool = opt(False, "Create the Hub repo before training and upload the result after it.")
+    hub_model_id: Optional[str] = opt(None, "Hub repo for --push_to_hub (default: the output_dir's name).")
+    hub_token: Optional[str] = opt(None, "Hub token with write access (default: HF_TOKEN or the saved login); never saved.")
+    hub_private_repo: bool = opt(False, "Create the Hub repo private.")
     report_to: str = opt("tensorboard", "Tracker for logs: tensorboard | none.", choices=("tensorboard", "none"))
     num_validation_images: int = opt(16, "Images sampled into the logs at each round's end; 0 disables.")
     validation_inference_steps: int = opt(50, "DDIM steps for the round-end sample grid.")
@@ -152,7 +157,8 @@ class MemmitConfig:
              "shard_strategy=stratified needs label_column")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every option except secrets (the hub token), as saved with the output and logged."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_OPTIONS}
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -1,22 +1,27 @@
 """Pipeline kinds: what to load, how to compute per-sample losses, how to rebuild the pipeline.
 
 A task owns the frozen parts and the noise scheduler; the trainer owns the trainable UNet. Add a
-pipeline kind by writing one more Task subclass and naming it in `load_task`.
+pipeline kind by writing one more DenoisingTask subclass and naming it in `load_task`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import (DDIMPipeline, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel,
+                       UNet2DModel)
+from diffusers.training_utils import compute_snr
 
 from .data import ImageTransform
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+NUM_DEFAULT_PROMPTS = 4  # training captions rendered at each round's end when no validation_prompts are given
 
 
 def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Optional[str] = None) -> DiffusionPipeline:
@@ -45,47 +50,62 @@ class LossOutput:
     weights: Optional[torch.Tensor] = None
 
 
-class UnconditionalTask:
-    """DDPMPipeline / DDIMPipeline: a UNet2DModel denoising pixels, no conditioning."""
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the scheduler's prediction target."""
+    snr = compute_snr(scheduler, timesteps)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
 
-    default_agc_lambda = 0.5  # the paper's mem_ratio 2.0 for pixel-space models
+
+def _images_nchw(images: np.ndarray) -> torch.Tensor:
+    """A pipeline's output_type="np" images (NHWC) as the NCHW tensor the trainer logs."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def _side(sample_size) -> int:
+    """A config's sample_size, given as an int or as (height, width)."""
+    return sample_size if isinstance(sample_size, int) else sample_size[0]
+
+
+class DenoisingTask:
+    """What every UNet pipeline kind shares: the scheduler's target, the per-sample loss, pixels, saving."""
+
+    default_agc_lambda: float
     extra_columns: tuple[str, ...] = ()  # dataset columns needed besides the image column
 
-    def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
-                 center_crop: bool = False, random_flip: bool = False, image_column: str = "image"):
+    def __init__(self, pipeline: DiffusionPipeline, resolution: int, channels: int, center_crop: bool,
+                 random_flip: bool, image_column: str):
         self.pipeline = pipeline
         self.image_column = image_column
-        self.unet: UNet2DModel = pipeline.unet
+        self.unet = pipeline.unet
         self.scheduler = pipeline.scheduler
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
-        size = self.unet.config.sample_size
-        self.resolution = resolution or (size if isinstance(size, int) else size[0])
-        self.channels = int(self.unet.config.in_channels)
-        self.transform = ImageTransform(self.resolution, self.channels, center_crop, random_flip)
+        self.resolution, self.channels = resolution, channels
+        self.transform = ImageTransform(resolution, channels, center_crop, random_flip)
 
-    def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        """Move frozen parts to the device in the mixed-precision dtype; an unconditional UNet has none."""
+    def pixels(self, rows: dict, generator: torch.Generator) -> torch.Tensor:
+        """The rows' images in [-1, 1] (random crops/flips drawn from the shard's generator)."""
+        return torch.stack([self.transform(img, generator) for img in rows[self.image_column]])
 
-    def batch(self, rows: dict, generator: torch.Generator) -> dict:
-        """Model inputs for dataset rows (random crops/flips drawn from the shard's generator)."""
-        return {"pixels": torch.stack([self.transform(img, generator) for img in rows[self.image_column]])}
-
-    def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator,
-                        device: torch.device) -> LossOutput:
-        """Unreduced fp32 loss per sample and its timestep.
+    def denoising_loss(self, unet: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator,
+                       device: torch.device, **conditioning) -> LossOutput:
+        """Unreduced fp32 loss per sample of denoising x0, and its timestep.
 
         Randomness is drawn on the CPU from the shard's generator, noise first then timesteps,
         so a run is reproducible on any device and resumable exactly.
         """
-        x0 = batch["pixels"]
         noise = torch.randn(x0.shape, generator=generator)
         timesteps = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=generator)
         x0, noise, t = x0.to(device), noise.to(device), timesteps.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t).sample
+        pred = unet(noisy, t, **conditioning).sample
         return LossOutput(self.loss_from_prediction(pred, x0, noise, t), timesteps)
 
     def loss_from_prediction(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
@@ -99,6 +119,35 @@ class UnconditionalTask:
             target = x0
         return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
+    def save_pipeline(self, unet: torch.nn.Module, output_dir: str | Path) -> None:
+        """The original pipeline class with the trained UNet, safetensors only."""
+        self.pipeline.unet = unet
+        self.pipeline.save_pretrained(output_dir, safe_serialization=True)
+
+
+class UnconditionalTask(DenoisingTask):
+    """DDPMPipeline / DDIMPipeline: a UNet2DModel denoising pixels, no conditioning."""
+
+    default_agc_lambda = 0.5  # the paper's mem_ratio 2.0 for pixel-space models
+
+    def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
+                 center_crop: bool = False, random_flip: bool = False, image_column: str = "image"):
+        unet = pipeline.unet
+        super().__init__(pipeline, resolution or _side(unet.config.sample_size), int(unet.config.in_channels),
+                         center_crop, random_flip, image_column)
+
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Move frozen parts to the device in the mixed-precision dtype; an unconditional UNet has none."""
+
+    def batch(self, rows: dict, generator: torch.Generator) -> dict:
+        """Model inputs for dataset rows (random crops/flips drawn from the shard's generator)."""
+        return {"pixels": self.pixels(rows, generator)}
+
+    def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator,
+                        device: torch.device) -> LossOutput:
+        """Unreduced fp32 loss per sample and its timestep."""
+        return self.denoising_loss(unet, batch["pixels"], generator, device)
+
     @torch.no_grad()
     def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
                generator: torch.Generator) -> torch.Tensor:
@@ -107,19 +156,143 @@ class UnconditionalTask:
         pipe.set_progress_bar_config(disable=True)
         out = pipe(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps,
                    output_type="np").images
-        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
-
-    def save_pipeline(self, unet: torch.nn.Module, output_dir: str | Path) -> None:
-        """The original pipeline class with the trained UNet, safetensors only."""
-        self.pipeline.unet = unet
-        self.pipeline.save_pretrained(output_dir, safe_serialization=True)
+        return _images_nchw(out)
 
 
-def load_task(cfg) -> UnconditionalTask:
+class TextToImageTask(DenoisingTask):
+    """Stable Diffusion 1.x/2.x: a UNet2DConditionModel denoising VAE latents, conditioned on CLIP text.
+
+    The VAE and the text encoder stay frozen; they run in the mixed-precision dtype as working copies,
+    so the pipeline keeps its original weights and `save_pipeline` writes them unchanged.
+    """
+
+    default_agc_lambda = 0.8  # the paper's mem_ratio 1.25 for Stable Diffusion
+
+    def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
+                 center_crop: bool = False, random_flip: bool = False, image_column: str = "image",
+                 caption_column: Optional[str] = None, caption_dropout: float = 0.0,
+                 snr_gamma: Optional[float] = None, validation_prompts: Optional[list[str]] = None):
+        _check_text_to_image_parts(pipeline)
+        if caption_column is None:
+            raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column with "
+                             f"the dataset column of captions to train {type(pipeline).__name__})")
+        vae = pipeline.vae
+        vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        super().__init__(pipeline, resolution or _side(pipeline.unet.config.sample_size) * vae_scale_factor,
+                         int(vae.config.in_channels), center_crop, random_flip, image_column)
+        self.caption_column = caption_column
+        self.extra_columns = (caption_column,)
+        self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
+        self.validation_prompts = validation_prompts
+        self.default_prompts: list[str] = []
+        self.tokenizer = pipeline.tokenizer
+        self.vae, self.text_encoder = vae, pipeline.text_encoder
+        self.weight_dtype = torch.float32
+
+    def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """Frozen working copies of the VAE and text encoder on the device, in the mixed-precision dtype."""
+        self.vae = _frozen_copy(self.pipeline.vae, device, weight_dtype)
+        self.text_encoder = _frozen_copy(self.pipeline.text_encoder, device, weight_dtype)
+        self.weight_dtype = weight_dtype
+
+    def set_default_prompts(self, captions: Sequence) -> None:
+        """Prompts for the round-end samples when no validation_prompts are given: the first few
+        non-empty training captions (raw caption-column values; a list contributes its first)."""
+        firsts = [c[0] if isinstance(c, (list, tuple)) and c else c for c in captions]
+        self.default_prompts = [c for c in firsts if isinstance(c, str) and c][:NUM_DEFAULT_PROMPTS]
+
+    def batch(self, rows: dict, generator: torch.Generator) -> dict:
+        """Pixels and caption token ids for dataset rows; crops, flips, caption choice and dropout
+        are drawn from the shard's generator, so a run is reproducible."""
+        pixels = self.pixels(rows, generator)
+        prompts = [self._pick_caption(value, generator) for value in rows[self.caption_column]]
+        return {"pixels": pixels, "input_ids": self.tokenize(prompts)}
+
+    def _pick_caption(self, value, generator: torch.Generator) -> str:
+        """One caption of a row: a string, or one of a list at random; None or "" is the empty prompt."""
+        # Draw the dropout coin only when dropout is on, so caption_dropout=0 leaves the random stream as is.
+        if self.caption_dropout and float(torch.rand((), generator=generator)) < self.caption_dropout:
+            return ""
+        if isinstance(value, (list, tuple)):
+            value = value[int(torch.randint(len(value), (), generator=generator))] if value else None
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"caption_column {self.caption_column!r} holds {value!r} of type {type(value).__name__}; "
+                             "expected a string or a list of strings")
+        return value or ""
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator,
+                        device: torch.device) -> LossOutput:
+        """Unreduced fp32 loss per sample on VAE latents, its timestep, and min-SNR weights if snr_gamma is set.
+
+        The latent sample is drawn from the shard's generator before the noise and the timesteps.
+        """
+        with torch.no_grad():
+            posterior = self.vae.encode(batch["pixels"].to(device, self.weight_dtype)).latent_dist
+            latents = posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
+            # fp32 inputs keep the fp32 UNet working where autocast is off (e.g. fp16 on a CPU).
+            text = self.text_encoder(batch["input_ids"].to(device))[0].float()
+        out = self.denoising_loss(unet, latents, generator, device, encoder_hidden_states=text)
+        if self.snr_gamma is not None:
+            out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,
+                                          self.prediction_type)
+        return out
+
+    @torch.no_grad()
+    def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
+               generator: torch.Generator) -> torch.Tensor:
+        """Images in [0, 1], NCHW on the CPU: DDIM from the training scheduler's config, cycling over
+        validation_prompts (else the default prompts, else the empty prompt)."""
+        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=unet, scheduler=DDIMScheduler.from_config(self.scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        prompts = self.validation_prompts or self.default_prompts or [""]
+        prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+        # The frozen parts run in weight_dtype and the UNet in fp32, as in training.
+        with torch.autocast(unet.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
+            out = pipe(prompts, height=self.resolution, width=self.resolution, num_inference_steps=num_inference_steps,
+                       generator=generator, output_type="np").images
+        return _images_nchw(out)
+
+
+def _check_text_to_image_parts(pipeline: DiffusionPipeline) -> None:
+    """Refuse conditional pipelines this task would train wrongly (no CLIP text, extra conditioning, inpainting)."""
+    name = type(pipeline).__name__
+    missing = [part for part in ("vae", "text_encoder", "tokenizer") if getattr(pipeline, part, None) is None]
+    if missing:
+        raise ValueError(f"pipeline {name} has no {', '.join(missing)}; memmit trains text-to-image pipelines "
+                         "with a vae, a text_encoder and a tokenizer (Stable Diffusion 1.x/2.x)")
+    unet = pipeline.unet
+    if unet.config.addition_embed_type is not None or getattr(pipeline, "text_encoder_2", None) is not None:
+        raise ValueError(f"pipeline {name} conditions its UNet on more than one text encoder's output "
+                         "(e.g. SDXL); memmit supports Stable Diffusion 1.x/2.x")
+    if unet.config.in_channels != pipeline.vae.config.latent_channels:
+        raise ValueError(f"pipeline {name}'s UNet takes {unet.config.in_channels} input channels, not the VAE's "
+                         f"{pipeline.vae.config.latent_channels} latent channels (e.g. inpainting); not supported")
+
+
+def _frozen_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return copy.deepcopy(module).requires_grad_(False).eval().to(device, dtype)
+
+
+def _options(cfg, names: tuple[str, ...]) -> dict:
+    """The config options a task takes; a partial config (e.g. memmit eval's) leaves the task's defaults."""
+    return {name: getattr(cfg, name) for name in names if hasattr(cfg, name)}
+
+
+def load_task(cfg) -> DenoisingTask:
     """The task for the pipeline `cfg.pretrained_model_name_or_path` points to."""
     pipeline = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+    image_options = ("resolution", "center_crop", "random_flip", "image_column")
     if isinstance(pipeline.unet, UNet2DModel):
-        return UnconditionalTask(pipeline, cfg.resolution, cfg.center_crop, cfg.random_flip,
-                                 getattr(cfg, "image_column", "image"))
+        return UnconditionalTask(pipeline, **_options(cfg, image_options))
+    if isinstance(pipeline.unet, UNet2DConditionModel):
+        return TextToImageTask(pipeline, **_options(cfg, image_options + (
+            "caption_column", "caption_dropout", "snr_gamma", "validation_prompts")))
     raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(pipeline.unet).__name__} is not supported yet "
-                     "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline)")
+                     "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline, and Stable Diffusion "
+                     "1.x/2.x with a UNet2DConditionModel)")

@@ -29,6 +29,7 @@ from .agc import LossBank, masked_mean
 from .config import MemmitConfig
 from .data import check_images, load_train_dataset, source_names, split_shards
 from .ensemble import FlatAverage, floating_tensors, shard_weights
+from .hub import check_hub_settings, create_repo_early, push, write_model_card
 from .lora import add_lora, add_merged, is_lora_key, plain_state_dict, reset_adapters, svd_lora
 from .tasks import load_task
 
@@ -129,6 +130,10 @@ class Trainer:
         )
         acc = self.accelerator
         set_seed(cfg.seed)
+        # A bad token or repo name fails now, in seconds, not after training.
+        self.repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
+        if self.repo_id and acc.is_main_process:
+            self.repo_id = create_repo_early(self.repo_id, cfg.hub_token, cfg.hub_private_repo)
 
         self.task = load_task(cfg)
         if cfg.agc_lambda is None:
@@ -139,6 +144,10 @@ class Trainer:
                                               extra_columns=self.task.extra_columns)
             check_images(self.dataset, cfg.image_column, show_progress=acc.is_local_main_process)
         n = len(self.dataset)
+        if cfg.caption_column is not None and hasattr(self.task, "set_default_prompts"):
+            # The round-end grid renders a few training captions unless validation_prompts are given;
+            # selecting the column reads only the captions, not the images.
+            self.task.set_default_prompts(self.dataset.select(range(min(n, 16)))[cfg.caption_column])
         if n < cfg.num_shards:
             raise ValueError(f"the dataset has {n} samples, fewer than num_shards={cfg.num_shards}")
         if cfg.num_shards < acc.num_processes:
@@ -403,8 +412,14 @@ class Trainer:
                 self._export_lora(unet)
             else:
                 self.task.save_pipeline(unet, self.out)
+            cfg = self.cfg
+            write_model_card(self.out, cfg.to_dict(), cfg.pretrained_model_name_or_path,
+                             cfg.dataset_name or cfg.train_data_dir, repo_id=self.repo_id)
         acc.wait_for_everyone()
         acc.end_training()
+        if self.repo_id and acc.is_main_process:
+            url = push(self.out, self.repo_id, self.cfg.hub_token, self.cfg.hub_private_repo)
+            print(f"memmit: pushed to {url}")
         return self.out
 
     def _plain_unet(self) -> torch.nn.Module:

@@ -53,3 +53,65 @@ def digits_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "digits"
     ds.save_to_disk(str(path))
     return str(path)
+
+
+def make_clip_tokenizer():
+    """A byte-level CLIP BPE tokenizer built offline: every byte is a token, no merges (words split into bytes)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def save_sd_pipeline(path, prediction_type="epsilon", num_train_timesteps=50) -> str:
+    """A real StableDiffusionPipeline with tiny parts: 16x16 pixels, 8x8x4 latents, 16-d CLIP text."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = make_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+        projection_dim=16, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    # As Stable Diffusion's own scheduler config: no sample clipping, steps_offset 1.
+    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type,
+                              clip_sample=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline(tmp_path_factory) -> str:
+    """A StableDiffusionPipeline (~110k parameters in all), saved to disk."""
+    return save_sd_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sd")
+
+
+def save_captioned_digits(path, n: int = 24) -> str:
+    """n real MNIST digits with a caption string ("text") and a list of captions ("captions") each."""
+    images, labels = mnist_images(n)
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "label": labels, "text": [f"a handwritten digit {y}" for y in labels],
+         "captions": [[f"a handwritten digit {y}", f"the number {y}", f"digit {y} written by hand"] for y in labels]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
+                                    "text": datasets.Value("string"),
+                                    "captions": datasets.Sequence(datasets.Value("string"))}))
+    ds.save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def captioned_digits_dir(tmp_path_factory) -> str:
+    """24 real MNIST digits with "text" and "captions" columns, written with `Dataset.save_to_disk`."""
+    return save_captioned_digits(tmp_path_factory.mktemp("data") / "captioned-digits")

@@ -50,7 +50,8 @@ def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_
     cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", num_shards, "--num_rounds", 2,
                           "--agc_lambda", 0.9))
     Trainer(cfg).train()
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "memmit", "model_index.json", "scheduler", "unet"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "memmit", "model_index.json",
+                                                    "scheduler", "unet"]
     assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
     assert sorted(p.name for p in (out / "memmit").iterdir()) == ["candidates.csv", "config.yaml", "shards.json"]
     pipe = DDPMPipeline.from_pretrained(out)
@@ -256,3 +257,23 @@ def test_fp16_on_cuda_keeps_a_grad_scaler_per_shard(tiny_pipeline, digits_dir, t
     for state in trainer.states.values():
         assert state.scaler["scale"] > 0 and state.scaler["_growth_tracker"] >= 0
     assert all(torch.isfinite(v).all() for v in unet_weights(out).values())
+
+
+def test_offline_push_to_hub_fails_before_training(tiny_pipeline, digits_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    assert train_main(args(tiny_pipeline, digits_dir, out, "--push_to_hub", "--hub_token", "hf_secret123")) == 2
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and "hf_secret123" not in err
+    assert not out.exists()
+
+
+def test_model_card_written_without_push_and_token_never_saved(tiny_pipeline, digits_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    Trainer(parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1,
+                            "--hub_token", "hf_secret123"))).train()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and "iet-agc" in card.data.tags
+    assert not [p for p in out.rglob("*") if p.is_file() and b"hf_secret123" in p.read_bytes()]

@@ -1,0 +1,313 @@
+"""Publishing a memmit output to the Hugging Face Hub: model card, early repo check, upload, `memmit push`.
+
+Only the pipeline, its card and memmit's small metadata folder (config, shards, candidates) are
+uploaded; the resumable training state (checkpoints/, logs/) stays local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import httpx2  # huggingface_hub 2.4's HTTP client: its transport errors are not OSErrors
+import yaml
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
+
+TAGS = ["diffusers", "diffusers-training", "memorization-mitigation", "iet-agc"]
+# What memmit eval measures: it samples without prompts, whatever the pipeline.
+EVAL_TASK = "unconditional-image-generation"
+# Not "*.bin": a pipeline component may legitimately hold pytorch_model.bin weights.
+IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "*.pt", "*.pkl", "*optimizer*.bin"]
+SECRET_KEYS = ("hub_token",)
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+CITATION = """\
+@inproceedings{liu2024iterative,
+  title     = {Iterative Ensemble Training with Anti-Gradient Control for Mitigating Memorization in Diffusion Models},
+  author    = {Liu, Xiao and Guan, Xiaoliu and Wu, Yu and Miao, Jiaxu},
+  booktitle = {European Conference on Computer Vision (ECCV)},
+  year      = {2024},
+  eprint    = {2407.15328},
+  archivePrefix = {arXiv}
+}"""
+
+
+class PushError(RuntimeError):
+    """An upload that failed; its message holds the command that retries it."""
+
+
+# ---- settings checks ---------------------------------------------------------------------------
+
+
+def hub_offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; the variable may have been set since.
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def default_repo_id(output_dir: str | Path) -> str:
+    return os.path.basename(os.path.abspath(output_dir))
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as exc:
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: {exc}") from exc
+
+
+def check_hub_settings(push_to_hub: bool, hub_model_id: Optional[str], output_dir: str | Path) -> Optional[str]:
+    """The repo id a run will push to (None without push), or ValueError before any training."""
+    if not push_to_hub:
+        return None
+    if hub_offline():
+        raise ValueError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE=1 is set; "
+                         "unset HF_HUB_OFFLINE or drop --push_to_hub")
+    repo_id = hub_model_id or default_repo_id(output_dir)
+    _check_repo_id(repo_id)
+    return repo_id
+
+
+def _scrub(text: str, token: Optional[str]) -> str:
+    """Server messages are echoed to users: make sure none of them carries the token."""
+    for secret in {token, get_token()} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def create_repo_early(repo_id: str, token: Optional[str], private: bool) -> str:
+    """Create (or find) the repo before training, so a bad token or name fails in seconds, not hours.
+
+    Returns the full "namespace/name" id the Hub resolved, to push to later.
+    """
+    _check_repo_id(repo_id)
+    try:
+        # private=None, not False: a repo not asked to be private gets its namespace's default visibility.
+        url = HfApi(token=token).create_repo(repo_id, private=private or None, exist_ok=True)
+    except (httpx2.HTTPError, OSError) as exc:
+        raise ValueError(f"cannot create Hub repo {repo_id!r}: {_scrub(str(exc), token)}\n"
+                         "Check that the token (--hub_token, HF_TOKEN or `hf auth login`) has write access "
+                         "and that the repo name is valid.") from exc
+    return url.repo_id
+
+
+# ---- model card --------------------------------------------------------------------------------
+
+
+def _hub_id(name: Optional[str]) -> Optional[str]:
+    """`name` when it names a Hub repo, None for a local path (Hub metadata only accepts repo ids)."""
+    if not name or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return None
+    return name
+
+
+def _describe_source(name: Optional[str], kind: str) -> str:
+    if name is None:
+        return f"an unnamed {kind}"
+    if _hub_id(name):
+        prefix = "datasets/" if kind == "dataset" else ""
+        return f"[{name}](https://huggingface.co/{prefix}{name})"
+    return f"a local {kind} (`{Path(name).name}`)"  # the full path is private to the training machine
+
+
+def _generation_task(cfg: dict) -> str:
+    return "text-to-image" if cfg.get("caption_column") else "unconditional-image-generation"
+
+
+def _method_lines(cfg: dict) -> list[str]:
+    local = (f"{cfg['local_steps']} optimizer steps" if cfg.get("local_steps")
+             else f"{cfg['local_epochs']} epoch(s)")
+    lam = cfg["agc_lambda"]
+    agc = ("off (λ = 0)" if lam == 0 else
+           f"λ = {'the task default' if lam is None else lam}: a sample is skipped when its loss falls below "
+           f"λ × the per-timestep loss bank (bank decay β = {cfg['agc_bank_decay']})")
+    weights = (f"LoRA of rank {cfg['lora_rank']} per shard" if cfg.get("lora_rank")
+               else "full fine-tuning of the UNet")
+    return [
+        f"- **Iterative Ensemble Training**: K = {cfg['num_shards']} disjoint shards ({cfg['shard_strategy']} split), "
+        f"{cfg['num_rounds']} rounds; each round every shard's model trains for {local} on its own shard, "
+        f"then the shard models are averaged ({cfg['aggregation']} weights).",
+        f"- **Anti-Gradient Control**: {agc}.",
+        f"- **Optimisation**: {weights}; AdamW, learning rate {cfg['learning_rate']} ({cfg['lr_scheduler']}), "
+        f"batch {cfg['train_batch_size']} × {cfg['gradient_accumulation_steps']} accumulation, "
+        f"mixed precision {cfg['mixed_precision']}, EMA {'on' if cfg.get('use_ema') else 'off'}, seed {cfg['seed']}.",
+    ]
+
+
+def _memorized_label(report: dict) -> str:
+    return f"memorized fraction (d1/d2 < {report['pixel']['threshold']:.3g})"
+
+
+def _frechet_label(report: dict) -> str:
+    return f"Frechet distance ({report['quality']['extractor']['kind']})"
+
+
+def _eval_results(reports: dict[str, dict], dataset: Optional[str]) -> list[EvalResult]:
+    ds_type = _hub_id(dataset) or (Path(dataset).name if dataset else "training-set")
+    common = dict(task_type=EVAL_TASK, dataset_type=ds_type, dataset_name=f"{ds_type} (training images)")
+    results = []
+    for label, r in reports.items():
+        results.append(EvalResult(**common, metric_type="memorized_fraction",
+                                  metric_value=r["pixel"]["fraction_memorized_ratio"],
+                                  metric_name=f"{_memorized_label(r)}, {label}"))
+        if r["quality"].get("available"):
+            results.append(EvalResult(**common, metric_type="frechet_distance",
+                                      metric_value=r["quality"]["frechet_distance"],
+                                      metric_name=f"{_frechet_label(r)}, {label}"))
+    return results
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _results_table(reports: dict[str, dict]) -> list[str]:
+    first = next(iter(reports.values()))
+    rows = [(_memorized_label(first), lambda r: _pct(r["pixel"]["fraction_memorized_ratio"])),
+            # "0.5": the neighbourhood-score threshold `memmit compare` shows too
+            ("neighbourhood score < 0.5", lambda r: _pct(r["pixel"]["fraction_memorized_by_score"].get("0.5"))),
+            (_frechet_label(first),
+             lambda r: f"{r['quality']['frechet_distance']:.3f}" if r["quality"].get("available") else "-"),
+            ("samples scored", lambda r: str(r["pixel"]["num_samples"]))]
+    lines = ["| | " + " | ".join(reports) + " |", "|---" * (len(reports) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(r) for r in reports.values()) + " |" for name, cell in rows]
+    return lines
+
+
+def _public_config(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in SECRET_KEYS}
+
+
+def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
+               reports: Optional[dict[str, dict]], repo_id: str) -> str:
+    lines = [
+        f"# {repo_id.split('/')[-1]}", "",
+        f"{_describe_source(base_model, 'pipeline')} fine-tuned on {_describe_source(dataset, 'dataset')} with "
+        "memmit, which mitigates memorization of training images by [Iterative Ensemble Training and "
+        "Anti-Gradient Control](https://arxiv.org/abs/2407.15328) (IET + AGC).", "",
+        "## What memmit did", "", *_method_lines(cfg), "",
+    ]
+    if reports:
+        lines += ["## Memorization before and after", "",
+                  "Samples from each pipeline compared with the training images by `memmit eval` "
+                  "(a sample counts as memorized when its nearest training image is much closer than the "
+                  "second nearest).", "", *_results_table(reports), ""]
+    if cfg.get("export") == "lora":  # a LoRA of the whole change, applied to the original pipeline
+        load = [f'pipe = DiffusionPipeline.from_pretrained("{_hub_id(base_model) or "BASE_MODEL"}")',
+                f'pipe.load_lora_weights("{repo_id}")']
+    else:
+        load = [f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")']
+    lines += ["## How to use", "", "```python", "from diffusers import DiffusionPipeline", "", *load,
+              "image = pipe().images[0]", "```", "",
+              "## Training configuration", "", "<details>", "", "```yaml",
+              yaml.safe_dump(_public_config(cfg), sort_keys=False).rstrip(), "```", "", "</details>", "",
+              "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: str | Path, cfg_dict: dict, base_model: Optional[str], dataset: Optional[str],
+                     eval_reports: Optional[dict[str, dict]] = None, repo_id: Optional[str] = None) -> Path:
+    """Write output_dir/README.md: Hub metadata (ModelCardData) and a body describing the run.
+
+    `eval_reports` maps a label ("before", "after") to a `memmit eval` report.json dict; `repo_id`
+    (default: the output dir's name) is what the loading example shows.
+    """
+    repo_id = repo_id or default_repo_id(output_dir)
+    task = _generation_task(cfg_dict)
+    data = ModelCardData(
+        base_model=_hub_id(base_model), library_name="diffusers", tags=[*TAGS, task], pipeline_tag=task,
+        datasets=[d] if (d := _hub_id(dataset)) else None,
+        model_name=repo_id.split("/")[-1] if eval_reports else None,
+        eval_results=_eval_results(eval_reports, dataset) if eval_reports else None,
+    )
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{_card_body(cfg_dict, base_model, dataset, eval_reports, repo_id)}")
+    path = Path(output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+# ---- upload ------------------------------------------------------------------------------------
+
+
+def files_to_upload(output_dir: str | Path) -> list[str]:
+    """The repo paths `push` uploads: the same filter, on the same listing, that upload_folder applies."""
+    root = Path(output_dir)
+    paths = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+    return list(filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+
+
+def _read_config(out: Path) -> Optional[dict]:
+    path = out / "memmit" / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def _check_pushable(out: Path, repo_id: str) -> None:
+    if hub_offline():
+        raise ValueError("memmit push needs the Hub, but HF_HUB_OFFLINE=1 is set; unset HF_HUB_OFFLINE")
+    if not (out / "model_index.json").is_file() and not (out / LORA_WEIGHTS).is_file():
+        raise ValueError(f"{str(out)!r} holds no diffusers pipeline (no model_index.json) and no {LORA_WEIGHTS}")
+    _check_repo_id(repo_id)
+    cfg = _read_config(out) or {}
+    if leaked := [k for k in SECRET_KEYS if cfg.get(k)]:
+        raise ValueError(f"{out / 'memmit' / 'config.yaml'} holds {leaked}, which would be uploaded; remove it")
+    if not (out / "README.md").is_file() and not cfg:
+        raise ValueError(f"{str(out)!r} has neither README.md nor memmit/config.yaml to write a model card from")
+
+
+def retry_command(output_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """The command that redoes a push; the token comes from the environment, never from this line."""
+    return (f"memmit push {shlex.quote(str(output_dir))} --repo_id {shlex.quote(repo_id)}"
+            + (" --private" if private else ""))
+
+
+def push(output_dir: str | Path, repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
+    """Upload the pipeline, its card and memmit/ metadata to `repo_id`; return the commit URL.
+
+    Bad input raises ValueError before any request. A failed upload raises PushError naming the
+    retry command; nothing local is modified or removed (a missing README.md is written first).
+    """
+    out = Path(output_dir)
+    _check_pushable(out, repo_id)
+    if not (out / "README.md").is_file():
+        cfg = _read_config(out)
+        write_model_card(out, cfg, cfg.get("pretrained_model_name_or_path"),
+                         cfg.get("dataset_name") or cfg.get("train_data_dir"), repo_id=repo_id)
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private or None, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=out, commit_message="Upload memmit-mitigated pipeline",
+                                 ignore_patterns=list(IGNORE_PATTERNS))  # upload_folder extends the list in place
+    except Exception as exc:  # network, HTTP or xet storage: all are retried the same way
+        raise PushError(f"pushing {out} to {repo_id} failed: {_scrub(str(exc), token)}\n"
+                        f"The local output is intact; retry with: {retry_command(out, repo_id, private)}") from exc
+    return info.commit_url
+
+
+def push_main(argv: list[str] | None = None) -> int:
+    """`memmit push OUTPUT_DIR --repo_id ID`: 2 on bad input, 1 on a failed upload."""
+    p = argparse.ArgumentParser(prog="memmit push",
+                                description="Upload a memmit output (pipeline, model card, memmit/ metadata) to the Hub.")
+    p.add_argument("output_dir", help="A memmit output directory (holds model_index.json).")
+    p.add_argument("--repo_id", help="Hub repo, 'name' or 'namespace/name' (default: the output dir's name).")
+    p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo is left as is).")
+    p.add_argument("--token", help="Hub token with write access (default: HF_TOKEN or `hf auth login`).")
+    args = p.parse_args(argv)
+    repo_id = args.repo_id or default_repo_id(args.output_dir)
+    try:
+        url = push(args.output_dir, repo_id, token=args.token, private=args.private)
+    except ValueError as exc:
+        print(f"memmit: error: {exc}", file=sys.stderr)
+        return 2
+    except PushError as exc:
+        print(f"memmit: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"memmit: pushed {args.output_dir} to {repo_id}: {url}")
+    return 0

@@ -1,0 +1,194 @@
+"""Text-to-image (Stable Diffusion) task on a tiny real pipeline and captioned real digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import yaml
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from memmit.cli import train_main
+from memmit.config import parse_args
+from memmit.tasks import TextToImageTask, load_task
+from memmit.trainer import Trainer
+
+from conftest import save_sd_pipeline
+from test_train import args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
+
+
+def weights(root, part: str) -> dict:
+    return load_file(next((Path(root) / part).glob("*.safetensors")))
+
+
+def make_task(pipe, data, *extra) -> TextToImageTask:
+    task = load_task(parse_args(args(pipe, data, "unused", "--caption_column", "text", *extra)))
+    assert isinstance(task, TextToImageTask)
+    return task
+
+
+def rows(data, n: int = 6) -> dict:
+    return datasets.load_from_disk(data)[:n]
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_end_to_end_exports_a_stable_diffusion_pipeline_that_generates(tiny_sd_pipeline, captioned_digits_dir,
+                                                                        tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    flags = args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "text", "--num_shards", 2,
+                 "--num_rounds", 2, "--num_validation_images", 2, "--validation_inference_steps", 2,
+                 "--validation_prompts", "a handwritten digit 3")
+    flags[flags.index("--report_to") + 1] = "tensorboard"
+    Trainer(parse_args(flags)).train()
+
+    assert yaml.safe_load((out / "memmit" / "config.yaml").read_text())["agc_lambda"] == 0.8
+    assert type(DiffusionPipeline.from_pretrained(out)) is StableDiffusionPipeline
+    before, after = weights(tiny_sd_pipeline, "unet"), weights(out, "unet")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for frozen in ("vae", "text_encoder"):
+        original, saved = weights(tiny_sd_pipeline, frozen), weights(out, frozen)
+        assert original.keys() == saved.keys() and all(torch.equal(original[k], saved[k]) for k in original)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    images = pipe("a handwritten digit 3", num_inference_steps=2, height=16, width=16, generator=seeded(),
+                  output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and images.std() > 0
+    logged = [EventAccumulator(str(p.parent)).Reload() for p in (out / "logs").rglob("events.out.tfevents*")]
+    assert [e.step for run in logged if "samples" in run.Tags()["images"] for e in run.Images("samples")] == [1, 2]
+
+
+def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_pipeline, captioned_digits_dir,
+                                                                         tmp_path):
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--caption_column", "captions")
+    data = rows(captioned_digits_dir)
+    choices = [task.batch(data, seeded(seed))["input_ids"] for seed in range(4)]
+    assert torch.equal(choices[0], task.batch(data, seeded(0))["input_ids"])
+    assert any(not torch.equal(choices[0], other) for other in choices[1:])
+    for ids, captions in zip(choices[0], data["captions"]):
+        assert any(torch.equal(ids, option) for option in task.tokenize(captions))
+
+    out = tmp_path / "out"
+    Trainer(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "captions",
+                            "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1))).train()
+    assert StableDiffusionPipeline.from_pretrained(out) is not None
+
+
+def test_caption_dropout_one_trains_on_the_empty_prompt_only(tiny_sd_pipeline, captioned_digits_dir):
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--caption_dropout", 1.0)
+    ids = task.batch(rows(captioned_digits_dir), seeded())["input_ids"]
+    assert torch.equal(ids, task.tokenize([""]).expand_as(ids))
+
+
+def test_empty_or_missing_captions_are_the_empty_prompt_and_bad_ones_are_named(tiny_sd_pipeline, captioned_digits_dir):
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir)
+    data = rows(captioned_digits_dir, 3)
+    data["text"] = ["", None, "a handwritten digit"]
+    batch = task.batch(data, seeded())
+    empty = task.tokenize([""])[0]
+    assert torch.equal(batch["input_ids"][0], empty) and torch.equal(batch["input_ids"][1], empty)
+    assert not torch.equal(batch["input_ids"][2], empty)
+    out = task.per_sample_loss(task.unet, batch, seeded(), torch.device("cpu"))
+    assert out.losses.shape == (3,) and torch.isfinite(out.losses).all() and out.weights is None
+
+    data["text"] = [7, "a", "b"]
+    with pytest.raises(ValueError, match="caption_column 'text' holds 7 of type int"):
+        task.batch(data, seeded())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--caption_column", "caption"], "column 'caption' not in dataset columns ['image', 'label', 'text', 'captions']"),
+    ([], "caption_column is required for text-to-image pipelines"),
+])
+def test_bad_caption_options_fail_before_training(tiny_sd_pipeline, captioned_digits_dir, tmp_path, capsys,
+                                                  flags, message):
+    out = tmp_path / "out"
+    assert train_main(args(tiny_sd_pipeline, captioned_digits_dir, out, *flags)) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("break_pipeline, message", [
+    (lambda pipe: setattr(pipe, "text_encoder", None), "has no text_encoder"),
+    (lambda pipe: pipe.unet.register_to_config(in_channels=9), "takes 9 input channels"),
+    (lambda pipe: pipe.unet.register_to_config(addition_embed_type="text_time"), "more than one text encoder"),
+])
+def test_conditional_pipelines_this_task_cannot_train_are_refused(tiny_sd_pipeline, break_pipeline, message):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    break_pipeline(pipe)
+    with pytest.raises(ValueError, match=message):
+        TextToImageTask(pipe, caption_column="text")
+
+
+def reference_loss(pipe_dir: str, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample loss, timesteps and SNR written out from the schedule's alphas_cumprod, on a fresh load."""
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+    gen = seeded(seed)
+    with torch.no_grad():
+        latents = pipe.vae.encode(batch["pixels"]).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+        text = pipe.text_encoder(batch["input_ids"])[0]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        alpha_bar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        if pipe.scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+        pred = pipe.unet(noisy, t, encoder_hidden_states=text).sample
+    return (pred - target).pow(2).mean(dim=(1, 2, 3)), t, (alpha_bar / (1 - alpha_bar)).flatten()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_target_and_min_snr_weights_match_a_written_out_computation(captioned_digits_dir, tmp_path,
+                                                                         prediction_type):
+    pipe_dir = save_sd_pipeline(tmp_path / "pipe", prediction_type=prediction_type)
+    gamma = 5.0
+    plain, weighted = make_task(pipe_dir, captioned_digits_dir), make_task(pipe_dir, captioned_digits_dir,
+                                                                           "--snr_gamma", gamma)
+    batch = plain.batch(rows(captioned_digits_dir, 8), seeded(1))
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        out_plain = plain.per_sample_loss(plain.unet, batch, seeded(2), cpu)
+        out = weighted.per_sample_loss(plain.unet, batch, seeded(2), cpu)
+    loss, t, snr = reference_loss(pipe_dir, batch, seed=2)
+
+    assert torch.equal(out.timesteps, t) and out_plain.weights is None
+    torch.testing.assert_close(out.losses, loss)
+    assert torch.equal(out.losses, out_plain.losses), "min-SNR must not change the losses AGC reads"
+    expected = snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    torch.testing.assert_close(out.weights, expected)
+    assert (snr > gamma).any() and (snr < gamma).any(), "the draw should exercise both sides of the clamp"
+
+
+def test_bf16_runs_frozen_parts_in_bf16_and_keeps_the_unet_and_the_saved_parts_fp32(tiny_sd_pipeline,
+                                                                                     captioned_digits_dir):
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--mixed_precision", "bf16")
+    task.prepare(torch.device("cpu"), torch.bfloat16)
+    for frozen in (task.vae, task.text_encoder):
+        assert frozen.dtype == torch.bfloat16 and not frozen.training
+        assert not any(p.requires_grad for p in frozen.parameters())
+    assert task.pipeline.vae.dtype == task.pipeline.text_encoder.dtype == torch.float32
+
+    batch = task.batch(rows(captioned_digits_dir, 4), seeded())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task.per_sample_loss(task.unet, batch, seeded(), torch.device("cpu"))
+    out.losses.mean().backward()
+    assert out.losses.dtype == torch.float32
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in task.unet.parameters())
+
+    images = task.sample(task.unet, 3, 2, seeded())
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
+
+
+def test_default_prompts_are_the_first_non_empty_training_captions(tiny_sd_pipeline, captioned_digits_dir):
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir)
+    task.set_default_prompts(["", None, ["a one", "a 1"], [], "a two", "a three", "a four", "a five"])
+    assert task.default_prompts == ["a one", "a two", "a three", "a four"]
