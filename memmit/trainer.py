@@ -108,6 +108,17 @@ def _to_cpu(obj):
     return copy.deepcopy(obj)
 
 
+def adamw_class(use_8bit: bool) -> type:
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW when asked for (a clear error if it is missing)."""
+    if not use_8bit:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ValueError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from exc
+    return bnb.optim.AdamW8bit
+
+
 def check_output_dir(cfg: MemmitConfig) -> None:
     """Refuse to write into a directory that holds another run, unless told to."""
     out = Path(cfg.output_dir)
@@ -173,6 +184,7 @@ class Trainer:
         self.unet.train()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        self.optimizer_class = adamw_class(cfg.use_8bit_adam)
         self.lora = cfg.lora_rank is not None
         if cfg.export == "lora":
             self.pretrained_plain = {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
@@ -201,8 +213,8 @@ class Trainer:
     # ---- one shard turn -------------------------------------------------------------------
     def _make_optimizer(self, state: ShardState):
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        optimizer = self.optimizer_class(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         total = cfg.num_rounds * windows_per_turn(cfg, len(state.ids))
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                   num_training_steps=total)

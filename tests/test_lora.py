@@ -70,3 +70,41 @@ def test_svd_lora_is_exact_at_full_rank_and_reports_truncation_error():
 def test_bad_target_modules():
     with pytest.raises(ValueError, match="match no module"):
         add_lora(Attn(), 2, None, 0.0, ["to_x"])
+
+
+def test_stable_diffusion_lora_shards_and_lora_export(tiny_sd_pipeline, captioned_digits_dir, tmp_path):
+    """LoRA training on a tiny SD pipeline; the exported LoRA, loaded into the original pipeline with
+    load_lora_weights, gives the merged export's UNet (exact when the export rank is full)."""
+    import json
+
+    from accelerate.state import AcceleratorState
+    from diffusers import StableDiffusionPipeline
+
+    from memmit.config import parse_args
+    from memmit.trainer import Trainer
+
+    def run(out, *extra):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        Trainer(parse_args(["--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
+                            "--caption_column", "text", "--output_dir", str(out), "--num_shards", "2",
+                            "--num_rounds", "2", "--train_batch_size", "4", "--lora_rank", "4",
+                            "--learning_rate", "1e-2", "--report_to", "none", *extra])).train()
+
+    run(tmp_path / "full")
+    run(tmp_path / "lora", "--export", "lora", "--export_lora_rank", "64")
+    summary = json.loads((tmp_path / "lora" / "memmit" / "lora_export.json").read_text())
+    assert summary["relative_svd_error"] < 1e-5 and summary["change_outside_targets"] < 1e-5
+
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "full").unet
+    original = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline)
+    base_unet = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline).unet
+    original.load_lora_weights(tmp_path / "lora")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    text = torch.randn(2, 77, merged.config.cross_attention_dim, generator=gen)
+    t = torch.tensor([3, 40])
+    with torch.no_grad():
+        want, got = merged(x, t, text).sample, original.unet(x, t, text).sample
+        untouched = base_unet(x, t, text).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (want - untouched).abs().max() > 1e-3  # the LoRA does change the model

@@ -203,6 +203,10 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
         (base + data + ["--agc_bank_decay", "1"], "agc_bank_decay must be in [0, 1)"),
         (base + data + ["--num_rounds", "0"], "num_rounds must be >= 1"),
         (base + data + ["--output_dir", str(busy)], "is not empty; pass --overwrite_output_dir"),
+        (base + data + ["--use_8bit_adam"], "use_8bit_adam needs bitsandbytes"),
+        (base + data + ["--lora_rank", "2", "--lora_target_modules", "to_x"], "match no module"),
+        (base + data + ["--export", "lora"], "needs a pipeline that loads LoRA weights"),
+        (base + data + ["--lora_rank", "2", "--use_ema"], "use_ema is not supported with lora_rank"),
     ]
 
 
