@@ -55,6 +55,8 @@ class MemmitConfig:
     # Method: Iterative Ensemble Training
     num_shards: int = opt(4, "K: number of disjoint data shards, one model copy trained per shard.")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
+    dedup: str = opt("none", "Near-duplicate training images: none | keep_one (train on one copy) | same_shard (all copies in one shard).", choices=("none", "keep_one", "same_shard"))
+    dedup_threshold: float = opt(0.05, "Images closer than this RMS pixel distance (in [-1, 1], at <= 32 px) count as duplicates.")
     aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
     num_rounds: int = opt(2, "Number of rounds; each ends by averaging the shard models.")
     local_epochs: int = opt(1, "Epochs over its own shard that each shard trains per round.")
@@ -153,6 +155,9 @@ class MemmitConfig:
         need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         need(self.num_validation_images >= 0, f"num_validation_images must be >= 0, got {self.num_validation_images}")
+        need(self.dedup_threshold >= 0, f"dedup_threshold must be >= 0, got {self.dedup_threshold}")
+        need(self.dedup != "same_shard" or self.shard_strategy == "random",
+             f"dedup=same_shard needs shard_strategy=random, got {self.shard_strategy!r}")
         need(self.shard_strategy != "stratified" or self.label_column is not None,
              "shard_strategy=stratified needs label_column")
 

@@ -27,13 +27,16 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .agc import LossBank, masked_mean
 from .config import MemmitConfig
-from .data import check_images, load_train_dataset, source_names, split_shards
+from .data import ImageTransform, check_images, load_train_dataset, source_names, split_shards
+from .dedup import cluster_report, find_duplicate_clusters, keep_one, split_with_clusters
 from .ensemble import FlatAverage, floating_tensors, shard_weights
 from .hub import check_hub_settings, create_repo_early, push, write_model_card
 from .lora import add_lora, add_merged, is_lora_key, plain_state_dict, reset_adapters, svd_lora
 from .tasks import load_task
 
 logger = get_logger(__name__)
+
+DEDUP_RESOLUTION = 32  # duplicates are found on small crops: cheap, and blind to resampling noise
 
 
 class ShardStream:
@@ -163,8 +166,8 @@ class Trainer:
             raise ValueError(f"the dataset has {n} samples, fewer than num_shards={cfg.num_shards}")
         if cfg.num_shards < acc.num_processes:
             raise ValueError(f"num_shards={cfg.num_shards} is smaller than the {acc.num_processes} processes")
-        labels = self.dataset[cfg.label_column] if cfg.shard_strategy == "stratified" else None
-        self.shards = split_shards(n, cfg.num_shards, cfg.shard_strategy, cfg.seed, labels)
+        self.duplicates = None
+        self.shards = self._split(n)
         self.weights = shard_weights([len(s) for s in self.shards], cfg.aggregation)
         self.my_shards = [k for k in range(cfg.num_shards) if k % acc.num_processes == acc.process_index]
         # Every process walks the same turn slots, so turn-boundary collectives line up; a process
@@ -209,6 +212,33 @@ class Trainer:
         self.global_step = 0
         self.last_checkpoint_step = 0
         self.position = {"round": 0, "turn": 0, "window": 0}
+
+    def _split(self, n: int) -> list[list[int]]:
+        """The fixed shard split, after near-duplicate handling when asked for."""
+        cfg = self.cfg
+        labels = self.dataset[cfg.label_column] if cfg.shard_strategy == "stratified" else None
+        if cfg.dedup == "none":
+            return split_shards(n, cfg.num_shards, cfg.shard_strategy, cfg.seed, labels)
+        clusters = self._duplicate_clusters()
+        if cfg.dedup == "same_shard":
+            return split_with_clusters(n, cfg.num_shards, clusters, cfg.shard_strategy, cfg.seed)
+        kept = keep_one(n, clusters)
+        local = split_shards(len(kept), cfg.num_shards, cfg.shard_strategy, cfg.seed,
+                             [labels[i] for i in kept] if labels is not None else None)
+        return [[kept[j] for j in shard] for shard in local]
+
+    def _duplicate_clusters(self) -> list[list[int]]:
+        """Exact and near-duplicate clusters, found on small center crops; reported in memmit/duplicates.json."""
+        size = min(self.task.resolution, DEDUP_RESOLUTION)
+        transform = ImageTransform(size, self.task.channels, center_crop=True)
+        column = self.dataset.select_columns([self.cfg.image_column])
+        images = torch.stack([transform(row[self.cfg.image_column]).flatten() for row in
+                              tqdm(column, desc="finding duplicates", disable=not self.accelerator.is_local_main_process)])
+        clusters = find_duplicate_clusters(images, self.cfg.dedup_threshold)
+        self.duplicates = cluster_report(clusters, source_names(self.dataset, self.cfg.image_column))
+        logger.info("%d duplicate clusters holding %d samples (dedup=%s)", self.duplicates["num_clusters"],
+                    self.duplicates["num_samples_in_clusters"], self.cfg.dedup, main_process_only=True)
+        return clusters
 
     # ---- one shard turn -------------------------------------------------------------------
     def _make_optimizer(self, state: ShardState):
@@ -390,6 +420,8 @@ class Trainer:
         meta.mkdir(parents=True, exist_ok=True)
         self.cfg.save(meta / "config.yaml")
         (meta / "shards.json").write_text(json.dumps({str(k): s for k, s in enumerate(self.shards)}))
+        if self.duplicates is not None:
+            (meta / "duplicates.json").write_text(json.dumps(self.duplicates, indent=2))
 
     def _gather_counts(self) -> tuple[np.ndarray, np.ndarray]:
         if self.accelerator.num_processes == 1:
@@ -411,7 +443,8 @@ class Trainer:
         lines = ["rank,sample_id,seen,skipped,skip_fraction,shard,source"]
         for rank, i in enumerate(order, 1):
             source = names[i].replace('"', '""')
-            lines.append(f'{rank},{i},{seen[i]},{skipped[i]},{frac[i]:.4f},{shard_of[i]},"{source}"')
+            shard = shard_of.get(i, "excluded")  # dedup=keep_one leaves extra copies out of training
+            lines.append(f'{rank},{i},{seen[i]},{skipped[i]},{frac[i]:.4f},{shard},"{source}"')
         path.write_text("\n".join(lines) + "\n")
 
     def export(self) -> Path:

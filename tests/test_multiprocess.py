@@ -61,7 +61,7 @@ def test_two_processes_equal_one_and_resume_exactly(tiny_pipeline, digits_dir, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
-    assert steps and steps[-1] < 24, "the run was not killed before its end"
+    assert steps and steps[-1] < 16, "the run was not killed before its end"  # 16 steps per process
     assert not (out / "model_index.json").exists()
     log = finish(launch(2, tiny_pipeline, digits_dir, out, "--checkpointing_steps", "1",
                         "--resume_from_checkpoint", "latest"))

@@ -281,3 +281,31 @@ def test_model_card_written_without_push_and_token_never_saved(tiny_pipeline, di
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "diffusers" and "iet-agc" in card.data.tags
     assert not [p for p in out.rglob("*") if p.is_file() and b"hf_secret123" in p.read_bytes()]
+
+
+@pytest.mark.parametrize("dedup", ["keep_one", "same_shard"])
+def test_dedup_finds_copies_and_splits_accordingly(tiny_pipeline, tmp_path, dedup):
+    import json
+
+    import datasets
+
+    from conftest import mnist_images
+
+    images, labels = mnist_images(20)
+    copies = [images[3].copy() for _ in range(4)]  # sample 3 plus 4 copies: ids 3, 20..23
+    ds = datasets.Dataset.from_dict({"image": images + copies, "label": labels + [labels[3]] * 4})
+    ds.save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "out"
+    Trainer(parse_args(args(tiny_pipeline, str(tmp_path / "data"), out, "--num_shards", 3, "--num_rounds", 1,
+                            "--dedup", dedup, "--agc_lambda", 0))).train()
+    report = json.loads((out / "memmit" / "duplicates.json").read_text())
+    assert report["num_clusters"] == 1 and report["clusters"][0]["ids"] == [3, 20, 21, 22, 23]
+    shards = json.loads((out / "memmit" / "shards.json").read_text())
+    flat = sorted(i for s in shards.values() for i in s)
+    rows = {r.split(",")[1]: r.split(",") for r in (out / "memmit" / "candidates.csv").read_text().splitlines()[1:]}
+    if dedup == "keep_one":
+        assert flat == [i for i in range(24) if i not in (20, 21, 22, 23)]
+        assert rows["21"][5] == "excluded" and rows["21"][2] == "0"
+    else:
+        assert flat == list(range(24))
+        assert sum({3, 20, 21, 22, 23} <= set(s) for s in shards.values()) == 1

@@ -1,0 +1,138 @@
+"""Tests for memmit.dedup on hand-built and real (MNIST) images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import mnist_images
+from memmit.dedup import (DEFAULT_THRESHOLD, cluster_report, find_duplicate_clusters, keep_one,
+                          split_with_clusters)
+
+
+def random_images(n: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, dim, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_exact_and_near_copies_are_clustered_distinct_images_are_not():
+    base = random_images(6)
+    noise = 0.01 * random_images(1, seed=1)[0]  # RMS ~0.006, far under the threshold
+    # 0/2/7 are exact copies; 1/4 near copies; 3, 5, 6, 8 distinct.
+    images = torch.stack([base[0], base[1], base[0], base[2], base[1] + noise, base[3],
+                          base[4], base[0], base[5]])
+    expected = [[0, 2, 7], [1, 4]]
+    assert find_duplicate_clusters(images, device="cpu") == expected
+    # Tiny chunks and a tiny k give the same answer.
+    assert find_duplicate_clusters(images, k_max=1, query_chunk=2, ref_chunk=3,
+                                   pair_chunk=1, device="cpu") == expected
+
+
+def test_threshold_boundary_by_hand():
+    # D = 16; rows differ in one pixel by c, so RMS distance = c / sqrt(16) = c / 4.
+    a = torch.full((16,), 0.9)
+    below, above, far = a.clone(), a.clone(), -a
+    below[3] -= 0.199  # RMS 0.04975 <= 0.05
+    above[7] -= 0.201  # RMS 0.05025 >  0.05; and ~0.071 from `below`
+    images = torch.stack([a, far, below, above])
+    assert find_duplicate_clusters(images, 0.05, device="cpu") == [[0, 2]]
+    assert find_duplicate_clusters(images, 0.0502, device="cpu") == [[0, 2]]
+    assert find_duplicate_clusters(images, 0.0503, device="cpu") == [[0, 2, 3]]
+    assert find_duplicate_clusters(images, 0.0, device="cpu") == []
+
+
+def test_clusters_larger_than_k_are_found_whole():
+    base = random_images(22)
+    exact = base[0].expand(40, -1)
+    near = base[1] + 0.005 * random_images(40, seed=2)
+    images = torch.cat([exact, near, base[2:]])  # 40 + 40 + 20 distinct
+    clusters = find_duplicate_clusters(images, k_max=16, device="cpu")
+    assert clusters == [list(range(40)), list(range(40, 80))]
+
+
+def test_input_checks():
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        find_duplicate_clusters(torch.zeros(4))
+    with pytest.raises(ValueError, match="threshold"):
+        find_duplicate_clusters(torch.zeros(3, 4), -0.1)
+    assert find_duplicate_clusters(torch.zeros(1, 4), device="cpu") == []
+
+
+def test_keep_one_keeps_smallest_id_per_cluster_and_all_singletons():
+    assert keep_one(8, [[5, 2, 7], [1, 3]]) == [0, 1, 2, 4, 6]
+    assert keep_one(3, []) == [0, 1, 2]
+    with pytest.raises(ValueError, match="two clusters"):
+        keep_one(8, [[1, 2], [2, 3]])
+    with pytest.raises(ValueError, match="out of range"):
+        keep_one(3, [[1, 3]])
+
+
+CLUSTERS = [[0, 1, 2, 3, 4], [10, 20], [7, 8, 9]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_split_with_clusters_keeps_clusters_whole_and_balanced(seed):
+    shards = split_with_clusters(30, 4, CLUSTERS, seed=seed)
+    assert len(shards) == 4 and all(shards)
+    assert sorted(i for s in shards for i in s) == list(range(30))
+    assert all(s == sorted(s) for s in shards)
+    for cluster in CLUSTERS:
+        assert sum(set(cluster) <= set(s) for s in shards) == 1
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 5
+    assert split_with_clusters(30, 4, CLUSTERS, seed=seed) == shards
+
+
+def test_split_with_clusters_seeds_differ_and_plain_split_is_even():
+    splits = {str(split_with_clusters(30, 4, CLUSTERS, seed=s)) for s in range(5)}
+    assert len(splits) > 1
+    # No clusters: greedy filling gives sizes 4, 3, 3.
+    assert [len(s) for s in split_with_clusters(10, 3, [])] == [4, 3, 3]
+
+
+def test_split_with_clusters_errors():
+    # 5 samples, one cluster of 4: two units.
+    assert [len(s) for s in split_with_clusters(5, 2, [[0, 1, 2, 3]])] in ([4, 1], [1, 4])
+    with pytest.raises(ValueError, match="num_shards=3 .* between 1 and 2"):
+        split_with_clusters(5, 3, [[0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="stratified"):
+        split_with_clusters(5, 2, [], strategy="stratified")
+
+
+def test_cluster_report():
+    sources = [f"img{i}.png" for i in range(6)]
+    report = cluster_report([[0, 3, 4], [1, 5]], sources)
+    assert report == {"num_clusters": 2, "num_samples_in_clusters": 5, "largest_cluster": 3,
+                      "clusters": [{"size": 3, "ids": [0, 3, 4],
+                                    "sources": ["img0.png", "img3.png", "img4.png"]},
+                                   {"size": 2, "ids": [1, 5],
+                                    "sources": ["img1.png", "img5.png"]}]}
+    many = cluster_report([[2 * i, 2 * i + 1] for i in range(60)], [str(i) for i in range(120)])
+    assert many["num_clusters"] == 60 and len(many["clusters"]) == 50
+    assert cluster_report([], [])["largest_cluster"] == 0
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels.astype(np.float32)).flatten() / 127.5 - 1
+
+
+def test_real_digits_with_duplicates():
+    digits, _ = mnist_images(64)
+    pixels = [np.array(d.resize((16, 16), Image.BILINEAR), dtype=np.int16) for d in digits]
+    distinct = torch.stack([to_tensor(p) for p in pixels])
+    sq_dists = torch.cdist(distinct.double(), distinct.double()).square()
+    closest = (sq_dists + torch.eye(64) * 1e9).min().sqrt().item() / 16
+    print(f"closest distinct digits: RMS {closest:.4f} = {closest / DEFAULT_THRESHOLD:.1f}x threshold")
+    assert closest > 3 * DEFAULT_THRESHOLD
+
+    rng = np.random.default_rng(0)
+    copies, expected = [], []
+    for digit in (5, 20, 41):  # 4 extra copies each (5 in all); two of them with +-1 grey noise
+        ids = [digit]
+        for c in range(4):
+            noise = rng.choice([-1, 1], size=pixels[digit].shape) if c % 2 else 0
+            ids.append(64 + len(copies))
+            copies.append(to_tensor(np.clip(pixels[digit] + noise, 0, 255)))
+        expected.append(ids)
+    images = torch.cat([distinct, torch.stack(copies)])
+    assert torch.unique(images, dim=0).shape[0] == 64 + 6  # the noisy copies are not exact
+    assert find_duplicate_clusters(images, device="cpu") == expected
