@@ -144,10 +144,7 @@ class Trainer:
         )
         acc = self.accelerator
         set_seed(cfg.seed)
-        # A bad token or repo name fails now, in seconds, not after training.
         self.repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
-        if self.repo_id and acc.is_main_process:
-            self.repo_id = create_repo_early(self.repo_id, cfg.hub_token, cfg.hub_private_repo)
 
         self.task = load_task(cfg)
         if cfg.agc_lambda is None:
@@ -179,6 +176,22 @@ class Trainer:
                            f"{idle} process(es) idle for 1 of {self.turns_per_round} turns every round "
                            f"(~{100 / self.turns_per_round:.0f}% of their time)", main_process_only=True)
 
+        self._prepare_unet()
+        self.states = {k: ShardState(k, self.shards[k], ShardStream(self.shards[k], cfg.seed + 1000 + k),
+                                     LossBank(self.task.num_train_timesteps, cfg.agc_bank_decay, cfg.agc_bank_init))
+                       for k in self.my_shards}
+        self.seen = np.zeros(n, dtype=np.int64)
+        self.skipped = np.zeros(n, dtype=np.int64)
+        self.global_step = 0
+        self.last_checkpoint_step = 0
+        self.position = {"round": 0, "turn": 0, "window": 0}
+        # Every input is valid: a bad token or repo name fails now, in seconds, not after training.
+        if self.repo_id and acc.is_main_process:
+            self.repo_id = create_repo_early(self.repo_id, cfg.hub_token, cfg.hub_private_repo)
+
+    def _prepare_unet(self) -> None:
+        """The live UNet (fp32, adapters if LoRA), θ̄ over its base weights, the optimizer class."""
+        cfg, acc = self.cfg, self.accelerator
         # The trained UNet stays fp32 (autocast handles mixed precision), even from an fp16 variant.
         self.unet = self.task.unet.to(acc.device)
         if self.unet.dtype != torch.float32:
@@ -203,15 +216,6 @@ class Trainer:
                      if t.is_floating_point() and not is_lora_key(name)]
         self.theta = FlatAverage(self.base)
         self.ema_avg = FlatAverage(self.params) if cfg.use_ema else None
-
-        self.states = {k: ShardState(k, self.shards[k], ShardStream(self.shards[k], cfg.seed + 1000 + k),
-                                     LossBank(self.task.num_train_timesteps, cfg.agc_bank_decay, cfg.agc_bank_init))
-                       for k in self.my_shards}
-        self.seen = np.zeros(n, dtype=np.int64)
-        self.skipped = np.zeros(n, dtype=np.int64)
-        self.global_step = 0
-        self.last_checkpoint_step = 0
-        self.position = {"round": 0, "turn": 0, "window": 0}
 
     def _split(self, n: int) -> list[list[int]]:
         """The fixed shard split, after near-duplicate handling when asked for."""

@@ -301,3 +301,31 @@ def test_hub_settings_offline_and_default_repo_id(monkeypatch, tmp_path, capsys)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert check_hub_settings(True, None, f"{out}/") == "my-run"
     assert check_hub_settings(True, "me/run", out) == "me/run"
+
+
+def test_training_with_push_to_hub_creates_repo_first_and_uploads_the_result(hub, tiny_pipeline, digits_dir, tmp_path,
+                                                                             capsys):
+    from accelerate.state import AcceleratorState
+
+    from memmit.cli import train_main
+
+    out = tmp_path / "run"
+    flags = ["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", digits_dir, "--output_dir", str(out),
+             "--num_shards", "2", "--num_rounds", "1", "--local_steps", "1", "--train_batch_size", "4",
+             "--report_to", "none", "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TOKEN]
+    try:
+        hub.rejected_tokens.add(TOKEN)
+        assert train_main(flags) == 2  # a rejected token fails before any training
+        assert not (out / "checkpoints").exists() and "memmit: error:" in capsys.readouterr().err
+        AcceleratorState._reset_state(reset_partial_state=True)
+        hub.rejected_tokens.clear()
+        assert train_main(flags + ["--overwrite_output_dir"]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    posts = [path for method, path, _ in hub.requests if method == "POST"]
+    assert posts.index("/api/repos/create") < min(i for i, p in enumerate(posts) if "/commit/" in p)
+    uploaded = hub.files[REPO]
+    assert "model_index.json" in uploaded and not any(p.startswith(("checkpoints/", "logs/")) for p in uploaded)
+    assert all(uploaded[name] == (out / name).read_bytes() for name in uploaded)
+    assert not any(TOKEN.encode() in p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert TOKEN not in "".join(capsys.readouterr())
