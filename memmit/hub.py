@@ -7,6 +7,7 @@ uploaded; the resumable training state (checkpoints/, logs/) stays local.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -268,18 +269,22 @@ def retry_command(output_dir: str | Path, repo_id: str, private: bool = False) -
             + (" --private" if private else ""))
 
 
-def push(output_dir: str | Path, repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
+def push(output_dir: str | Path, repo_id: str, token: Optional[str] = None, private: bool = False,
+         eval_reports: Optional[dict[str, dict]] = None) -> str:
     """Upload the pipeline, its card and memmit/ metadata to `repo_id`; return the commit URL.
 
     Bad input raises ValueError before any request. A failed upload raises PushError naming the
-    retry command; nothing local is modified or removed (a missing README.md is written first).
+    retry command; nothing local is modified or removed (the card is written first when it is
+    missing or when `eval_reports`, label -> `memmit eval` report, are given for its results).
     """
     out = Path(output_dir)
     _check_pushable(out, repo_id)
-    if not (out / "README.md").is_file():
+    if eval_reports or not (out / "README.md").is_file():
         cfg = _read_config(out)
+        if cfg is None:
+            raise ValueError(f"{out / 'memmit' / 'config.yaml'} is missing: cannot write the model card")
         write_model_card(out, cfg, cfg.get("pretrained_model_name_or_path"),
-                         cfg.get("dataset_name") or cfg.get("train_data_dir"), repo_id=repo_id)
+                         cfg.get("dataset_name") or cfg.get("train_data_dir"), eval_reports, repo_id=repo_id)
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private or None, exist_ok=True)
@@ -291,6 +296,15 @@ def push(output_dir: str | Path, repo_id: str, token: Optional[str] = None, priv
     return info.commit_url
 
 
+def _read_eval_report(item: str) -> tuple[str, dict]:
+    """'LABEL=PATH' -> (label, report dict)."""
+    label, sep, path = item.partition("=")
+    report = Path(path) / "report.json" if Path(path).is_dir() else Path(path)
+    if not sep or not label or not report.is_file():
+        raise ValueError(f"--eval_report {item!r}: expected LABEL=PATH to a memmit eval report.json or its folder")
+    return label, json.loads(report.read_text())
+
+
 def push_main(argv: list[str] | None = None) -> int:
     """`memmit push OUTPUT_DIR --repo_id ID`: 2 on bad input, 1 on a failed upload."""
     p = argparse.ArgumentParser(prog="memmit push",
@@ -299,10 +313,14 @@ def push_main(argv: list[str] | None = None) -> int:
     p.add_argument("--repo_id", help="Hub repo, 'name' or 'namespace/name' (default: the output dir's name).")
     p.add_argument("--private", action="store_true", help="Create the repo private (an existing repo is left as is).")
     p.add_argument("--token", help="Hub token with write access (default: HF_TOKEN or `hf auth login`).")
+    p.add_argument("--eval_report", action="append", default=[], metavar="LABEL=PATH",
+                   help="A `memmit eval` report (report.json or its folder) for the card's results, "
+                        "e.g. before=eval/before after=eval/after; repeatable.")
     args = p.parse_args(argv)
     repo_id = args.repo_id or default_repo_id(args.output_dir)
     try:
-        url = push(args.output_dir, repo_id, token=args.token, private=args.private)
+        url = push(args.output_dir, repo_id, token=args.token, private=args.private,
+                   eval_reports=dict(_read_eval_report(item) for item in args.eval_report))
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2

@@ -329,3 +329,21 @@ def test_training_with_push_to_hub_creates_repo_first_and_uploads_the_result(hub
     assert all(uploaded[name] == (out / name).read_bytes() for name in uploaded)
     assert not any(TOKEN.encode() in p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert TOKEN not in "".join(capsys.readouterr())
+
+
+def test_push_cli_puts_eval_reports_into_the_card(hub, output_dir, tmp_path, capsys):
+    paths = []
+    for label, rep in REPORTS.items():
+        path = tmp_path / label
+        path.mkdir()
+        (path / "report.json").write_text(json.dumps(rep))
+        paths.append(f"{label}={path}")
+    argv = [str(output_dir), "--repo_id", REPO, "--token", TOKEN]
+    assert push_main(argv + ["--eval_report", "during=" + str(tmp_path / "nowhere")]) == 2
+    assert "expected LABEL=PATH" in capsys.readouterr().err
+    assert push_main(argv + [a for p in paths for a in ("--eval_report", p)]) == 0
+    card = ModelCard(hub.files[REPO]["README.md"].decode())
+    metrics = card.data.to_dict()["model-index"][0]["results"][0]["metrics"]
+    assert {m["name"] for m in metrics} >= {"memorized fraction (d1/d2 < 0.333), before",
+                                             "memorized fraction (d1/d2 < 0.333), after"}
+    assert "25.0" in card.text and "6.2" in card.text
