@@ -1,7 +1,9 @@
 """Efficacy: memorization and quality of every arm on the quickstart's data, measured with `memmit eval`.
 
-Arms share the quickstart's cached data and pretrained pipeline and the recipe's sample budget
-(configs/quickstart.yaml: 16 epochs); each runs with every seed given. Prints a markdown table of
+Arms share the quickstart's cached data and pretrained pipeline and the same sample budget: 384
+optimizer steps of 32 samples (configs/quickstart.yaml: 16 rounds of one epoch over 768 entries).
+Arms that train on fewer samples (dedup keep_one) take more steps per epoch to spend the same
+budget; each arm runs with every seed given. Prints a markdown table of
 means (and the per-seed values) for EFFICACY.md. Usage:
     python benchmarks/efficacy.py [--output_dir efficacy-output] [--seeds 0 1] [--arms plain paper ...]
 """
@@ -22,8 +24,11 @@ ARMS = {
     "agc_only": ("--num_shards", 1),
     "paper": (),  # configs/quickstart.yaml: K = 4, E = 1, lambda = 0.5, the paper's rules
     "dedup_same_shard": ("--dedup", "same_shard"),
-    "dedup_keep_one": ("--dedup", "keep_one"),
-    "oracle_plain_dedup": PLAIN + ("--dedup", "keep_one"),
+    # 264 entries left: 16 rounds x 4 shards x 6 steps (or 16 x 24 for K = 1) keep 384 steps.
+    "dedup_keep_one": ("--dedup", "keep_one", "--local_steps", 6),
+    "dedup_keep_one_iet_only": ("--dedup", "keep_one", "--local_steps", 6, "--agc_lambda", 0),
+    "dedup_keep_one_agc_only": ("--dedup", "keep_one", "--local_steps", 24, "--num_shards", 1),
+    "oracle_plain_dedup": PLAIN + ("--dedup", "keep_one", "--local_steps", 24),
 }
 
 
@@ -33,16 +38,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--num_samples", type=int, default=256)
+    parser.add_argument("--table_only", action="store_true",
+                        help="train nothing: rescore the arms' saved samples with this memmit and print the table")
     args = parser.parse_args()
     out = Path(args.output_dir)
     data = build_dataset(out / "data-u256-r64")
     features = build_digit_features(out / "digit_features.pt", data)
     pretrained = pretrain(out, data, 2000)
-    results = {"pretrained": measure(out, data, {"pretrained": pretrained}, features, args.num_samples, 50)}
+    reuse = args.table_only
+    results = {"pretrained": measure(out, data, {"pretrained": pretrained}, features, args.num_samples, 50, reuse)}
     for arm in args.arms:
-        runs = {f"{arm}-seed{s}": mitigate(out, data, pretrained, f"{arm}-seed{s}", *ARMS[arm], "--seed", s)
-                for s in args.seeds}
-        results[arm] = measure(out, data, runs, features, args.num_samples, 50)
+        runs = {f"{arm}-seed{s}": out / f"{arm}-seed{s}" if reuse else
+                mitigate(out, data, pretrained, f"{arm}-seed{s}", *ARMS[arm], "--seed", s) for s in args.seeds}
+        results[arm] = measure(out, data, runs, features, args.num_samples, 50, reuse)
     (out / "efficacy.json").write_text(json.dumps(results, indent=2))
     print("| arm | memorized % (mean; per seed) | copies of duplicated % | Fréchet distance | skip dup / unique % |")
     print("|---|---|---|---|---|")

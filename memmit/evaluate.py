@@ -7,6 +7,7 @@ Sampling and scoring are separate steps: `sample_images` gives uint8 images (sav
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 import memmit
 
 from .data import check_images, load_train_dataset, source_names
-from .metrics import frechet_distance, memorization_report
+from .metrics import collapse_duplicates, frechet_distance, memorization_report
 from .tasks import UnconditionalTask, load_task
 
 MOST_COPIED = 10  # training images listed in the report
@@ -174,10 +175,14 @@ def _inception_fid(samples01: Tensor, train01: Tensor, batch_size: int) -> dict:
 
 
 def _quality_report(samples01: Tensor, train01: Tensor, extractor: Optional[Extractor], batch_size: int) -> dict:
-    if extractor is None:
-        return _inception_fid(samples01, train01, batch_size)
-    fd = frechet_distance(extractor(samples01, batch_size), extractor(train01, batch_size))
-    return {"available": True, "extractor": extractor.info, "frechet_distance": fd}
+    """Fréchet distance to the *distinct* training images: against the raw set, a model that copies
+    duplicated images would be rewarded for matching their inflated frequency."""
+    unique, _ = collapse_duplicates(train01.flatten(1))
+    reference = unique.view(-1, *train01.shape[1:])
+    report = (_inception_fid(samples01, reference, batch_size) if extractor is None else
+              {"available": True, "extractor": extractor.info,
+               "frechet_distance": frechet_distance(extractor(samples01, batch_size), extractor(reference, batch_size))})
+    return {**report, "reference": f"{len(reference)} distinct of {len(train01)} training images"}
 
 
 def score_samples(samples: Tensor, train: Tensor, sources: list[str], *, k: int = 50, threshold: float = 1 / 3,
@@ -319,11 +324,13 @@ def prepare_evaluation(settings: dict, show_progress: bool = True) -> Prepared:
                     extractors["feature_extractor"], extractors["quality_extractor"], device)
 
 
-def run_evaluation(p: Prepared, show_progress: bool = True) -> dict:
-    """Sample, score, and write report.json, samples.npy and most_copied.png to settings["output_dir"]."""
+def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np.ndarray] = None) -> dict:
+    """Sample (unless `samples` are given, to rescore), score, and write report.json, samples.npy
+    and most_copied.png to settings["output_dir"]."""
     s = p.settings
-    samples = sample_images(p.task, s["num_samples"], s["num_inference_steps"], s["batch_size"], s["seed"],
-                            p.device, show_progress)
+    if samples is None:
+        samples = sample_images(p.task, s["num_samples"], s["num_inference_steps"], s["batch_size"], s["seed"],
+                                p.device, show_progress)
     scores = score_samples(from_uint8(samples), p.train, p.sources, k=s["k"], threshold=s["threshold"],
                            feature_extractor=p.feature_extractor, quality_extractor=p.quality_extractor,
                            batch_size=s["batch_size"])
@@ -339,6 +346,16 @@ def run_evaluation(p: Prepared, show_progress: bool = True) -> dict:
     draw_most_copied(samples, p.train, scores["pixel"], out / "most_copied.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def rescore(report_dir: str | Path, show_progress: bool = False) -> dict:
+    """Score a finished evaluation's saved samples again, with this memmit's metrics; rewrites its report."""
+    report_dir = Path(report_dir)
+    settings = json.loads((report_dir / "report.json").read_text())["settings"]
+    settings = {k: settings[k] for k in inspect.signature(evaluate).parameters if k in settings}
+    settings["output_dir"] = str(report_dir)
+    return run_evaluation(prepare_evaluation(settings, show_progress), show_progress,
+                          samples=np.load(report_dir / "samples.npy"))
 
 
 def evaluate(pretrained_model_name_or_path: str, output_dir: str, *, dataset_name: Optional[str] = None,

@@ -155,17 +155,22 @@ def skip_stats(run: Path, is_duplicate: list[bool]) -> dict:
 
 
 def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_samples: int,
-            inference_steps: int) -> list[dict]:
-    """`memmit eval` on every run, plus the duplicate-specific numbers the quickstart is about."""
-    from .evaluate import evaluate
+            inference_steps: int, reuse_samples: bool = False) -> list[dict]:
+    """`memmit eval` on every run (or, with reuse_samples, a rescore of its saved samples), plus the
+    duplicate-specific numbers the quickstart is about."""
+    from .evaluate import evaluate, rescore
 
     ds = datasets.load_from_disk(str(data))
     is_duplicate, digit_ids = ds["is_duplicate"], ds["digit_id"]
     rows = []
     for label, path in runs.items():
         report_dir = out / "eval" / label
-        report = evaluate(str(path), str(report_dir), dataset_name=str(data), num_samples=num_samples,
-                          num_inference_steps=inference_steps, quality_extractor=str(features), show_progress=False)
+        if reuse_samples and (report_dir / "samples.npy").is_file():
+            report = rescore(report_dir)
+        else:
+            report = evaluate(str(path), str(report_dir), dataset_name=str(data), num_samples=num_samples,
+                              num_inference_steps=inference_steps, quality_extractor=str(features),
+                              show_progress=False)
         stats = duplicate_stats(report, is_duplicate, digit_ids)
         skips = skip_stats(path, is_duplicate) if label != "pretrained" else {}
         rows.append({"label": label, "report": str(report_dir / "report.json"),

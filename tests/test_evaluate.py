@@ -15,8 +15,8 @@ from PIL import Image
 
 from memmit.cli import main
 from memmit.data import load_train_dataset, source_names
-from memmit.evaluate import (evaluate, format_report, from_uint8, load_extractor, load_train_images, score_samples,
-                             to_uint8)
+from memmit.evaluate import (evaluate, format_report, from_uint8, load_extractor, load_train_images, rescore,
+                             score_samples, to_uint8)
 from memmit.tasks import UnconditionalTask, load_pipeline
 
 # The brief's extractor format is TorchScript, which torch 2.13 marks deprecated.
@@ -99,6 +99,8 @@ def test_saved_samples_rescore_to_the_same_report(tiny_pipeline, digits_dir, dig
     train, sources = digits
     rescored = score_samples(from_uint8(np.load(out / "samples.npy")), train, sources, k=5)
     assert rescored["pixel"] == report["pixel"]
+    again = rescore(out)  # the saved samples, read back from disk: no sampling
+    assert again["pixel"] == report["pixel"] and again["settings"] == report["settings"]
 
 
 def test_exact_copies_are_all_memorized(digits, encoder_file):
@@ -219,3 +221,14 @@ def test_module_entry_point_exits_2_on_a_missing_pipeline(tmp_path, digits_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith(f"memmit: error: pretrained_model_name_or_path {str(tmp_path / 'nope')!r} "
                                         "does not exist")
+
+
+def test_quality_reference_is_the_distinct_training_images(digits, encoder_file):
+    """Duplicated training images must not make copying them look like good quality."""
+    train, sources = digits
+    distinct = train[:10]
+    with_copies = torch.cat([distinct, distinct[:1].repeat(10, 1, 1, 1)])
+    quality = load_extractor(encoder_file, torch.device("cpu"), (train[:2] + 1) / 2, "quality_extractor")
+    report = score_samples(distinct, with_copies, sources[:20], k=5, quality_extractor=quality)["quality"]
+    assert report["frechet_distance"] == pytest.approx(0.0, abs=1e-3)
+    assert report["reference"] == "10 distinct of 20 training images"
