@@ -55,7 +55,7 @@ class MemmitConfig:
     # Method: Iterative Ensemble Training
     num_shards: int = opt(4, "K: number of disjoint data shards, one model copy trained per shard.")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
-    dedup: str = opt("none", "Near-duplicate training images: none | keep_one (train on one copy) | same_shard (all copies in one shard).", choices=("none", "keep_one", "same_shard"))
+    dedup: str = opt("keep_one", "Near-duplicate training images: keep_one (train on one copy; see EFFICACY.md) | same_shard (all copies in one shard) | none (the paper).", choices=("none", "keep_one", "same_shard"))
     dedup_threshold: float = opt(0.05, "Images closer than this RMS pixel distance (in [-1, 1], at <= 32 px) count as duplicates.")
     aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
     num_rounds: int = opt(2, "Number of rounds; each ends by averaging the shard models.")

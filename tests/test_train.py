@@ -53,7 +53,8 @@ def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "memmit", "model_index.json",
                                                     "scheduler", "unet"]
     assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
-    assert sorted(p.name for p in (out / "memmit").iterdir()) == ["candidates.csv", "config.yaml", "shards.json"]
+    assert sorted(p.name for p in (out / "memmit").iterdir()) == ["candidates.csv", "config.yaml", "duplicates.json",
+                                                               "shards.json"]
     pipe = DDPMPipeline.from_pretrained(out)
     assert type(DiffusionPipeline.from_pretrained(out)) is DDPMPipeline
     before, after = load_file(Path(tiny_pipeline) / "unet" / "diffusion_pytorch_model.safetensors"), unet_weights(out)
