@@ -310,3 +310,36 @@ def test_dedup_finds_copies_and_splits_accordingly(tiny_pipeline, tmp_path, dedu
     else:
         assert flat == list(range(24))
         assert sum({3, 20, 21, 22, 23} <= set(s) for s in shards.values()) == 1
+
+
+def test_ema_result_is_the_averaged_ema(tiny_pipeline, digits_dir, tmp_path):
+    """decay 0 makes the EMA the weights themselves; a slow EMA (past diffusers' warm-up) lags behind."""
+    flags = ["--num_shards", 2, "--num_rounds", 2, "--local_epochs", 4, "--learning_rate", 1e-3]
+    results = {}
+    for name, extra in {"none": [], "ema0": ["--use_ema", "--ema_decay", 0.0],
+                        "ema99": ["--use_ema", "--ema_decay", 0.99]}.items():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        Trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / name, *flags, *extra))).train()
+        results[name] = unet_weights(tmp_path / name)
+    before = load_file(Path(tiny_pipeline) / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = {n: sum(float((w[k] - before[k]).abs().sum()) for k in before) for n, w in results.items()}
+    for k in before:
+        torch.testing.assert_close(results["ema0"][k], results["none"][k], rtol=1e-5, atol=1e-6)
+    assert moved["ema99"] < moved["none"]
+    assert max(float((results["ema99"][k] - results["none"][k]).abs().max()) for k in before) > 1e-4
+
+
+def test_fp16_variant_loads_and_trains_in_fp32(digits_dir, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from conftest import make_unet
+
+    pipe_dir = tmp_path / "pipe"
+    DDPMPipeline(unet=make_unet().half(), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
+        pipe_dir, variant="fp16")
+    assert (pipe_dir / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    trainer = Trainer(parse_args(args(str(pipe_dir), digits_dir, tmp_path / "out", "--variant", "fp16",
+                                      "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1)))
+    trainer.train()
+    assert trainer.unet.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in unet_weights(tmp_path / "out").values())
