@@ -137,10 +137,16 @@ def _method_lines(cfg: dict) -> list[str]:
         f"{cfg['num_rounds']} rounds; each round every shard's model trains for {local} on its own shard, "
         f"then the shard models are averaged ({cfg['aggregation']} weights).",
         f"- **Anti-Gradient Control**: {agc}.",
+        f"- **Near-duplicate training images**: {DEDUP_TEXT.get(cfg.get('dedup', 'none'), cfg.get('dedup'))}.",
         f"- **Optimisation**: {weights}; AdamW, learning rate {cfg['learning_rate']} ({cfg['lr_scheduler']}), "
         f"batch {cfg['train_batch_size']} × {cfg['gradient_accumulation_steps']} accumulation, "
         f"mixed precision {cfg['mixed_precision']}, EMA {'on' if cfg.get('use_ema') else 'off'}, seed {cfg['seed']}.",
     ]
+
+
+DEDUP_TEXT = {"none": "not handled (the paper's method)",
+              "keep_one": "found before training and trained on once (`memmit/duplicates.json` lists them)",
+              "same_shard": "found before training; all copies of one image in the same shard"}
 
 
 def _memorized_label(report: dict) -> str:

@@ -186,6 +186,7 @@ def test_card_metadata_results_and_body(tmp_path):
     assert results["Frechet distance (inception-v3), after"].metric_value == 13.25
     text = card.text
     assert "K = 3" in text and "7 optimizer steps" in text and "λ = 0.6" in text and "full fine-tuning" in text
+    assert "trained on once" in text  # the default dedup=keep_one
     assert "| memorized fraction (d1/d2 < 0.333) | 25.0% | 6.2% |" in text
     assert f'DiffusionPipeline.from_pretrained("{REPO}")' in text and "2407.15328" in text and "ECCV" in text
 
