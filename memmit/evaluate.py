@@ -28,7 +28,7 @@ import memmit
 
 from .data import check_images, load_train_dataset, source_names
 from .metrics import collapse_duplicates, frechet_distance, memorization_report
-from .tasks import UnconditionalTask, load_task
+from .tasks import DenoisingTask, UnconditionalTask, load_task
 
 MOST_COPIED = 10  # training images listed in the report
 FIGURE_PAIRS = 16  # sample / nearest-training-image pairs drawn in most_copied.png
@@ -113,16 +113,34 @@ def from_uint8(images: np.ndarray) -> Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def sample_images(task: UnconditionalTask, num_samples: int, num_inference_steps: int, batch_size: int,
-                  seed: int, device: torch.device, show_progress: bool = True) -> np.ndarray:
-    """DDIM samples as uint8 [N, H, W, C]; one CPU generator, so the images do not depend on the device."""
+def sample_images(task: DenoisingTask, num_samples: int, num_inference_steps: int, batch_size: int,
+                  seed: int, device: torch.device, show_progress: bool = True,
+                  prompts: Optional[list[str]] = None) -> np.ndarray:
+    """DDIM samples as uint8 [N, H, W, C]; one CPU generator, so the images do not depend on the device.
+    A text-to-image task renders `prompts[i]` for sample i."""
+    task.prepare(device, torch.float32)  # frozen parts (VAE, text encoder) to the device, if any
     unet = task.unet.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not show_progress):
         n = min(batch_size, num_samples - start)
+        if prompts is not None:
+            task.validation_prompts = prompts[start:start + n]  # the task renders its validation prompts
         batches.append(to_uint8(task.sample(unet, n, num_inference_steps, generator)))
     return np.concatenate(batches)
+
+
+def sample_prompts(captions: list, num_samples: int, seed: int) -> list[str]:
+    """One training caption per sample, drawn with a seed (a list of captions contributes one of them)."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(captions), (num_samples,), generator=generator).tolist()
+    prompts = []
+    for i in picks:
+        value = captions[i]
+        if isinstance(value, (list, tuple)):
+            value = value[int(torch.randint(len(value), (), generator=generator))] if value else ""
+        prompts.append(value or "")
+    return prompts
 
 
 def load_train_images(ds: datasets.Dataset, image_column: str, transform: Callable,
@@ -268,12 +286,13 @@ class Prepared:
     """Everything `run_evaluation` needs, loaded and checked."""
 
     settings: dict
-    task: UnconditionalTask
+    task: DenoisingTask
     train: Tensor  # [N, C, H, W] in [-1, 1]
     sources: list[str]
     feature_extractor: Optional[Extractor]
     quality_extractor: Optional[Extractor]
     device: torch.device
+    prompts: Optional[list[str]] = None  # text-to-image: one training caption per sample
 
 
 def _check_settings(s: dict) -> None:
@@ -293,10 +312,13 @@ def _check_settings(s: dict) -> None:
     need(s["resolution"] is None or s["resolution"] >= 8, f"resolution must be >= 8, got {s['resolution']}")
 
 
-def _load_eval_task(s: dict) -> UnconditionalTask:
+def _load_eval_task(s: dict) -> DenoisingTask:
     cfg = SimpleNamespace(pretrained_model_name_or_path=s["pretrained_model_name_or_path"], revision=s["revision"],
-                          variant=s["variant"], resolution=s["resolution"], center_crop=True, random_flip=False)
+                          variant=s["variant"], resolution=s["resolution"], center_crop=True, random_flip=False,
+                          caption_column=s["caption_column"])
     task = load_task(cfg)
+    if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders any height and width asked for
+        return task
     factor = 2 ** (len(task.unet.config.block_out_channels) - 1)
     if task.resolution % factor:
         raise ValueError(f"resolution {task.resolution} must be a multiple of {factor} for this UNet")
@@ -311,7 +333,7 @@ def prepare_evaluation(settings: dict, show_progress: bool = True) -> Prepared:
     task = _load_eval_task(settings)
     ds = load_train_dataset(settings["dataset_name"], settings["train_data_dir"], settings["image_column"],
                             max_train_samples=settings["max_train_samples"],
-                            dataset_config_name=settings["dataset_config_name"])
+                            dataset_config_name=settings["dataset_config_name"], extra_columns=task.extra_columns)
     train = load_train_images(ds, settings["image_column"], task.transform, show_progress)
     # memorization_report would say so too, but only after sampling.
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
@@ -320,8 +342,10 @@ def prepare_evaluation(settings: dict, show_progress: bool = True) -> Prepared:
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(settings[role], device, probe, role) if settings[role] else None
                   for role in ("feature_extractor", "quality_extractor")}
+    prompts = (sample_prompts(ds[settings["caption_column"]], settings["num_samples"], settings["seed"])
+               if settings["caption_column"] else None)
     return Prepared(settings, task, train, source_names(ds, settings["image_column"]),
-                    extractors["feature_extractor"], extractors["quality_extractor"], device)
+                    extractors["feature_extractor"], extractors["quality_extractor"], device, prompts)
 
 
 def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np.ndarray] = None) -> dict:
@@ -330,7 +354,7 @@ def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np
     s = p.settings
     if samples is None:
         samples = sample_images(p.task, s["num_samples"], s["num_inference_steps"], s["batch_size"], s["seed"],
-                                p.device, show_progress)
+                                p.device, show_progress, p.prompts)
     scores = score_samples(from_uint8(samples), p.train, p.sources, k=s["k"], threshold=s["threshold"],
                            feature_extractor=p.feature_extractor, quality_extractor=p.quality_extractor,
                            batch_size=s["batch_size"])
@@ -339,10 +363,13 @@ def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "memmit": memmit.__version__},
               **scores,
-              "files": {"samples": "samples.npy", "figure": "most_copied.png"}}
+              "files": {"samples": "samples.npy", "figure": "most_copied.png",
+                        **({"prompts": "prompts.json"} if p.prompts is not None else {})}}
     out = Path(s["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples)
+    if p.prompts is not None:
+        (out / "prompts.json").write_text(json.dumps(p.prompts, indent=1))
     draw_most_copied(samples, p.train, scores["pixel"], out / "most_copied.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -360,7 +387,8 @@ def rescore(report_dir: str | Path, show_progress: bool = False) -> dict:
 
 def evaluate(pretrained_model_name_or_path: str, output_dir: str, *, dataset_name: Optional[str] = None,
              train_data_dir: Optional[str] = None, dataset_config_name: Optional[str] = None,
-             image_column: str = "image", max_train_samples: Optional[int] = None,
+             image_column: str = "image", caption_column: Optional[str] = None,
+             max_train_samples: Optional[int] = None,
              resolution: Optional[int] = None, revision: Optional[str] = None, variant: Optional[str] = None,
              num_samples: int = 256, num_inference_steps: int = 50, batch_size: int = 64, seed: int = 0,
              feature_extractor: Optional[str] = None, quality_extractor: Optional[str] = None,
@@ -383,6 +411,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_config_name", help="Configuration of a Hub dataset.")
     p.add_argument("--train_data_dir", help="Folder of training images (imagefolder layout).")
     p.add_argument("--image_column", default="image", help="Dataset column of the images (default: image).")
+    p.add_argument("--caption_column", help="Text-to-image pipelines: dataset column of captions; each sample's "
+                   "prompt is a training caption drawn with --seed (saved in prompts.json).")
     p.add_argument("--max_train_samples", type=int, help="Compare against the first N training images only.")
     p.add_argument("--resolution", type=int, help="Sampling and comparison resolution (default: UNet sample_size).")
     p.add_argument("--num_samples", type=int, default=256, help="Images to sample (default: 256).")

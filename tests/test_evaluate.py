@@ -232,3 +232,22 @@ def test_quality_reference_is_the_distinct_training_images(digits, encoder_file)
     report = score_samples(distinct, with_copies, sources[:20], k=5, quality_extractor=quality)["quality"]
     assert report["frechet_distance"] == pytest.approx(0.0, abs=1e-3)
     assert report["reference"] == "10 distinct of 20 training images"
+
+
+def test_eval_text_to_image_with_seeded_training_captions(tiny_sd_pipeline, captioned_digits_dir, tmp_path, capsys):
+    import datasets
+
+    out = tmp_path / "sd"
+    flags = ["--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
+             "--num_samples", "4", "--num_inference_steps", "2", "--batch_size", "2", "--k", "5",
+             "--output_dir", str(out)]
+    assert main(["eval", *flags]) == 2  # a text-to-image pipeline needs its captions
+    assert "caption_column is required" in capsys.readouterr().err
+    assert main(["eval", *flags, "--caption_column", "captions"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["pipeline"] == "StableDiffusionPipeline"
+    assert np.load(out / "samples.npy").shape == (4, 16, 16, 3)
+    prompts = json.loads((out / "prompts.json").read_text())
+    captions = {c for row in datasets.load_from_disk(captioned_digits_dir)["captions"] for c in row}
+    assert len(prompts) == 4 and set(prompts) <= captions and report["files"]["prompts"] == "prompts.json"
+    assert rescore(out)["pixel"] == report["pixel"]  # prompts and samples saved: the report is recomputable
