@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import datasets
 import numpy as np
@@ -66,10 +66,11 @@ def source_names(ds: datasets.Dataset, image_column: str) -> list[str]:
     return [(r or {}).get("path") or f"index {i}" for i, r in enumerate(raw)]
 
 
-def check_images(ds: datasets.Dataset, image_column: str, show_progress: bool = True) -> None:
-    """Decode every image once, so an unreadable file fails before training, by name."""
+def iter_images(ds: datasets.Dataset, image_column: str, desc: str = "reading images",
+                show_progress: bool = True) -> Iterator[Image.Image]:
+    """Every image, decoded, in order; an unreadable file raises ValueError naming it."""
     raw = ds.cast_column(image_column, datasets.Image(decode=False))
-    for i in tqdm(range(len(raw)), desc="checking images", disable=not show_progress, leave=False):
+    for i in tqdm(range(len(raw)), desc=desc, disable=not show_progress, leave=False):
         item = raw[i][image_column]
         name = (item or {}).get("path") or f"index {i}"
         try:
@@ -77,8 +78,15 @@ def check_images(ds: datasets.Dataset, image_column: str, show_progress: bool = 
                 raise ValueError("missing image")
             with Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]) as img:
                 img.load()
+                yield img
         except Exception as exc:  # PIL raises many types for corrupt files
             raise ValueError(f"cannot read image {name} (sample {i}) in column {image_column!r}: {exc}") from exc
+
+
+def check_images(ds: datasets.Dataset, image_column: str, show_progress: bool = True) -> None:
+    """Decode every image once, so an unreadable file fails before training, by name."""
+    for _ in iter_images(ds, image_column, "checking images", show_progress):
+        pass
 
 
 def convert_mode(img: Image.Image, channels: int) -> Image.Image:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import memmit
 
-from .data import check_images, load_train_dataset, source_names
+from .data import iter_images, load_train_dataset, source_names
 from .metrics import collapse_duplicates, frechet_distance, memorization_report
 from .tasks import DenoisingTask, UnconditionalTask, load_task
 
@@ -145,11 +145,10 @@ def sample_prompts(captions: list, num_samples: int, seed: int) -> list[str]:
 
 def load_train_images(ds: datasets.Dataset, image_column: str, transform: Callable,
                       show_progress: bool = True) -> Tensor:
-    """Every training image through `transform`, stacked: [N, C, H, W] in [-1, 1]."""
-    check_images(ds, image_column, show_progress)  # an unreadable file fails here, by name
-    column = ds.select_columns([image_column])
-    return torch.stack([transform(row[image_column])
-                        for row in tqdm(column, desc="loading training images", disable=not show_progress)])
+    """Every training image through `transform`, stacked: [N, C, H, W] in [-1, 1]; an unreadable file
+    fails by name."""
+    return torch.stack([transform(img) for img in iter_images(ds, image_column, "loading training images",
+                                                               show_progress)])
 
 
 def _most_copied(copied_counts: dict[int, int], sources: list[str]) -> list[dict]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .agc import LossBank, masked_mean
 from .config import MemmitConfig
-from .data import ImageTransform, check_images, load_train_dataset, source_names, split_shards
+from .data import ImageTransform, check_images, iter_images, load_train_dataset, source_names, split_shards
 from .dedup import cluster_report, find_duplicate_clusters, keep_one, split_with_clusters
 from .ensemble import FlatAverage, floating_tensors, shard_weights
 from .hub import check_hub_settings, create_repo_early, push, write_model_card
@@ -153,7 +153,8 @@ class Trainer:
             self.dataset = load_train_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.image_column,
                                               cfg.label_column, cfg.max_train_samples, cfg.dataset_config_name,
                                               extra_columns=self.task.extra_columns)
-            check_images(self.dataset, cfg.image_column, show_progress=acc.is_local_main_process)
+            if cfg.dedup == "none":  # otherwise duplicate detection decodes (and checks) every image
+                check_images(self.dataset, cfg.image_column, show_progress=acc.is_local_main_process)
         n = len(self.dataset)
         if cfg.caption_column is not None and hasattr(self.task, "set_default_prompts"):
             # The round-end grid renders a few training captions unless validation_prompts are given;
@@ -235,9 +236,8 @@ class Trainer:
         """Exact and near-duplicate clusters, found on small center crops; reported in memmit/duplicates.json."""
         size = min(self.task.resolution, DEDUP_RESOLUTION)
         transform = ImageTransform(size, self.task.channels, center_crop=True)
-        column = self.dataset.select_columns([self.cfg.image_column])
-        images = torch.stack([transform(row[self.cfg.image_column]).flatten() for row in
-                              tqdm(column, desc="finding duplicates", disable=not self.accelerator.is_local_main_process)])
+        images = torch.stack([transform(img).flatten() for img in iter_images(
+            self.dataset, self.cfg.image_column, "finding duplicates", self.accelerator.is_local_main_process)])
         clusters = find_duplicate_clusters(images, self.cfg.dedup_threshold)
         self.duplicates = cluster_report(clusters, source_names(self.dataset, self.cfg.image_column))
         logger.info("%d duplicate clusters holding %d samples (dedup=%s)", self.duplicates["num_clusters"],
