@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from common import device, make_unet
+from common import make_unet
 from memmit.ensemble import FlatAverage, floating_tensors
-from memmit.metrics import nearest_neighbours
+from memmit.metrics import default_device, nearest_neighbours
 
 
 def timed(fn, repeat: int = 5) -> float:
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--refs", type=int, default=10000)
     parser.add_argument("--dim", type=int, default=3072)
     args = parser.parse_args()
-    unet = make_unet(args.channels).to(device())
+    unet = make_unet(args.channels).to(default_device())
     live = floating_tensors(unet)
     avg = FlatAverage(live)
 
@@ -49,14 +49,14 @@ def main() -> None:
     copy = timed(lambda: [t.detach().clone() for t in live])
     agg = timed(one_round)
     n = sum(t.numel() for t in live)
-    print(f"device {device()}: {n / 1e6:.1f}M floats; one copy of the weights {copy * 1e3:.2f} ms; "
+    print(f"device {default_device()}: {n / 1e6:.1f}M floats; one copy of the weights {copy * 1e3:.2f} ms; "
           f"a round's aggregation over K={args.shards} (load + add per shard, finish) {agg * 1e3:.2f} ms "
           f"= {agg / copy:.1f} copies, {agg / copy / args.shards:.2f} per shard")
 
     gen = torch.Generator().manual_seed(0)
     q = torch.rand(args.queries, args.dim, generator=gen)
     r = torch.rand(args.refs, args.dim, generator=gen)
-    qd, rd = q.to(device()), r.to(device())
+    qd, rd = q.to(default_device()), r.to(default_device())
     bare = timed(lambda: qd @ rd.T, repeat=2)
     search = timed(lambda: nearest_neighbours(q, r, 50), repeat=2)
     print(f"neighbour search {args.queries}x{args.refs}x{args.dim}: bare matmul {bare:.3f} s, "

@@ -13,14 +13,12 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", default="32,64,64", help="UNet block_out_channels (cifar10 DDPM: 128,256,256,256)")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--image_channels", type=int, default=3)
     parser.add_argument("--num_samples", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=32)
-
 
 def make_unet(channels_csv: str, resolution: int = 32, image_channels: int = 3) -> UNet2DModel:
     """A UNet2DModel with attention at the lowest resolution; 128,256,256,256 is DDPM-CIFAR10's size."""
@@ -32,7 +30,6 @@ def make_unet(channels_csv: str, resolution: int = 32, image_channels: int = 3) 
                        norm_num_groups=min(32, channels[0]),
                        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
                        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1))
-
 
 def make_setup(args, root: Path | None = None) -> tuple[str, str]:
     """(pipeline dir, dataset dir) for the sizes in args; the images are seeded noise."""
@@ -46,12 +43,8 @@ def make_setup(args, root: Path | None = None) -> tuple[str, str]:
     datasets.Dataset.from_dict({"image": images}).save_to_disk(str(root / "data"))
     return str(root / "pipe"), str(root / "data")
 
-
 def reset_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
 
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

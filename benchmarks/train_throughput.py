@@ -15,8 +15,9 @@ import time
 import torch
 from diffusers import DDPMPipeline
 
-from common import add_model_args, device, make_setup, reset_accelerate
+from common import add_model_args, make_setup, reset_accelerate
 from memmit.config import MemmitConfig
+from memmit.metrics import default_device
 from memmit.trainer import Trainer
 
 
@@ -31,7 +32,7 @@ def plain_loop(pipe_dir: str, data_dir: str, args) -> float:
     from memmit.data import ImageTransform
 
     pipe = DDPMPipeline.from_pretrained(pipe_dir)
-    unet, sched = pipe.unet.to(device()).train(), pipe.scheduler
+    unet, sched = pipe.unet.to(default_device()).train(), pipe.scheduler
     ds = datasets.load_from_disk(data_dir)
     transform = ImageTransform(args.resolution, args.image_channels, center_crop=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
@@ -40,10 +41,10 @@ def plain_loop(pipe_dir: str, data_dir: str, args) -> float:
     start = time.perf_counter()
     for step in range(args.steps):
         ids = torch.randint(0, len(ds), (args.batch_size,), generator=gen).tolist()
-        x0 = torch.stack([transform(img) for img in ds[ids]["image"]]).to(device())
-        noise = torch.randn(x0.shape, generator=gen).to(device())
-        t = torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device())
-        with torch.autocast(device().type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+        x0 = torch.stack([transform(img) for img in ds[ids]["image"]]).to(default_device())
+        noise = torch.randn(x0.shape, generator=gen).to(default_device())
+        t = torch.randint(0, 1000, (args.batch_size,), generator=gen).to(default_device())
+        with torch.autocast(default_device().type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
             pred = unet(sched.add_noise(x0, noise, t), t).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
@@ -83,7 +84,7 @@ def main() -> None:
     pipe_dir, data_dir = make_setup(args)
     plain_loop(pipe_dir, data_dir, argparse.Namespace(**{**vars(args), "steps": 3}))  # warm-up
     plain = plain_loop(pipe_dir, data_dir, args)
-    print(f"device {device()}, channels {args.channels}, {args.resolution}px, batch {args.batch_size}, "
+    print(f"device {default_device()}, channels {args.channels}, {args.resolution}px, batch {args.batch_size}, "
           f"{args.steps} steps, precision {args.mixed_precision}")
     print(f"{'arm':<22}{'samples/s':>12}{'vs plain':>10}")
     print(f"{'plain loop':<22}{plain:>12.1f}{1.0:>10.2f}")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import memmit
 
 from .data import iter_images, load_train_dataset, source_names
-from .metrics import collapse_duplicates, frechet_distance, memorization_report
+from .metrics import collapse_duplicates, default_device, frechet_distance, memorization_report
 from .tasks import DenoisingTask, UnconditionalTask, load_task
 
 MOST_COPIED = 10  # training images listed in the report
@@ -35,9 +35,6 @@ FIGURE_PAIRS = 16  # sample / nearest-training-image pairs drawn in most_copied.
 FIGURE_MIN_SIDE = 64  # images are upscaled to at least this many pixels so 16px digits are legible
 MQ_THRESHOLD = "0.5"  # the neighbourhood-score threshold `compare` shows
 
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -180,7 +177,7 @@ def _inception_fid(samples01: Tensor, train01: Tensor, batch_size: int) -> dict:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         # Inception at 299x299 over a whole training set is hours on a CPU, minutes on a GPU.
-        fid = FrechetInceptionDistance(feature=2048, normalize=True).to(_default_device())
+        fid = FrechetInceptionDistance(feature=2048, normalize=True).to(default_device())
     except (ImportError, OSError, RuntimeError) as exc:  # missing package, or weights not downloadable
         return {"available": False, "extractor": info, "reason": f"{type(exc).__name__}: {exc}"}
     for images, real in ((samples01, False), (train01, True)):
@@ -337,7 +334,7 @@ def prepare_evaluation(settings: dict, show_progress: bool = True) -> Prepared:
     # memorization_report would say so too, but only after sampling.
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
         raise ValueError("the training set needs at least two distinct images at this resolution")
-    device = _default_device()
+    device = default_device()
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(settings[role], device, probe, role) if settings[role] else None
                   for role in ("feature_extractor", "quality_extractor")}

@@ -17,7 +17,8 @@ COPY_COSINE = 0.5
 _NORM_EPS = 1e-12  # same guard as torch.nn.functional.normalize
 
 
-def _default_device() -> torch.device:
+def default_device() -> torch.device:
+    """The best available device: CUDA when present."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -55,7 +56,7 @@ def nearest_neighbours(queries: Tensor, refs: Tensor, k: int, *, metric: str = "
     Scores one ``query_chunk x (ref_chunk + k)`` block at a time; returns CPU [M, k] tensors.
     """
     _check_search_args(queries, refs, k, metric, query_chunk, ref_chunk)
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     largest = metric == "cosine"
     # Refs are converted once (a no-op for float32 CPU input) rather than once per query chunk.
     ref_chunks = [(start, refs[start:start + ref_chunk].to(device, dtype))

@@ -38,11 +38,12 @@ def build_dataset(path: Path, num_unique: int = 256, num_duplicated: int = 8, co
     order = np.random.RandomState(seed).permutation(len(x))
     unique, duplicated = order[:num_unique], order[num_unique:num_unique + num_duplicated]
     rows = list(unique) + list(duplicated) * copies
+    duplicated_ids = set(duplicated.tolist())
     def digit(i):
         return Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), "L").resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
     ds = datasets.Dataset.from_dict(
         {"image": [digit(i) for i in rows], "label": [int(y[i]) for i in rows], "digit_id": [int(i) for i in rows],
-         "is_duplicate": [bool(i in set(duplicated)) for i in rows]},
+         "is_duplicate": [int(i) in duplicated_ids for i in rows]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
                                     "digit_id": datasets.Value("int64"), "is_duplicate": datasets.Value("bool")}))
     ds.save_to_disk(str(path))
