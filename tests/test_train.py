@@ -343,3 +343,22 @@ def test_fp16_variant_loads_and_trains_in_fp32(digits_dir, tmp_path):
     trainer.train()
     assert trainer.unet.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in unet_weights(tmp_path / "out").values())
+
+
+def test_options_reach_the_trainer(tiny_pipeline, digits_dir, tmp_path):
+    """Options tested as pure rules elsewhere must also be what the trainer uses."""
+    from memmit.data import split_shards
+    from memmit.ensemble import shard_weights
+
+    trainer = Trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 3,
+                                      "--aggregation", "uniform", "--agc_bank_decay", 0.3, "--agc_bank_init", "zero",
+                                      "--shard_strategy", "stratified", "--label_column", "label", "--seed", 5,
+                                      "--adam_beta1", 0.8, "--adam_beta2", 0.95, "--adam_weight_decay", 0.1,
+                                      "--adam_epsilon", 1e-6, "--learning_rate", 3e-4)))
+    labels = load_train_dataset(dataset_name=digits_dir)["label"]
+    assert trainer.shards == split_shards(24, 3, "stratified", 5, labels)
+    assert trainer.weights == shard_weights([len(s) for s in trainer.shards], "uniform")
+    bank = trainer.states[0].bank
+    assert bank.decay == 0.3 and bool(bank.is_set.all())  # zero init: every entry starts set, at 0
+    group = trainer._make_optimizer(trainer.states[0])[0].param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (3e-4, (0.8, 0.95), 0.1, 1e-6)
