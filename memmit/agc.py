@@ -1,10 +1,11 @@
 """Anti-Gradient Control: the per-timestep loss bank and the keep mask (DESIGN.md §1).
 
-Pure torch; no accelerate, no I/O, so the rule can be tested against hand computations.
+Pure torch and numpy; no accelerate, no I/O, so the rule can be tested against hand computations.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -53,3 +54,11 @@ def masked_mean(losses: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor 
     keep = keep.to(losses.device)
     values = losses if weights is None else losses * weights
     return values[keep].mean()
+
+
+def exclusion_mask(seen: np.ndarray, skipped: np.ndarray, threshold: float, min_visits: int) -> np.ndarray:
+    """Samples AGC skipped in at least `threshold` of their visits, judged after `min_visits` visits:
+    the ones it keeps calling memorized (--agc_exclusion)."""
+    # skipped / seen rounds exactly as the decimal threshold does when they are equal (0.55 * 100 would not).
+    share = np.divide(skipped, seen, out=np.zeros(len(seen)), where=seen > 0)
+    return (seen >= min_visits) & (share >= threshold)

@@ -66,6 +66,8 @@ class MemmitConfig:
     agc_lambda: Optional[float] = opt(None, "Skip a sample when its loss < agc_lambda * loss_bank[t]; 0 turns AGC off. Default: 0.5 for pixel-space unconditional pipelines, 0.8 for text-to-image.")
     agc_bank_decay: float = opt(0.8, "Decay beta of the per-timestep loss bank: b <- beta*b + (1-beta)*loss.")
     agc_bank_init: str = opt("first", "Loss bank start: first (first observed loss) | zero (as the reference code).", choices=BANK_INITS)
+    agc_exclusion: Optional[float] = opt(None, "At each round's end, leave out of all later rounds every sample AGC skipped in at least this share of its visits so far (e.g. 0.5); off by default.")
+    agc_exclusion_min_visits: int = opt(4, "Visits a sample needs before agc_exclusion judges it.")
 
     # Text-to-image
     caption_dropout: float = opt(0.0, "Probability of training on the empty prompt (for classifier-free guidance).")
@@ -143,6 +145,9 @@ class MemmitConfig:
         need(self.lora_rank is None or not self.use_ema, "use_ema is not supported with lora_rank (adapters restart every turn)")
         need(self.export_lora_rank >= 1, f"export_lora_rank must be >= 1, got {self.export_lora_rank}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.agc_exclusion is None or 0 < self.agc_exclusion <= 1,
+             f"agc_exclusion must be in (0, 1], got {self.agc_exclusion}")
+        need(self.agc_exclusion_min_visits >= 1, f"agc_exclusion_min_visits must be >= 1, got {self.agc_exclusion_min_visits}")
         need(0 <= self.agc_bank_decay < 1, f"agc_bank_decay must be in [0, 1), got {self.agc_bank_decay}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         need(self.train_batch_size >= 1, f"train_batch_size must be >= 1, got {self.train_batch_size}")

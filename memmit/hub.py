@@ -130,6 +130,9 @@ def _method_lines(cfg: dict) -> list[str]:
     agc = ("off (λ = 0)" if lam == 0 else
            f"λ = {'the task default' if lam is None else lam}: a sample is skipped when its loss falls below "
            f"λ × the per-timestep loss bank (bank decay β = {cfg['agc_bank_decay']})")
+    if lam != 0 and cfg.get("agc_exclusion"):
+        agc += (f"; a sample skipped in at least {cfg['agc_exclusion']:.0%} of its visits (after "
+                f"{cfg['agc_exclusion_min_visits']}) is left out of later rounds (`memmit/excluded.json`)")
     weights = (f"LoRA of rank {cfg['lora_rank']} per shard" if cfg.get("lora_rank")
                else "full fine-tuning of the UNet")
     return [

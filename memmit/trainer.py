@@ -25,7 +25,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .agc import LossBank, masked_mean
+from .agc import LossBank, exclusion_mask, masked_mean
 from .config import MemmitConfig
 from .data import ImageTransform, check_images, iter_images, load_train_dataset, source_names, split_shards
 from .dedup import cluster_report, find_duplicate_clusters, keep_one, split_with_clusters
@@ -56,12 +56,20 @@ class ShardStream:
         self.cursor += len(batch)
         return batch.tolist()
 
+    def drop(self, ids: list[int]) -> None:
+        """Leave `ids` out from now on: in the rest of this epoch and in every later one."""
+        gone = torch.tensor(ids, dtype=torch.long)
+        self.ids = self.ids[~torch.isin(self.ids, gone)]
+        rest = self.order[self.cursor:]
+        self.order = torch.cat([self.order[:self.cursor], rest[~torch.isin(rest, gone)]])
+
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order.clone(), "cursor": self.cursor}
+        return {"generator": self.generator.get_state(), "ids": self.ids.clone(), "order": self.order.clone(),
+                "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.order, self.cursor = state["order"].clone(), state["cursor"]
+        self.ids, self.order, self.cursor = state["ids"].clone(), state["order"].clone(), state["cursor"]
 
 
 @dataclass
@@ -183,6 +191,8 @@ class Trainer:
                        for k in self.my_shards}
         self.seen = np.zeros(n, dtype=np.int64)
         self.skipped = np.zeros(n, dtype=np.int64)
+        # sample id -> when agc_exclusion left it out: {"round", "seen", "skipped"}; the same on every process.
+        self.excluded: dict[int, dict] = {}
         self.global_step = 0
         self.last_checkpoint_step = 0
         self.position = {"round": 0, "turn": 0, "window": 0}
@@ -387,11 +397,34 @@ class Trainer:
             self.theta.finish_round(self._all_reduce())
             if self.ema_avg is not None:
                 self.ema_avg.finish_round(self._all_reduce())
+            if cfg.agc_exclusion is not None:
+                self._exclude(rnd)
             self.position = {"round": rnd + 1, "turn": 0, "window": 0}
             self.save_checkpoint(live=None)
             self._log_samples(rnd)
         bar.close()
         return self.export()
+
+    def _exclude(self, rnd: int) -> None:
+        """--agc_exclusion: samples AGC keeps skipping leave every later round. Decided on the counts of all
+        processes, so every process records the same set; each drops them from its own shards' streams.
+        The split, the shard weights and the step budget stay as they were."""
+        cfg = self.cfg
+        seen, skipped = self._gather_counts()
+        flagged = exclusion_mask(seen, skipped, cfg.agc_exclusion, cfg.agc_exclusion_min_visits)
+        for k, ids in enumerate(self.shards):
+            active = [i for i in ids if i not in self.excluded]
+            drop = [i for i in active if flagged[i]]
+            if drop and len(drop) == len(active):
+                logger.warning(f"round {rnd}: agc_exclusion would empty shard {k}; its {len(drop)} samples stay",
+                               main_process_only=True)
+                continue
+            for i in drop:
+                self.excluded[i] = {"round": rnd, "seen": int(seen[i]), "skipped": int(skipped[i])}
+            if drop and k in self.states:
+                self.states[k].stream.drop(drop)
+        if self.accelerator.is_main_process:
+            (self.out / "memmit" / "excluded.json").write_text(json.dumps(self.excluded, indent=2))
 
     def _load_result(self) -> None:
         """θ̄ (or the averaged EMA) into the live UNet, adapters zeroed."""
@@ -444,11 +477,12 @@ class Trainer:
         shard_of = {i: k for k, ids in enumerate(self.shards) for i in ids}
         frac = np.where(seen > 0, skipped / np.maximum(seen, 1), 0.0)
         order = sorted(range(len(seen)), key=lambda i: (-frac[i], -skipped[i], i))
-        lines = ["rank,sample_id,seen,skipped,skip_fraction,shard,source"]
+        lines = ["rank,sample_id,seen,skipped,skip_fraction,shard,excluded_after_round,source"]
         for rank, i in enumerate(order, 1):
             source = names[i].replace('"', '""')
-            shard = shard_of.get(i, "excluded")  # dedup=keep_one leaves extra copies out of training
-            lines.append(f'{rank},{i},{seen[i]},{skipped[i]},{frac[i]:.4f},{shard},"{source}"')
+            shard = shard_of.get(i, "duplicate")  # dedup=keep_one leaves extra copies out of training
+            excluded = self.excluded[i]["round"] if i in self.excluded else ""
+            lines.append(f'{rank},{i},{seen[i]},{skipped[i]},{frac[i]:.4f},{shard},{excluded},"{source}"')
         path.write_text("\n".join(lines) + "\n")
 
     def export(self) -> Path:
@@ -516,7 +550,8 @@ class Trainer:
             if ema is not None:
                 process_state["live_ema"] = [t.detach().cpu() for t in ema.shadow_params]
         shared = {"theta": self.theta.state_dict(), "position": self.position,
-                  "ema": self.ema_avg.state_dict() if self.ema_avg is not None else None, "shards": self.shards}
+                  "ema": self.ema_avg.state_dict() if self.ema_avg is not None else None, "shards": self.shards,
+                  "excluded": self.excluded}
         ckpt.save(self.accelerator, self.out / "checkpoints", self.global_step, shared, process_state,
                   self.cfg.checkpoints_total_limit)
         self.last_checkpoint_step = self.global_step
@@ -534,6 +569,7 @@ class Trainer:
         if self.ema_avg is not None:
             self.ema_avg.load_state_dict(shared["ema"])
         self.position, self.global_step = shared["position"], process_state["global_step"]
+        self.excluded = shared["excluded"]
         self.last_checkpoint_step = self.global_step
         for k, s in process_state["shards"].items():
             self.states[k].load_state_dict(s)

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from memmit.agc import LossBank, masked_mean
+from fractions import Fraction
+
+import numpy as np
+
+from memmit.agc import LossBank, exclusion_mask, masked_mean
+from memmit.trainer import ShardStream
 
 
 def test_first_init_keeps_unset_then_skips_low_losses():
@@ -71,3 +76,32 @@ def test_state_round_trip():
 def test_bad_init():
     with pytest.raises(ValueError, match="agc_bank_init"):
         LossBank(3, init="ones")
+
+
+def test_exclusion_mask_rule():
+    rng = np.random.RandomState(0)
+    seen = rng.randint(0, 12, 500)
+    skipped = np.minimum(rng.randint(0, 12, 500), seen)
+    seen[:4], skipped[:4] = [4, 4, 3, 8], [2, 1, 3, 4]  # on the line, below it, too few visits, on it
+    for threshold, min_visits in [(0.5, 4), (0.3, 1), (0.7, 1), (1.0, 2)]:
+        expected = [s >= min_visits and Fraction(int(k), int(s)) >= Fraction(str(threshold))
+                    for s, k in zip(seen, skipped)]
+        assert exclusion_mask(seen, skipped, threshold, min_visits).tolist() == expected
+    assert exclusion_mask(seen, skipped, 0.5, 4)[:4].tolist() == [True, False, False, True]
+    assert exclusion_mask(np.array([100]), np.array([55]), 0.55, 1).tolist() == [True]  # 0.55 * 100 > 55 in floats
+
+
+def test_stream_drop_leaves_ids_out_of_this_epoch_and_later_ones():
+    stream = ShardStream(list(range(10, 30)), seed=3)
+    first = stream.next_batch(6)
+    rest_before = stream.order[stream.cursor:].tolist()
+    gone = [rest_before[0], rest_before[5], first[0]]
+    stream.drop(gone)
+    rest = stream.next_batch(100)  # the batch stops at the epoch's end
+    assert rest == [i for i in rest_before if i not in gone]
+    for _ in range(3):
+        epoch = stream.next_batch(100)
+        assert sorted(epoch) == [i for i in range(10, 30) if i not in gone]
+    copy = ShardStream([0], seed=0)
+    copy.load_state_dict(stream.state_dict())
+    assert copy.next_batch(100) == stream.next_batch(100)

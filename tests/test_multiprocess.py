@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--num_shards", "4", "--num_rounds", "2", "--local_epochs", "2", "--agc_lambda", "0.8",
+          "--agc_exclusion", "0.5", "--agc_exclusion_min_visits", "2",
           "--train_batch_size", "4", "--report_to", "none", "--num_validation_images", "0"]
 
 
@@ -51,6 +52,9 @@ def test_two_processes_equal_one_and_resume_exactly(tiny_pipeline, digits_dir, t
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "one" / "memmit" / "candidates.csv").read_text() == \
         (tmp_path / "two" / "memmit" / "candidates.csv").read_text()
+    # Both processes decided the same exclusions from the gathered counts (round 0's shape round 1).
+    excluded = (tmp_path / "one" / "memmit" / "excluded.json").read_text()
+    assert '"round": 0' in excluded and excluded == (tmp_path / "two" / "memmit" / "excluded.json").read_text()
 
     # Kill both processes mid-run, then resume with the same number of processes.
     out = tmp_path / "killed"

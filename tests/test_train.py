@@ -202,6 +202,9 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
         (base + data + ["--num_shards", "0"], "num_shards must be >= 1"),
         (base + data + ["--agc_lambda", "-1"], "agc_lambda must be >= 0"),
         (base + data + ["--agc_bank_decay", "1"], "agc_bank_decay must be in [0, 1)"),
+        (base + data + ["--agc_exclusion", "0"], "agc_exclusion must be in (0, 1]"),
+        (base + data + ["--agc_exclusion", "0.5", "--agc_exclusion_min_visits", "0"],
+         "agc_exclusion_min_visits must be >= 1"),
         (base + data + ["--num_rounds", "0"], "num_rounds must be >= 1"),
         (base + data + ["--output_dir", str(busy)], "is not empty; pass --overwrite_output_dir"),
         (base + data + ["--use_8bit_adam"], "use_8bit_adam needs bitsandbytes"),
@@ -306,7 +309,7 @@ def test_dedup_finds_copies_and_splits_accordingly(tiny_pipeline, tmp_path, dedu
     rows = {r.split(",")[1]: r.split(",") for r in (out / "memmit" / "candidates.csv").read_text().splitlines()[1:]}
     if dedup == "keep_one":
         assert flat == [i for i in range(24) if i not in (20, 21, 22, 23)]
-        assert rows["21"][5] == "excluded" and rows["21"][2] == "0"
+        assert rows["21"][5] == "duplicate" and rows["21"][2] == "0"
     else:
         assert flat == list(range(24))
         assert sum({3, 20, 21, 22, 23} <= set(s) for s in shards.values()) == 1
@@ -362,3 +365,40 @@ def test_options_reach_the_trainer(tiny_pipeline, digits_dir, tmp_path):
     assert bank.decay == 0.3 and bool(bank.is_set.all())  # zero init: every entry starts set, at 0
     group = trainer._make_optimizer(trainer.states[0])[0].param_groups[0]
     assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (3e-4, (0.8, 0.95), 0.1, 1e-6)
+
+
+def test_agc_exclusion_leaves_repeatedly_skipped_samples_out_and_resumes_exactly(tiny_pipeline, digits_dir, tmp_path):
+    import csv
+    import json
+    import shutil
+
+    common = ["--num_shards", 2, "--num_rounds", 3, "--local_epochs", 2, "--agc_lambda", 0.9,
+              "--agc_exclusion", 0.5, "--agc_exclusion_min_visits", 2, "--checkpoints_total_limit", 5]
+    out = tmp_path / "out"
+    Trainer(parse_args(args(tiny_pipeline, digits_dir, out, *common))).train()
+    excluded = {int(i): v for i, v in json.loads((out / "memmit" / "excluded.json").read_text()).items()}
+    with open(out / "memmit" / "candidates.csv") as f:
+        rows = {int(r["sample_id"]): r for r in csv.DictReader(f)}
+    assert 0 < len(excluded) < 24
+    for i, r in rows.items():
+        seen, skipped = int(r["seen"]), int(r["skipped"])
+        if i in excluded:
+            e = excluded[i]
+            # Judged on its counts then, and never visited again.
+            assert e["seen"] >= 2 and 2 * e["skipped"] >= e["seen"]
+            assert (seen, skipped) == (e["seen"], e["skipped"]) and r["excluded_after_round"] == str(e["round"])
+        else:
+            assert seen < 2 or 2 * skipped < seen, r
+    # Exclusions after round 0 changed what round 1 trained on; resuming from that round's end repeats it exactly.
+    assert any(e["round"] == 0 for e in excluded.values())
+    first = min((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    again = tmp_path / "again"
+    shutil.copytree(out / "checkpoints", again / "checkpoints")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    Trainer(parse_args(args(tiny_pipeline, digits_dir, again, *common,
+                            "--resume_from_checkpoint", again / "checkpoints" / first.name))).train()
+    a, b = unet_weights(out), unet_weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (again / "memmit" / "excluded.json").read_text() == (out / "memmit" / "excluded.json").read_text()
