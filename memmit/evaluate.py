@@ -375,7 +375,9 @@ def rescore(report_dir: str | Path, show_progress: bool = False) -> dict:
     """Score a finished evaluation's saved samples again, with this memmit's metrics; rewrites its report."""
     report_dir = Path(report_dir)
     settings = json.loads((report_dir / "report.json").read_text())["settings"]
-    settings = {k: settings[k] for k in inspect.signature(evaluate).parameters if k in settings}
+    # A report from an older memmit lacks the options added since: they take their defaults.
+    settings = {k: settings.get(k, p.default) for k, p in inspect.signature(evaluate).parameters.items()
+                if k != "show_progress" and (k in settings or p.default is not inspect.Parameter.empty)}
     settings["output_dir"] = str(report_dir)
     return run_evaluation(prepare_evaluation(settings, show_progress), show_progress,
                           samples=np.load(report_dir / "samples.npy"))

@@ -101,6 +101,11 @@ def test_saved_samples_rescore_to_the_same_report(tiny_pipeline, digits_dir, dig
     assert rescored["pixel"] == report["pixel"]
     again = rescore(out)  # the saved samples, read back from disk: no sampling
     assert again["pixel"] == report["pixel"] and again["settings"] == report["settings"]
+    # A report written before an option existed rescores with that option's default.
+    old = json.loads((out / "report.json").read_text())
+    del old["settings"]["caption_column"]
+    (out / "report.json").write_text(json.dumps(old))
+    assert rescore(out)["pixel"] == report["pixel"]
 
 
 def test_exact_copies_are_all_memorized(digits, encoder_file):
