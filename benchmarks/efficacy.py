@@ -1,4 +1,5 @@
-"""Efficacy: memorization and quality of every arm on the quickstart's data, measured with `memmit eval`.
+"""Efficacy: memorization and quality of every arm on the quickstart's data (or the same construction from
+scikit-learn's digits, --digits sklearn_digits), measured with `memmit eval`.
 
 Arms share the quickstart's cached data and pretrained pipeline and the same sample budget: 384
 optimizer steps of 32 samples (a plain fine-tune's 16 epochs over the 768 entries); each arm runs
@@ -17,19 +18,26 @@ from pathlib import Path
 from memmit.quickstart import (DIGIT_SETS, build_dataset, build_digit_features, data_dir, features_file, measure,
                                mitigate, pretrain)
 
-# configs/quickstart.yaml (memmit's default: K = 4, lambda = 0.5, dedup keep_one, 16 rounds x 6 steps
-# per shard) is the base of every arm. One shard takes 24 steps a round to keep the 384-step budget.
-ONE_SHARD = ("--num_shards", 1, "--local_steps", 24)
+# configs/quickstart.yaml (memmit's default: K = 1, lambda = 0.5, dedup keep_one, 16 rounds x 24 steps)
+# is the base of every arm. Four shards take 6 steps a round each to keep the 384-step budget.
+FOUR_SHARDS = ("--num_shards", 4, "--local_steps", 6)
 ARMS = {
-    "plain": ONE_SHARD + ("--agc_lambda", 0, "--dedup", "none"),
-    "iet_only": ("--agc_lambda", 0, "--dedup", "none"),
-    "agc_only": ONE_SHARD + ("--dedup", "none"),
-    "paper": ("--dedup", "none"),  # = configs/paper-quickstart.yaml
-    "dedup_same_shard": ("--dedup", "same_shard"),
-    "dedup_keep_one": (),  # memmit's default recipe
-    "dedup_keep_one_iet_only": ("--agc_lambda", 0),
-    "dedup_keep_one_agc_only": ONE_SHARD,
-    "oracle_plain_dedup": ONE_SHARD + ("--agc_lambda", 0),  # plain fine-tune on the de-duplicated set
+    "plain": ("--agc_lambda", 0, "--dedup", "none"),
+    "iet_only": FOUR_SHARDS + ("--agc_lambda", 0, "--dedup", "none"),
+    "agc_only": ("--dedup", "none"),
+    "paper": FOUR_SHARDS + ("--dedup", "none"),  # = configs/paper-quickstart.yaml
+    "dedup_same_shard": FOUR_SHARDS + ("--dedup", "same_shard"),
+    "paper_dedup": FOUR_SHARDS,  # the paper + dedup keep_one (memmit's default until 2026-11-28)
+    "dedup_iet_only": FOUR_SHARDS + ("--agc_lambda", 0),
+    # IET's average moves about 1/K as far as one shard's steps: the same shards at K times the rate.
+    "paper_dedup_lr4x": FOUR_SHARDS + ("--learning_rate", 4e-4),
+    # --agc_exclusion without dedup: the duplicates must be found by AGC's own skip counts.
+    "paper_exclusion": FOUR_SHARDS + ("--dedup", "none", "--agc_exclusion", 0.5),
+    "agc_exclusion_0.5": ("--dedup", "none", "--agc_exclusion", 0.5),
+    "agc_exclusion_0.3": ("--dedup", "none", "--agc_exclusion", 0.3),
+    "agc_exclusion_0.3_v2": ("--dedup", "none", "--agc_exclusion", 0.3, "--agc_exclusion_min_visits", 2),
+    "memmit": (),  # memmit's default recipe: dedup keep_one + AGC on one shard
+    "oracle": ("--agc_lambda", 0),  # plain fine-tune on the de-duplicated set
 }
 
 
@@ -48,22 +56,26 @@ def main() -> None:
     features = build_digit_features(features_file(data), data, args.digits)
     pretrained = pretrain(out, data, 2000)
     reuse = args.table_only
-    results = {"pretrained": measure(out, data, {"pretrained": pretrained}, features, args.num_samples, 50, reuse)}
+    results = {"pretrained": measure(out, data, {"pretrained": pretrained}, features, args.num_samples, 50, reuse,
+                                     args.digits)}
     for arm in args.arms:
         runs = {f"{arm}-seed{s}": out / f"{arm}-seed{s}" if reuse else
                 mitigate(out, data, pretrained, f"{arm}-seed{s}", *ARMS[arm], "--seed", s) for s in args.seeds}
-        results[arm] = measure(out, data, runs, features, args.num_samples, 50, reuse)
+        results[arm] = measure(out, data, runs, features, args.num_samples, 50, reuse, args.digits)
     (out / "efficacy.json").write_text(json.dumps(results, indent=2))
-    print("| arm | memorized % (mean; per seed) | copies of duplicated % | Fréchet distance | skip dup / unique % |")
-    print("|---|---|---|---|---|")
+    plain = statistics.mean(r["memorized"] for r in results["plain"]) if "plain" in results else None
+    print("| arm | memorized % (mean; per seed) | vs plain | copies of unique % | Fréchet, distinct training "
+          "digits | Fréchet, held-out digits | skip dup / unique % |")
+    print("|---|---|---|---|---|---|---|")
     for arm, rows in results.items():
         def col(key, scale=100.0, fmt=".1f"):
             values = [r[key] * scale for r in rows if r[key] is not None]
             if not values:
                 return "-"
             return f"{statistics.mean(values):{fmt}} ({'; '.join(format(v, fmt) for v in values)})"
-        print(f"| {arm} | {col('memorized')} | {col('copies_of_duplicated')} | {col('frechet', 1.0)} | "
-              f"{col('skip_duplicated')} / {col('skip_unique')} |")
+        change = "-" if plain is None else f"{statistics.mean(r['memorized'] for r in rows) / plain - 1:+.0%}"
+        print(f"| {arm} | {col('memorized')} | {change} | {col('copies_of_unique')} | {col('frechet', 1.0)} | "
+              f"{col('frechet_held_out', 1.0)} | {col('skip_duplicated')} / {col('skip_unique')} |")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ class MemmitConfig:
     random_flip: bool = opt(False, "Randomly flip images horizontally.")
 
     # Method: Iterative Ensemble Training
-    num_shards: int = opt(4, "K: number of disjoint data shards, one model copy trained per shard.")
+    num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2, at least one shard per process). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
     dedup: str = opt("keep_one", "Near-duplicate training images: keep_one (train on one copy; see EFFICACY.md) | same_shard (all copies in one shard) | none (the paper).", choices=("none", "keep_one", "same_shard"))
     dedup_threshold: float = opt(0.05, "Images closer than this RMS pixel distance (in [-1, 1], at <= 32 px) count as duplicates.")

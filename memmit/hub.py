@@ -135,10 +135,13 @@ def _method_lines(cfg: dict) -> list[str]:
                 f"{cfg['agc_exclusion_min_visits']}) is left out of later rounds (`memmit/excluded.json`)")
     weights = (f"LoRA of rank {cfg['lora_rank']} per shard" if cfg.get("lora_rank")
                else "full fine-tuning of the UNet")
+    iet = (f"off: one model on all the data (K = 1, memmit's default), {cfg['num_rounds']} rounds of {local}"
+           if cfg["num_shards"] == 1 else
+           f"K = {cfg['num_shards']} disjoint shards ({cfg['shard_strategy']} split), {cfg['num_rounds']} rounds; "
+           f"each round every shard's model trains for {local} on its own shard, then the shard models are "
+           f"averaged ({cfg['aggregation']} weights)")
     return [
-        f"- **Iterative Ensemble Training**: K = {cfg['num_shards']} disjoint shards ({cfg['shard_strategy']} split), "
-        f"{cfg['num_rounds']} rounds; each round every shard's model trains for {local} on its own shard, "
-        f"then the shard models are averaged ({cfg['aggregation']} weights).",
+        f"- **Iterative Ensemble Training**: {iet}.",
         f"- **Anti-Gradient Control**: {agc}.",
         f"- **Near-duplicate training images**: {DEDUP_TEXT.get(cfg.get('dedup', 'none'), cfg.get('dedup'))}.",
         f"- **Optimisation**: {weights}; AdamW, learning rate {cfg['learning_rate']} ({cfg['lr_scheduler']}), "

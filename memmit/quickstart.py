@@ -22,6 +22,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,32 @@ def features_file(data: Path) -> Path:
     return data.with_name(f"{data.name}-features.pt")
 
 
+def held_out_digits(data: Path, source: str):
+    """The set's digits that are not in the training data: ([N, 1, 16, 16] in [0, 1], labels)."""
+    import torch
+
+    x, y = digit_arrays(source)
+    used = set(datasets.load_from_disk(str(data))["digit_id"])
+    held_out = [i for i in range(len(x)) if i not in used]
+    images = torch.stack([torch.from_numpy(np.asarray(digit_image(x[i]), dtype=np.float32) / 255.0)[None]
+                          for i in held_out])
+    return images, torch.tensor(y[held_out], dtype=torch.long)
+
+
+def held_out_frechet(samples: np.ndarray, features: Path, data: Path, source: str) -> float:
+    """Frechet distance from samples (uint8 [N, H, W, 1]) to the held-out digits in the classifier's features:
+    a second quality reference, one that duplicates in the training data cannot bias."""
+    import torch
+
+    from .metrics import frechet_distance
+
+    extractor = torch.jit.load(str(features)).eval()
+    reference, _ = held_out_digits(data, source)
+    with torch.no_grad():
+        generated = torch.from_numpy(samples).permute(0, 3, 1, 2).float() / 255.0
+        return frechet_distance(extractor(generated), extractor(reference))
+
+
 def build_digit_features(path: Path, data: Path, source: str = "mnist", epochs: int | None = None,
                          seed: int = 0) -> Path:
     """A small CNN trained on digits of the same set outside the training set; its penultimate layer, as
@@ -89,13 +116,8 @@ def build_digit_features(path: Path, data: Path, source: str = "mnist", epochs: 
 
     if path.is_file():
         return path
-    x, y = digit_arrays(source)
-    used = set(datasets.load_from_disk(str(data))["digit_id"])
-    held_out = [i for i in range(len(x)) if i not in used]
-    epochs = epochs or max(3, round(15000 / len(held_out)))
-    images = torch.stack([torch.from_numpy(np.asarray(digit_image(x[i]), dtype=np.float32) / 255.0)[None]
-                          for i in held_out])
-    labels = torch.tensor(y[held_out], dtype=torch.long)
+    images, labels = held_out_digits(data, source)
+    epochs = epochs or max(3, round(15000 / len(images)))
     torch.manual_seed(seed)
     features = torch.nn.Sequential(
         torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
@@ -177,7 +199,9 @@ def duplicate_stats(report: dict, is_duplicate: list[bool], digit_ids: list[int]
 
 
 def skip_stats(run: Path, is_duplicate: list[bool]) -> dict:
-    """AGC's skip fraction over the run, on duplicated vs unique training entries."""
+    """AGC's skip fraction over the run, on duplicated vs unique training entries (none with AGC off)."""
+    if not yaml.safe_load((run / "memmit" / "config.yaml").read_text())["agc_lambda"]:
+        return {}
     totals = {True: [0, 0], False: [0, 0]}
     with open(run / "memmit" / "candidates.csv") as f:
         for row in csv.DictReader(f):
@@ -188,7 +212,7 @@ def skip_stats(run: Path, is_duplicate: list[bool]) -> dict:
 
 
 def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_samples: int,
-            inference_steps: int, reuse_samples: bool = False) -> list[dict]:
+            inference_steps: int, reuse_samples: bool = False, source: str = "mnist") -> list[dict]:
     """`memmit eval` on every run (or, with reuse_samples, a rescore of its saved samples), plus the
     duplicate-specific numbers the quickstart is about."""
     from .evaluate import evaluate, rescore
@@ -208,7 +232,9 @@ def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_sa
         skips = skip_stats(path, is_duplicate) if label != "pretrained" else {}
         rows.append({"label": label, "report": str(report_dir / "report.json"),
                      "memorized": report["pixel"]["fraction_memorized_ratio"],
-                     "frechet": report["quality"].get("frechet_distance"), **stats,
+                     "frechet": report["quality"].get("frechet_distance"),
+                     "frechet_held_out": held_out_frechet(np.load(report_dir / "samples.npy"), features, data, source),
+                     **stats,
                      "skip_duplicated": skips.get("duplicated"), "skip_unique": skips.get("unique")})
     return rows
 
@@ -246,10 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = {"pretrained": pretrained,
             "memmit": mitigate(out, data, pretrained, "memmit", *rounds),
             "paper": mitigate(out, data, pretrained, "paper", *rounds, recipe="paper-quickstart"),
-            # The same 384-step budget on one shard, AGC off, every entry: a plain fine-tune.
-            "plain": mitigate(out, data, pretrained, "plain", "--num_shards", 1, "--local_steps", 24,
+            # The default's 384-step budget on its one shard, with AGC off and every entry: a plain fine-tune.
+            "plain": mitigate(out, data, pretrained, "plain",
                               "--agc_lambda", 0, "--dedup", "none", *rounds)}
-    rows = measure(out, data, runs, features, args.num_samples, args.num_inference_steps)
+    rows = measure(out, data, runs, features, args.num_samples, args.num_inference_steps, source=args.digits)
     from .evaluate import compare_main
 
     compare_main([r["report"] for r in rows] + ["--labels", *runs, "--output", str(out / "compare.png")])

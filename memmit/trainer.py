@@ -171,7 +171,8 @@ class Trainer:
         if n < cfg.num_shards:
             raise ValueError(f"the dataset has {n} samples, fewer than num_shards={cfg.num_shards}")
         if cfg.num_shards < acc.num_processes:
-            raise ValueError(f"num_shards={cfg.num_shards} is smaller than the {acc.num_processes} processes")
+            raise ValueError(f"num_shards={cfg.num_shards} is smaller than the {acc.num_processes} processes: each "
+                             f"process trains whole shards, so pass --num_shards {acc.num_processes} (or a multiple)")
         self.duplicates = None
         self.shards = self._split(n)
         self.weights = shard_weights([len(s) for s in self.shards], cfg.aggregation)

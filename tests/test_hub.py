@@ -197,12 +197,13 @@ def test_card_for_local_sources_lora_text_to_image_without_reports(tmp_path):
     local_base, local_data = tmp_path / "base-pipe", tmp_path / "my-data"
     local_base.mkdir()
     local_data.mkdir()
-    cfg = run_config(caption_column="text", lora_rank=8, agc_lambda=0.0)
+    cfg = run_config(caption_column="text", lora_rank=8, agc_lambda=0.0, num_rounds=3, local_steps=5)
     card = ModelCard.load(write_model_card(tmp_path, cfg, str(local_base), str(local_data), None))
     data = card.data.to_dict()
     assert "base_model" not in data and "datasets" not in data and "model-index" not in data
     assert set(data["tags"]) == TAGS | {"text-to-image"}
     assert "LoRA of rank 8" in card.text and "off (λ = 0)" in card.text and str(tmp_path) not in card.text
+    assert "off: one model on all the data (K = 1, memmit's default), 3 rounds of 5 optimizer steps" in card.text
     assert 'from_pretrained("' + tmp_path.name + '")' in card.text  # default repo id: the output dir's name
 
 

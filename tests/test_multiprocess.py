@@ -72,3 +72,11 @@ def test_two_processes_equal_one_and_resume_exactly(tiny_pipeline, digits_dir, t
     assert "resumed from" in log
     resumed = weights(out)
     assert all(torch.equal(resumed[k], two[k]) for k in two)
+
+
+def test_one_shard_on_two_processes_says_how_many_shards_to_ask_for(tiny_pipeline, digits_dir, tmp_path):
+    proc = launch(2, tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", "1")
+    log = proc.communicate()[0].decode()
+    assert proc.returncode != 0
+    assert "num_shards=1 is smaller than the 2 processes" in log and "pass --num_shards 2" in log, log
+    assert not (tmp_path / "out" / "model_index.json").exists()

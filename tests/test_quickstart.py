@@ -22,8 +22,9 @@ def test_quickstart_reduced(tmp_path, capsys, monkeypatch):
     for r in rows:
         assert 0 <= r["copies_of_duplicated"] + r["copies_of_unique"] <= 1
         assert r["frechet"] is not None and r["frechet"] >= 0
-    # memmit ran AGC (skip fractions recorded); the plain arm has AGC off, so it skipped nothing.
-    assert rows[1]["skip_duplicated"] is not None and rows[3]["skip_duplicated"] == 0 == rows[3]["skip_unique"]
+    # memmit ran AGC (skip fractions recorded); the plain arm has AGC off, so it has none.
+    assert rows[1]["skip_duplicated"] is not None and rows[3]["skip_duplicated"] is None
+    assert all(r["frechet_held_out"] > 0 for r in rows)
     # memmit's default trains on one copy of each duplicated digit; the paper and plain arms on all.
     dup = json.loads((out / "memmit" / "memmit" / "duplicates.json").read_text())
     assert dup["num_clusters"] == 8 and dup["largest_cluster"] == 4
@@ -32,3 +33,26 @@ def test_quickstart_reduced(tmp_path, capsys, monkeypatch):
     # A second run reuses the cached data, classifier and pretrained pipeline.
     assert main(argv) == 0
     assert "using the cached pretrained pipeline" in capsys.readouterr().out
+
+
+def test_sklearn_digit_set_builds_with_known_duplicates_and_a_classifier(tmp_path):
+    import datasets
+    import numpy as np
+    import torch
+
+    from memmit.quickstart import build_dataset, build_digit_features, data_dir, digit_arrays, features_file
+
+    x, y = digit_arrays("sklearn_digits")
+    assert x.shape == (1797, 8, 8) and x.dtype == np.uint8 and x.max() == 255 and set(y.tolist()) == set(range(10))
+    data = build_dataset(data_dir(tmp_path, "sklearn_digits", 20, 3), "sklearn_digits", num_unique=20, copies=3)
+    assert data.name == "data-sklearn_digits-u20-r3"
+    ds = datasets.load_from_disk(str(data))
+    assert len(ds) == 20 + 8 * 3 and sum(ds["is_duplicate"]) == 24 and ds[0]["image"].size == (16, 16)
+    # Each row is its digit, bilinearly upscaled, with its label; the copies are the same picture.
+    for row in (0, 20, 20 + 8):
+        digit = ds["digit_id"][row]
+        expected = Image.fromarray(x[digit], "L").resize((16, 16), Image.BILINEAR)
+        assert np.array_equal(np.asarray(ds[row]["image"]), np.asarray(expected)) and ds["label"][row] == int(y[digit])
+    assert ds["digit_id"][20] == ds["digit_id"][28] and ds["is_duplicate"][20] and not ds["is_duplicate"][0]
+    features = torch.jit.load(str(build_digit_features(features_file(data), data, "sklearn_digits", epochs=1)))
+    assert features(torch.zeros(2, 1, 16, 16)).shape == (2, 64)

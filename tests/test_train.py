@@ -63,7 +63,7 @@ def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_
     assert images.shape == (2, 16, 16, 1) and images.std() > 0
 
     rows = (out / "memmit" / "candidates.csv").read_text().splitlines()
-    assert rows[0] == "rank,sample_id,seen,skipped,skip_fraction,shard,source" and len(rows) == 25
+    assert rows[0] == "rank,sample_id,seen,skipped,skip_fraction,shard,excluded_after_round,source" and len(rows) == 25
     fields = [r.split(",") for r in rows[1:]]
     # Every sample is seen once per round (local_epochs=1); skip fractions are ranked descending.
     assert all(int(f[2]) == 2 for f in fields)
