@@ -10,35 +10,45 @@ import torch
 
 
 class LossBank:
-    """One running loss per diffusion timestep, for one shard.
+    """One running loss per diffusion timestep (or per bin of consecutive timesteps), for one shard.
 
     An entry starts unset (``init="first"``: it takes the first loss seen at its timestep) or at 0
-    (``init="zero"``, the reference code). Values and flags live on the CPU in fp32.
+    (``init="zero"``, the reference code). With ``bins``, timestep t uses entry t * bins // T, so each
+    entry averages over T / bins timesteps: more samples per entry, less noise; ``bins=None`` is one
+    entry per timestep (the paper). Values and flags live on the CPU in fp32.
     """
 
-    def __init__(self, num_timesteps: int, decay: float = 0.8, init: str = "first"):
+    def __init__(self, num_timesteps: int, decay: float = 0.8, init: str = "first", bins: int | None = None):
         if init not in ("first", "zero"):
             raise ValueError(f"agc_bank_init must be 'first' or 'zero', got {init!r}")
+        if bins is not None and not 1 <= bins <= num_timesteps:
+            raise ValueError(f"agc_bank_bins must be between 1 and the {num_timesteps} timesteps, got {bins}")
         self.decay = decay
-        self.values = torch.zeros(num_timesteps, dtype=torch.float32)
-        self.is_set = torch.full((num_timesteps,), init == "zero", dtype=torch.bool)
+        self.num_timesteps = num_timesteps
+        self.bins = bins or num_timesteps
+        self.values = torch.zeros(self.bins, dtype=torch.float32)
+        self.is_set = torch.full((self.bins,), init == "zero", dtype=torch.bool)
+
+    def entries(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The bank entry of each timestep."""
+        return timesteps.cpu().long() * self.bins // self.num_timesteps
 
     def keep_mask(self, losses: torch.Tensor, timesteps: torch.Tensor, agc_lambda: float) -> torch.Tensor:
-        """True for samples that enter the gradient: l_i >= lambda * b[t_i], or b[t_i] unset."""
-        losses, t = losses.detach().float().cpu(), timesteps.cpu()
-        skip = self.is_set[t] & (losses < agc_lambda * self.values[t])
+        """True for samples that enter the gradient: l_i >= lambda * b[e(t_i)], or b[e(t_i)] unset."""
+        losses, e = losses.detach().float().cpu(), self.entries(timesteps)
+        skip = self.is_set[e] & (losses < agc_lambda * self.values[e])
         return ~skip
 
     def update(self, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """b[t_i] <- beta*b[t_i] + (1-beta)*l_i for every sample, in batch order (repeated t compound)."""
+        """b[e] <- beta*b[e] + (1-beta)*l_i for every sample, in batch order (repeated entries compound)."""
         beta = self.decay
-        for loss, t in zip(losses.detach().float().cpu().tolist(), timesteps.cpu().tolist()):
-            if self.is_set[t]:
+        for loss, e in zip(losses.detach().float().cpu().tolist(), self.entries(timesteps).tolist()):
+            if self.is_set[e]:
                 # Same fp32 arithmetic as a torch expression would do.
-                self.values[t] = beta * self.values[t] + (1 - beta) * loss
+                self.values[e] = beta * self.values[e] + (1 - beta) * loss
             else:
-                self.values[t] = loss
-                self.is_set[t] = True
+                self.values[e] = loss
+                self.is_set[e] = True
 
     def state_dict(self) -> dict:
         return {"values": self.values.clone(), "is_set": self.is_set.clone(), "decay": self.decay}

@@ -129,7 +129,8 @@ def _method_lines(cfg: dict) -> list[str]:
     lam = cfg["agc_lambda"]
     agc = ("off (λ = 0)" if lam == 0 else
            f"λ = {'the task default' if lam is None else lam}: a sample is skipped when its loss falls below "
-           f"λ × the per-timestep loss bank (bank decay β = {cfg['agc_bank_decay']})")
+           f"λ × the per-timestep loss bank (bank decay β = {cfg['agc_bank_decay']}"
+           + (f", {cfg['agc_bank_bins']} bins of timesteps)" if cfg.get("agc_bank_bins") else ")"))
     if lam != 0 and cfg.get("agc_exclusion"):
         agc += (f"; a sample skipped in at least {cfg['agc_exclusion']:.0%} of its visits (after "
                 f"{cfg['agc_exclusion_min_visits']}) is left out of later rounds (`memmit/excluded.json`)")

@@ -188,7 +188,8 @@ class Trainer:
 
         self._prepare_unet()
         self.states = {k: ShardState(k, self.shards[k], ShardStream(self.shards[k], cfg.seed + 1000 + k),
-                                     LossBank(self.task.num_train_timesteps, cfg.agc_bank_decay, cfg.agc_bank_init))
+                                     LossBank(self.task.num_train_timesteps, cfg.agc_bank_decay, cfg.agc_bank_init,
+                                              cfg.agc_bank_bins))
                        for k in self.my_shards}
         self.seen = np.zeros(n, dtype=np.int64)
         self.skipped = np.zeros(n, dtype=np.int64)

@@ -105,3 +105,18 @@ def test_stream_drop_leaves_ids_out_of_this_epoch_and_later_ones():
     copy = ShardStream([0], seed=0)
     copy.load_state_dict(stream.state_dict())
     assert copy.next_batch(100) == stream.next_batch(100)
+
+
+def test_binned_bank_shares_entries_among_consecutive_timesteps():
+    bank = LossBank(10, decay=0.5, bins=2)  # timesteps 0-4 -> entry 0, 5-9 -> entry 1
+    bank.update(torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0, 4, 9]))
+    assert bank.values.tolist() == [0.5 * 1.0 + 0.5 * 3.0, 2.0] and bank.is_set.all()
+    # Every timestep of a bin is judged against the bin's entry: 0.5 * 2.0 = 1.0 for both.
+    assert bank.keep_mask(torch.tensor([0.9, 1.1, 0.99]), torch.tensor([3, 5, 7]), 0.5).tolist() == [False, True, False]
+    # Uneven bins: entry = t * bins // T.
+    assert LossBank(1000, bins=3).entries(torch.tensor([0, 333, 334, 666, 667, 999])).tolist() == [0, 0, 1, 1, 2, 2]
+    # bins = T is the paper's bank, entry for entry.
+    assert LossBank(7, bins=7).entries(torch.arange(7)).tolist() == list(range(7))
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="agc_bank_bins must be between 1 and the 10 timesteps"):
+            LossBank(10, bins=bad)

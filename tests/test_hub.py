@@ -172,7 +172,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 # ---- model card ----------------------------------------------------------------------------------
 
 def test_card_metadata_results_and_body(tmp_path):
-    cfg = {**run_config(num_shards=3, local_steps=7, agc_lambda=0.6, agc_exclusion=0.75), "hub_token": TOKEN}
+    cfg = {**run_config(num_shards=3, local_steps=7, agc_lambda=0.6, agc_exclusion=0.75,
+                                agc_bank_bins=50), "hub_token": TOKEN}
     path = write_model_card(tmp_path, cfg, BASE, DATASET, REPORTS, repo_id=REPO)
     assert path == tmp_path / "README.md" and TOKEN not in path.read_text()
     card = ModelCard.load(path)
@@ -188,6 +189,7 @@ def test_card_metadata_results_and_body(tmp_path):
     assert "K = 3" in text and "7 optimizer steps" in text and "λ = 0.6" in text and "full fine-tuning" in text
     assert "trained on once" in text  # the default dedup=keep_one
     assert "skipped in at least 75% of its visits (after 4) is left out of later rounds" in text
+    assert "(bank decay β = 0.8, 50 bins of timesteps)" in text
     assert "| memorized fraction (d1/d2 < 0.333) | 25.0% | 6.2% |" in text
     assert f'DiffusionPipeline.from_pretrained("{REPO}")' in text and "2407.15328" in text and "ECCV" in text
 

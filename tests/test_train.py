@@ -203,6 +203,7 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
         (base + data + ["--agc_lambda", "-1"], "agc_lambda must be >= 0"),
         (base + data + ["--agc_bank_decay", "1"], "agc_bank_decay must be in [0, 1)"),
         (base + data + ["--agc_exclusion", "0"], "agc_exclusion must be in (0, 1]"),
+        (base + data + ["--agc_bank_bins", "100000"], "agc_bank_bins must be between 1 and the"),
         (base + data + ["--agc_exclusion", "0.5", "--agc_exclusion_min_visits", "0"],
          "agc_exclusion_min_visits must be >= 1"),
         (base + data + ["--num_rounds", "0"], "num_rounds must be >= 1"),
@@ -355,6 +356,7 @@ def test_options_reach_the_trainer(tiny_pipeline, digits_dir, tmp_path):
 
     trainer = Trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 3,
                                       "--aggregation", "uniform", "--agc_bank_decay", 0.3, "--agc_bank_init", "zero",
+                                      "--agc_bank_bins", 20,
                                       "--shard_strategy", "stratified", "--label_column", "label", "--seed", 5,
                                       "--adam_beta1", 0.8, "--adam_beta2", 0.95, "--adam_weight_decay", 0.1,
                                       "--adam_epsilon", 1e-6, "--learning_rate", 3e-4)))
@@ -363,6 +365,7 @@ def test_options_reach_the_trainer(tiny_pipeline, digits_dir, tmp_path):
     assert trainer.weights == shard_weights([len(s) for s in trainer.shards], "uniform")
     bank = trainer.states[0].bank
     assert bank.decay == 0.3 and bool(bank.is_set.all())  # zero init: every entry starts set, at 0
+    assert bank.values.shape == (20,) and bank.num_timesteps == trainer.task.num_train_timesteps
     group = trainer._make_optimizer(trainer.states[0])[0].param_groups[0]
     assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (3e-4, (0.8, 0.95), 0.1, 1e-6)
 
