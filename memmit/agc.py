@@ -54,6 +54,9 @@ class LossBank:
         return {"values": self.values.clone(), "is_set": self.is_set.clone(), "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["values"].shape != self.values.shape:
+            raise ValueError(f"the checkpoint's loss bank has {state['values'].numel()} entries, this run's "
+                             f"{self.values.numel()}: resume needs the same agc_bank_bins")
         self.values.copy_(state["values"])
         self.is_set.copy_(state["is_set"])
         self.decay = state["decay"]

@@ -117,6 +117,8 @@ def test_binned_bank_shares_entries_among_consecutive_timesteps():
     assert LossBank(1000, bins=3).entries(torch.tensor([0, 333, 334, 666, 667, 999])).tolist() == [0, 0, 1, 1, 2, 2]
     # bins = T is the paper's bank, entry for entry.
     assert LossBank(7, bins=7).entries(torch.arange(7)).tolist() == list(range(7))
+    with pytest.raises(ValueError, match="resume needs the same agc_bank_bins"):
+        LossBank(10, bins=5).load_state_dict(bank.state_dict())
     for bad in (0, 11):
         with pytest.raises(ValueError, match="agc_bank_bins must be between 1 and the 10 timesteps"):
             LossBank(10, bins=bad)
