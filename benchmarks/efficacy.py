@@ -36,7 +36,12 @@ ARMS = {
     "agc_exclusion_0.5": ("--dedup", "none", "--agc_exclusion", 0.5),
     "agc_exclusion_0.3": ("--dedup", "none", "--agc_exclusion", 0.3),
     "agc_exclusion_0.3_v2": ("--dedup", "none", "--agc_exclusion", 0.3, "--agc_exclusion_min_visits", 2),
+    # A loss bank of 50 entries, each shared by 20 consecutive timesteps, instead of 1,000.
+    "paper_bins50": FOUR_SHARDS + ("--dedup", "none", "--agc_bank_bins", 50),
+    "agc_only_bins50": ("--dedup", "none", "--agc_bank_bins", 50),
+    "memmit_bins50": ("--agc_bank_bins", 50),
     "memmit": (),  # memmit's default recipe: dedup keep_one + AGC on one shard
+    "memmit_exclusion": ("--agc_exclusion", 0.3, "--agc_exclusion_min_visits", 2),
     "oracle": ("--agc_lambda", 0),  # plain fine-tune on the de-duplicated set
 }
 
@@ -44,24 +49,30 @@ ARMS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--digits", default="mnist", choices=DIGIT_SETS)
-    parser.add_argument("--output_dir", default=None, help="default: efficacy-output[-DIGITS]")
+    parser.add_argument("--shift", type=int, default=0,
+                        help="move each later copy of a duplicated digit by up to this many pixels (near-duplicates)")
+    parser.add_argument("--output_dir", default=None, help="default: efficacy-output[-DIGITS][-shiftN]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true",
                         help="train nothing: rescore the arms' saved samples with this memmit and print the table")
     args = parser.parse_args()
-    out = Path(args.output_dir or "efficacy-output" + ("" if args.digits == "mnist" else f"-{args.digits}"))
-    data = build_dataset(data_dir(out, args.digits), args.digits)
+    out = Path(args.output_dir or "efficacy-output" + ("" if args.digits == "mnist" else f"-{args.digits}")
+               + (f"-shift{args.shift}" if args.shift else ""))
+    data = build_dataset(data_dir(out, args.digits, shift=args.shift), args.digits, shift=args.shift)
+    # Shifted copies are scored against each digit once: among themselves they would pass for distinct images.
+    reference = build_dataset(data_dir(out, args.digits, copies=1), args.digits, copies=1) if args.shift else None
     features = build_digit_features(features_file(data), data, args.digits)
     pretrained = pretrain(out, data, 2000)
     reuse = args.table_only
-    results = {"pretrained": measure(out, data, {"pretrained": pretrained}, features, args.num_samples, 50, reuse,
-                                     args.digits)}
+    def score(runs):
+        return measure(out, data, runs, features, args.num_samples, 50, reuse, args.digits, reference)
+    results = {"pretrained": score({"pretrained": pretrained})}
     for arm in args.arms:
-        runs = {f"{arm}-seed{s}": out / f"{arm}-seed{s}" if reuse else
-                mitigate(out, data, pretrained, f"{arm}-seed{s}", *ARMS[arm], "--seed", s) for s in args.seeds}
-        results[arm] = measure(out, data, runs, features, args.num_samples, 50, reuse, args.digits)
+        results[arm] = score({f"{arm}-seed{s}": out / f"{arm}-seed{s}" if reuse else
+                              mitigate(out, data, pretrained, f"{arm}-seed{s}", *ARMS[arm], "--seed", s)
+                              for s in args.seeds})
     (out / "efficacy.json").write_text(json.dumps(results, indent=2))
     plain = statistics.mean(r["memorized"] for r in results["plain"]) if "plain" in results else None
     print("| arm | memorized % (mean; per seed) | vs plain | copies of unique % | Fréchet, distinct training "

@@ -53,8 +53,11 @@ def digit_image(array: np.ndarray) -> Image.Image:
 
 
 def build_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_duplicated: int = 8,
-                  copies: int = 64, seed: int = 0) -> Path:
-    """Real digits at 16x16 with known duplicates (columns image, label, digit_id, is_duplicate)."""
+                  copies: int = 64, seed: int = 0, shift: int = 0) -> Path:
+    """Real digits at 16x16 with known duplicates (columns image, label, digit_id, is_duplicate).
+
+    With `shift`, every copy after a duplicated digit's first is moved by a seeded random offset of up
+    to `shift` pixels each way: near-duplicates that no pixel threshold can tell from other digits."""
     if (path / "dataset_info.json").is_file():
         return path
     x, y = digit_arrays(source)
@@ -62,8 +65,12 @@ def build_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_
     unique, duplicated = order[:num_unique], order[num_unique:num_unique + num_duplicated]
     rows = list(unique) + list(duplicated) * copies
     duplicated_ids = set(duplicated.tolist())
+    offsets = np.random.RandomState(seed + 1).randint(-shift, shift + 1, size=(len(rows), 2))
+    offsets[:num_unique + num_duplicated] = 0  # the unique digits and each duplicated digit's first copy
+    images = [Image.fromarray(np.roll(np.asarray(digit_image(x[i])), tuple(offset), axis=(0, 1)), "L")
+              for i, offset in zip(rows, offsets)]
     ds = datasets.Dataset.from_dict(
-        {"image": [digit_image(x[i]) for i in rows], "label": [int(y[i]) for i in rows],
+        {"image": images, "label": [int(y[i]) for i in rows],
          "digit_id": [int(i) for i in rows], "is_duplicate": [int(i) in duplicated_ids for i in rows]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64"),
                                     "digit_id": datasets.Value("int64"), "is_duplicate": datasets.Value("bool")}))
@@ -71,10 +78,10 @@ def build_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_
     return path
 
 
-def data_dir(out: Path, source: str, num_unique: int = 256, copies: int = 64) -> Path:
+def data_dir(out: Path, source: str, num_unique: int = 256, copies: int = 64, shift: int = 0) -> Path:
     """Where build_dataset caches a set (MNIST keeps the name it has always had)."""
     prefix = "" if source == "mnist" else f"{source}-"
-    return out / f"data-{prefix}u{num_unique}-r{copies}"
+    return out / (f"data-{prefix}u{num_unique}-r{copies}" + (f"-s{shift}" if shift else ""))
 
 
 def features_file(data: Path) -> Path:
@@ -212,24 +219,29 @@ def skip_stats(run: Path, is_duplicate: list[bool]) -> dict:
 
 
 def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_samples: int,
-            inference_steps: int, reuse_samples: bool = False, source: str = "mnist") -> list[dict]:
+            inference_steps: int, reuse_samples: bool = False, source: str = "mnist",
+            reference: Path | None = None) -> list[dict]:
     """`memmit eval` on every run (or, with reuse_samples, a rescore of its saved samples), plus the
-    duplicate-specific numbers the quickstart is about."""
+    duplicate-specific numbers the quickstart is about. Samples are scored against `reference` when
+    given (each digit once, for training data of shifted copies, which would hide each other's copying
+    from the d1/d2 ratio), else against the training data."""
     from .evaluate import evaluate, rescore
 
-    ds = datasets.load_from_disk(str(data))
-    is_duplicate, digit_ids = ds["is_duplicate"], ds["digit_id"]
+    reference = reference or data
+    scored = datasets.load_from_disk(str(reference))
+    is_duplicate, digit_ids = scored["is_duplicate"], scored["digit_id"]
+    trained_is_duplicate = datasets.load_from_disk(str(data))["is_duplicate"]
     rows = []
     for label, path in runs.items():
         report_dir = out / "eval" / label
         if reuse_samples and (report_dir / "samples.npy").is_file():
             report = rescore(report_dir)
         else:
-            report = evaluate(str(path), str(report_dir), dataset_name=str(data), num_samples=num_samples,
+            report = evaluate(str(path), str(report_dir), dataset_name=str(reference), num_samples=num_samples,
                               num_inference_steps=inference_steps, quality_extractor=str(features),
                               show_progress=False)
         stats = duplicate_stats(report, is_duplicate, digit_ids)
-        skips = skip_stats(path, is_duplicate) if label != "pretrained" else {}
+        skips = skip_stats(path, trained_is_duplicate) if label != "pretrained" else {}
         rows.append({"label": label, "report": str(report_dir / "report.json"),
                      "memorized": report["pixel"]["fraction_memorized_ratio"],
                      "frechet": report["quality"].get("frechet_distance"),

@@ -56,3 +56,26 @@ def test_sklearn_digit_set_builds_with_known_duplicates_and_a_classifier(tmp_pat
     assert ds["digit_id"][20] == ds["digit_id"][28] and ds["is_duplicate"][20] and not ds["is_duplicate"][0]
     features = torch.jit.load(str(build_digit_features(features_file(data), data, "sklearn_digits", epochs=1)))
     assert features(torch.zeros(2, 1, 16, 16)).shape == (2, 64)
+
+
+def test_shifted_copies_are_the_digit_moved_by_at_most_the_shift(tmp_path):
+    import datasets
+    import numpy as np
+
+    from memmit.quickstart import build_dataset, data_dir
+
+    plain = datasets.load_from_disk(str(build_dataset(data_dir(tmp_path, "mnist", 10, 6), "mnist", num_unique=10,
+                                                      copies=6)))
+    path = build_dataset(data_dir(tmp_path, "mnist", 10, 6, shift=1), "mnist", num_unique=10, copies=6, shift=1)
+    assert path.name == "data-u10-r6-s1"
+    shifted = datasets.load_from_disk(str(path))
+    assert shifted["digit_id"] == plain["digit_id"] and shifted["is_duplicate"] == plain["is_duplicate"]
+    moves = set()
+    for row in range(len(plain)):
+        a, b = np.asarray(plain[row]["image"]), np.asarray(shifted[row]["image"])
+        found = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if np.array_equal(np.roll(a, (dy, dx), (0, 1)), b)]
+        assert found, row
+        if row < 10 + 8:  # unique digits and each duplicated digit's first copy stay where they are
+            assert (0, 0) in found
+        moves.update(found)
+    assert len(moves) > 3  # the copies really move, in several directions
