@@ -57,7 +57,8 @@ def build_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_
     """Real digits at 16x16 with known duplicates (columns image, label, digit_id, is_duplicate).
 
     With `shift`, every copy after a duplicated digit's first is moved by a seeded random offset of up
-    to `shift` pixels each way: near-duplicates that no pixel threshold can tell from other digits."""
+    to `shift` pixels each way: a family of variants (a 1-pixel move is as far as another digit in
+    pixels), each variant repeated; a copy of one still stands out from the others in the d1/d2 ratio."""
     if (path / "dataset_info.json").is_file():
         return path
     x, y = digit_arrays(source)
@@ -219,29 +220,24 @@ def skip_stats(run: Path, is_duplicate: list[bool]) -> dict:
 
 
 def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_samples: int,
-            inference_steps: int, reuse_samples: bool = False, source: str = "mnist",
-            reference: Path | None = None) -> list[dict]:
+            inference_steps: int, reuse_samples: bool = False, source: str = "mnist") -> list[dict]:
     """`memmit eval` on every run (or, with reuse_samples, a rescore of its saved samples), plus the
-    duplicate-specific numbers the quickstart is about. Samples are scored against `reference` when
-    given (each digit once, for training data of shifted copies, which would hide each other's copying
-    from the d1/d2 ratio), else against the training data."""
+    duplicate-specific numbers the quickstart is about."""
     from .evaluate import evaluate, rescore
 
-    reference = reference or data
-    scored = datasets.load_from_disk(str(reference))
-    is_duplicate, digit_ids = scored["is_duplicate"], scored["digit_id"]
-    trained_is_duplicate = datasets.load_from_disk(str(data))["is_duplicate"]
+    ds = datasets.load_from_disk(str(data))
+    is_duplicate, digit_ids = ds["is_duplicate"], ds["digit_id"]
     rows = []
     for label, path in runs.items():
         report_dir = out / "eval" / label
         if reuse_samples and (report_dir / "samples.npy").is_file():
             report = rescore(report_dir)
         else:
-            report = evaluate(str(path), str(report_dir), dataset_name=str(reference), num_samples=num_samples,
+            report = evaluate(str(path), str(report_dir), dataset_name=str(data), num_samples=num_samples,
                               num_inference_steps=inference_steps, quality_extractor=str(features),
                               show_progress=False)
         stats = duplicate_stats(report, is_duplicate, digit_ids)
-        skips = skip_stats(path, trained_is_duplicate) if label != "pretrained" else {}
+        skips = skip_stats(path, is_duplicate) if label != "pretrained" else {}
         rows.append({"label": label, "report": str(report_dir / "report.json"),
                      "memorized": report["pixel"]["fraction_memorized_ratio"],
                      "frechet": report["quality"].get("frechet_distance"),
