@@ -35,6 +35,17 @@ def test_quickstart_reduced(tmp_path, capsys, monkeypatch):
     assert "using the cached pretrained pipeline" in capsys.readouterr().out
 
 
+def test_quickstart_on_sklearn_digits(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "qs"
+    assert main(["--digits", "sklearn_digits", "--output_dir", str(out), "--pretrain_steps", "4", "--num_unique", "16",
+                 "--copies", "4", "--num_rounds", "1", "--num_samples", "8", "--num_inference_steps", "2"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in rows] == ["pretrained", "memmit", "paper", "plain"]
+    assert (out / "data-sklearn_digits-u16-r4").is_dir() and (out / "data-sklearn_digits-u16-r4-features.pt").is_file()
+    dup = json.loads((out / "memmit" / "memmit" / "duplicates.json").read_text())
+    assert dup["num_clusters"] == 8 and dup["largest_cluster"] == 4
+
 def test_sklearn_digit_set_builds_with_known_duplicates_and_a_classifier(tmp_path):
     import datasets
     import numpy as np
