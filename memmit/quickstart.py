@@ -101,18 +101,24 @@ def held_out_digits(data: Path, source: str):
     return images, torch.tensor(y[held_out], dtype=torch.long)
 
 
-def held_out_frechet(samples: np.ndarray, features: Path, data: Path, source: str) -> float:
-    """Frechet distance from samples (uint8 [N, H, W, 1]) to the held-out digits in the classifier's features:
-    a second quality reference, one that duplicates in the training data cannot bias."""
+def held_out_features(features: Path, data: Path, source: str):
+    """The classifier's features (TorchScript file) and its features of the held-out digits: the second
+    quality reference, one that duplicates in the training data cannot bias."""
+    import torch
+
+    extractor = torch.jit.load(str(features)).eval()
+    with torch.no_grad():
+        return extractor, extractor(held_out_digits(data, source)[0])
+
+
+def held_out_frechet(samples: np.ndarray, extractor, reference) -> float:
+    """Frechet distance from samples (uint8 [N, H, W, 1]) to the held-out digits' features."""
     import torch
 
     from .metrics import frechet_distance
 
-    extractor = torch.jit.load(str(features)).eval()
-    reference, _ = held_out_digits(data, source)
     with torch.no_grad():
-        generated = torch.from_numpy(samples).permute(0, 3, 1, 2).float() / 255.0
-        return frechet_distance(extractor(generated), extractor(reference))
+        return frechet_distance(extractor(torch.from_numpy(samples).permute(0, 3, 1, 2).float() / 255.0), reference)
 
 
 def build_digit_features(path: Path, data: Path, source: str = "mnist", epochs: int | None = None,
@@ -227,6 +233,7 @@ def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_sa
 
     ds = datasets.load_from_disk(str(data))
     is_duplicate, digit_ids = ds["is_duplicate"], ds["digit_id"]
+    extractor, held_out = held_out_features(features, data, source)  # once: the same for every run
     rows = []
     for label, path in runs.items():
         report_dir = out / "eval" / label
@@ -241,7 +248,7 @@ def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_sa
         rows.append({"label": label, "report": str(report_dir / "report.json"),
                      "memorized": report["pixel"]["fraction_memorized_ratio"],
                      "frechet": report["quality"].get("frechet_distance"),
-                     "frechet_held_out": held_out_frechet(np.load(report_dir / "samples.npy"), features, data, source),
+                     "frechet_held_out": held_out_frechet(np.load(report_dir / "samples.npy"), extractor, held_out),
                      **stats,
                      "skip_duplicated": skips.get("duplicated"), "skip_unique": skips.get("unique")})
     return rows
