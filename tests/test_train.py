@@ -26,13 +26,17 @@ from conftest import save_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def reset_accelerator() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator():
     """Accelerator state is a process-wide singleton: every test starts from none."""
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerator()
 
 
 def args(pipe, data, out, *extra) -> list[str]:
@@ -397,9 +401,7 @@ def test_agc_exclusion_leaves_repeatedly_skipped_samples_out_and_resumes_exactly
     first = min((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     again = tmp_path / "again"
     shutil.copytree(out / "checkpoints", again / "checkpoints")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerator()
     Trainer(parse_args(args(tiny_pipeline, digits_dir, again, *common,
                             "--resume_from_checkpoint", again / "checkpoints" / first.name))).train()
     a, b = unet_weights(out), unet_weights(again)
