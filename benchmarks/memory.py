@@ -21,12 +21,12 @@ from common import add_model_args, make_setup
 
 def measure(args) -> dict:
     from memmit.config import MemmitConfig
-    from memmit.trainer import Trainer
+    from memmit.cli import run
 
     cfg = MemmitConfig(pretrained_model_name_or_path=args.pipe, dataset_name=args.data, output_dir=tempfile.mkdtemp(),
                        num_shards=args.single, num_rounds=2, local_steps=2, train_batch_size=args.batch_size,
                        center_crop=True, report_to="none", checkpointing_steps=None, num_validation_images=0)
-    Trainer(cfg).train()
+    run(cfg)
     peak = {"cpu_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
         peak["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

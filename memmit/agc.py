@@ -5,6 +5,8 @@ Pure torch and numpy; no accelerate, no I/O, so the rule can be tested against h
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -34,15 +36,19 @@ class LossBank:
         return timesteps.cpu().long() * self.bins // self.num_timesteps
 
     def keep_mask(self, losses: torch.Tensor, timesteps: torch.Tensor, agc_lambda: float) -> torch.Tensor:
-        """True for samples that enter the gradient: l_i >= lambda * b[e(t_i)], or b[e(t_i)] unset."""
+        """True for samples that enter the gradient: l_i >= lambda * b[e(t_i)], or b[e(t_i)] unset.
+        A non-finite loss is never kept: one NaN in the gradient would ruin the shard's weights."""
         losses, e = losses.detach().float().cpu(), self.entries(timesteps)
         skip = self.is_set[e] & (losses < agc_lambda * self.values[e])
-        return ~skip
+        return ~skip & torch.isfinite(losses)
 
     def update(self, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """b[e] <- beta*b[e] + (1-beta)*l_i for every sample, in batch order (repeated entries compound)."""
+        """b[e] <- beta*b[e] + (1-beta)*l_i for every finite sample, in batch order (repeated entries compound).
+        A non-finite loss is left out: it would turn its entry, and AGC at that timestep, off for good."""
         beta = self.decay
         for loss, e in zip(losses.detach().float().cpu().tolist(), self.entries(timesteps).tolist()):
+            if not math.isfinite(loss):
+                continue
             if self.is_set[e]:
                 # Same fp32 arithmetic as a torch expression would do.
                 self.values[e] = beta * self.values[e] + (1 - beta) * loss
@@ -62,11 +68,13 @@ class LossBank:
         self.decay = state["decay"]
 
 
-def masked_mean(losses: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of the kept samples' (optionally weighted) losses; caller must ensure keep.any()."""
+def kept_sum(losses: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of the kept samples' (optionally weighted) losses. Divided by the kept count of the whole
+    optimizer step (every micro-batch, every process of a shard group), it is the step's loss: a mean
+    over kept samples, not a mean of per-micro-batch means."""
     keep = keep.to(losses.device)
     values = losses if weights is None else losses * weights
-    return values[keep].mean()
+    return values[keep].sum()
 
 
 def exclusion_mask(seen: np.ndarray, skipped: np.ndarray, threshold: float, min_visits: int) -> np.ndarray:

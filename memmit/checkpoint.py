@@ -73,3 +73,19 @@ def load(accelerator: Accelerator, path: Path) -> tuple[dict, dict]:
                          f"resume it with the same number (now {accelerator.num_processes})")
     process_state = torch.load(path / f"process_{accelerator.process_index}.pt", weights_only=True)
     return shared, process_state
+
+
+def check_resume(path: Path, saved_config: dict, saved_shards: list[list[int]], cfg: dict, free: set[str],
+                 shards: list[list[int]]) -> dict[str, tuple]:
+    """Refuse a resume whose arithmetic differs from the checkpoint's: one error naming every changed option
+    with both values. Returns the free options (logging, checkpointing, push, ...) that did change."""
+    changed = {k: (saved_config.get(k), v) for k, v in cfg.items() if k in saved_config and saved_config[k] != v}
+    fixed = {k: pair for k, pair in changed.items() if k not in free}
+    if fixed:
+        listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in fixed.items())
+        raise ValueError(f"cannot resume from {path}: options that change the run's arithmetic differ from the "
+                         f"checkpoint's ({listed}); pass the checkpoint's values or start a new run")
+    if saved_shards != shards:
+        raise ValueError(f"cannot resume from {path}: it was made with another shard split (the data, "
+                         "max_train_samples or duplicate detection changed); resume needs the same data")
+    return {k: pair for k, pair in changed.items() if k in free}

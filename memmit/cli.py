@@ -5,26 +5,67 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 from .config import parse_args
 
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+def prepare(cfg) -> tuple[Trainer, Optional[str]]:
+    """Everything before training: bad input (the Hub settings and repo included) raises ValueError here."""
+    from .hub import check_hub_settings, create_repo_early
+    from .trainer import Trainer  # heavy imports only once the flags are known to be valid
+
+    repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
+    trainer = Trainer(cfg)
+    # Every input is valid: a bad token or repo name fails now, in seconds, not after training.
+    if repo_id and trainer.accelerator.is_main_process:
+        repo_id = create_repo_early(repo_id, cfg.hub_token, cfg.hub_private_repo)
+    return trainer, repo_id
+
+
+def finish(trainer: Trainer, repo_id: Optional[str]) -> Path:
+    """Train, export the result with its model card, push it when asked."""
+    from .export import export_result
+    from .hub import push, write_model_card
+
+    cfg, acc = trainer.cfg, trainer.accelerator
+    trainer.train()
+    if acc.is_main_process:
+        export_result(trainer.task, trainer.model, cfg, trainer.out)
+        write_model_card(trainer.out, cfg.to_dict(), cfg.pretrained_model_name_or_path,
+                         cfg.dataset_name or cfg.train_data_dir, repo_id=repo_id)
+    acc.wait_for_everyone()
+    acc.end_training()
+    if repo_id and acc.is_main_process:
+        print(f"memmit: pushed to {push(trainer.out, repo_id, cfg.hub_token, cfg.hub_private_repo)}")
+    return trainer.out
+
+
+def run(cfg) -> Trainer:
+    """The whole recipe, in process (tests, notebooks); returns the trainer for inspection."""
+    trainer, repo_id = prepare(cfg)
+    finish(trainer, repo_id)
+    return trainer
+
 
 def train_main(argv: list[str] | None = None) -> int:
-    """Parse, validate and train; bad input exits non-zero with one message, before training."""
+    """Parse, validate and train; bad input exits 2 with one message, before training."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        cfg = parse_args(argv)
-        from .trainer import Trainer  # heavy imports only once the flags are known to be valid
-
-        trainer = Trainer(cfg)
+        trainer, repo_id = prepare(parse_args(argv))
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
     from .hub import PushError
+    from .trainer import NonFiniteLossError
 
     try:
-        out = trainer.train()
-    except PushError as exc:  # the trained output is on disk; only the upload failed
+        out = finish(trainer, repo_id)
+    except (PushError, NonFiniteLossError) as exc:  # checkpoints stay on disk; the message says what to do
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 1
     print(f"memmit: mitigated pipeline written to {out}")

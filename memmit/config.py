@@ -20,13 +20,16 @@ AGGREGATIONS = ("size", "uniform")
 BANK_INITS = ("first", "zero")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SECRET_OPTIONS = ("hub_token",)
+# Every tracker accelerate supports, "all" of those installed, or "none" (as diffusers' examples).
+TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "aim", "all", "none")
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
 
 
 def opt(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field carrying its one-line help."""
+    """A dataclass field carrying its one-line help. `resume="free"` marks an option that does not change the
+    run's arithmetic, so it may differ when resuming; every other option must equal the checkpoint's."""
     metadata = {"help": help, **kwargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -73,7 +76,7 @@ class MemmitConfig:
     # Text-to-image
     caption_dropout: float = opt(0.0, "Probability of training on the empty prompt (for classifier-free guidance).")
     snr_gamma: Optional[float] = opt(None, "Min-SNR loss weighting gamma (e.g. 5.0); AGC still reads the unweighted loss.")
-    validation_prompts: Optional[list[str]] = opt(None, "Prompts rendered into the logs at each round's end (default: a few training captions).")
+    validation_prompts: Optional[list[str]] = opt(None, "Prompts rendered into the logs at each round's end (default: a few training captions).", resume="free")
 
     # LoRA
     lora_rank: Optional[int] = opt(None, "Train a LoRA adapter of this rank per shard instead of the full UNet.")
@@ -82,8 +85,8 @@ class MemmitConfig:
     lora_target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
 
     # Export
-    export: str = opt("full", "What output_dir holds: full (the merged pipeline) | lora (one LoRA of the whole change).", choices=("full", "lora"))
-    export_lora_rank: int = opt(64, "Rank of the truncated-SVD LoRA written by --export lora.")
+    export: str = opt("full", "What output_dir holds: full (the merged pipeline) | lora (one LoRA of the whole change).", choices=("full", "lora"), resume="free")
+    export_lora_rank: int = opt(64, "Rank of the truncated-SVD LoRA written by --export lora.", resume="free")
 
     # EMA
     use_ema: bool = opt(False, "Keep an EMA of each shard's weights; the averaged EMA is the result.")
@@ -102,22 +105,22 @@ class MemmitConfig:
     max_grad_norm: Optional[float] = opt(1.0, "Clip gradients to this norm; null disables clipping.")
     seed: int = opt(0, "Seed of the shard split, data order, noise and timesteps.")
     mixed_precision: str = opt("no", "Autocast precision: no | fp16 | bf16 (the UNet stays fp32).", choices=MIXED_PRECISIONS)
-    gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet.")
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet.", resume="free")
     use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
 
     # Output, logging and checkpoints
-    output_dir: str = opt("memmit-output", "Where the merged pipeline, checkpoints and logs go.")
-    overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds another run.")
-    checkpointing_steps: Optional[int] = opt(500, "Checkpoint every N optimizer steps (per process); rounds' ends are always checkpointed.")
-    checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints.")
-    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint directory to resume from.")
-    push_to_hub: bool = opt(False, "Create the Hub repo before training and upload the result after it.")
-    hub_model_id: Optional[str] = opt(None, "Hub repo for --push_to_hub (default: the output_dir's name).")
-    hub_token: Optional[str] = opt(None, "Hub token with write access (default: HF_TOKEN or the saved login); never saved.")
-    hub_private_repo: bool = opt(False, "Create the Hub repo private.")
-    report_to: str = opt("tensorboard", "Tracker for logs: tensorboard | none.", choices=("tensorboard", "none"))
-    num_validation_images: int = opt(16, "Images sampled into the logs at each round's end; 0 disables.")
-    validation_inference_steps: int = opt(50, "DDIM steps for the round-end sample grid.")
+    output_dir: str = opt("memmit-output", "Where the merged pipeline, checkpoints and logs go.", resume="free")
+    overwrite_output_dir: bool = opt(False, "Allow writing into an output_dir that holds another run.", resume="free")
+    checkpointing_steps: Optional[int] = opt(500, "Checkpoint every N loop steps (one optimizer step of each shard training at the time, on every process together); rounds' ends are always checkpointed.", resume="free")
+    checkpoints_total_limit: Optional[int] = opt(3, "Keep at most this many checkpoints (null: all). Each holds the optimizer state of every shard: about (2 + 2K) x the model's size.", resume="free")
+    resume_from_checkpoint: Optional[str] = opt(None, "'latest' or a checkpoint directory to resume from.", resume="free")
+    push_to_hub: bool = opt(False, "Create the Hub repo before training and upload the result after it.", resume="free")
+    hub_model_id: Optional[str] = opt(None, "Hub repo for --push_to_hub (default: the output_dir's name).", resume="free")
+    hub_token: Optional[str] = opt(None, "Hub token with write access (default: HF_TOKEN or the saved login); never saved.", resume="free")
+    hub_private_repo: bool = opt(False, "Create the Hub repo private.", resume="free")
+    report_to: str = opt("tensorboard", "Tracker for logs (every process's shards): tensorboard | wandb | trackio | comet_ml | mlflow | clearml | dvclive | swanlab | aim | all | none.", choices=TRACKERS, resume="free")
+    num_validation_images: int = opt(16, "Images sampled into the logs at each round's end; 0 disables.", resume="free")
+    validation_inference_steps: int = opt(50, "DDIM steps for the round-end sample grid.", resume="free")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -166,6 +169,10 @@ class MemmitConfig:
              f"dedup=same_shard needs shard_strategy=random, got {self.shard_strategy!r}")
         need(self.shard_strategy != "stratified" or self.label_column is not None,
              "shard_strategy=stratified needs label_column")
+
+    def arithmetic_options(self) -> list[str]:
+        """The options a resumed run must share with its checkpoint."""
+        return [f.name for f in dataclasses.fields(self) if f.metadata.get("resume") != "free"]
 
     def to_dict(self) -> dict:
         """Every option except secrets (the hub token), as saved with the output and logged."""

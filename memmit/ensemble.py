@@ -11,6 +11,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+REDUCE_CHUNK = 2**26  # elements per all-reduce: 256 MiB of fp32
+
 
 def shard_weights(sizes: Sequence[int], aggregation: str = "size") -> list[float]:
     """w_k = n_k / N (aggregation='size') or 1 / K ('uniform')."""
@@ -52,11 +54,16 @@ class FlatAverage:
             acc.add_(t.detach().reshape(-1).float(), alpha=weight)
 
     @torch.no_grad()
-    def finish_round(self, all_reduce: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-        """θ̄ <- Σ_k w_k θ_k (summed over processes first, when given), then reset the accumulator."""
-        if all_reduce is not None:
-            all_reduce(self.accumulator)
-        self.average.copy_(self.accumulator)
+    def finish_round(self, reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """θ̄ <- Σ_k w_k θ_k (summed over processes first, when given), then reset the accumulator.
+
+        `reduce_sum` returns its tensor summed across processes; it is applied chunk by chunk, so the
+        collective never holds a second copy of the whole model."""
+        if reduce_sum is None:
+            self.average.copy_(self.accumulator)
+        else:
+            for avg, acc in zip(self.average.split(REDUCE_CHUNK), self.accumulator.split(REDUCE_CHUNK)):
+                avg.copy_(reduce_sum(acc))
         self.accumulator.zero_()
 
     def state_dict(self) -> dict:

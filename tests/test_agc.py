@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from memmit.agc import LossBank, exclusion_mask, masked_mean
-from memmit.trainer import ShardStream
+from memmit.agc import LossBank, exclusion_mask, kept_sum
+from memmit.shards import ShardStream
 
 
 def test_first_init_keeps_unset_then_skips_low_losses():
@@ -58,11 +58,22 @@ def test_lambda_zero_turns_agc_off():
     assert bank.keep_mask(torch.tensor([0.0, 1e-9]), torch.tensor([0, 0]), 0.0).all()
 
 
-def test_masked_mean_over_kept_samples_and_weights():
+def test_kept_sum_over_kept_samples_and_weights():
     losses = torch.tensor([1.0, 2.0, 4.0])
     keep = torch.tensor([True, False, True])
-    assert masked_mean(losses, keep).item() == pytest.approx(2.5)
-    assert masked_mean(losses, keep, torch.tensor([0.5, 9.0, 0.25])).item() == pytest.approx((0.5 + 1.0) / 2)
+    assert kept_sum(losses, keep).item() == 5.0
+    assert kept_sum(losses, keep, torch.tensor([0.5, 9.0, 0.25])).item() == 0.5 + 1.0
+
+
+def test_nonfinite_losses_are_never_kept_and_never_enter_the_bank():
+    bank = LossBank(4)
+    bank.update(torch.tensor([float("nan"), 2.0, float("inf")]), torch.tensor([0, 1, 1]))
+    # The NaN left entry 0 unset (AGC stays on there); the inf did not touch entry 1.
+    assert bank.is_set.tolist() == [False, True, False, False] and bank.values[1].item() == 2.0
+    bank.update(torch.tensor([1.0]), torch.tensor([0]))
+    assert bank.values[0].item() == 1.0
+    keep = bank.keep_mask(torch.tensor([float("nan"), 0.1, 5.0, float("-inf")]), torch.tensor([0, 1, 1, 3]), 0.5)
+    assert keep.tolist() == [False, False, True, False]
 
 
 def test_state_round_trip():

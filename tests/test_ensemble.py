@@ -45,16 +45,27 @@ def test_size_weighted_average_of_params_and_float_buffers():
     assert torch.count_nonzero(avg.accumulator) == 0
 
 
-def test_round_starts_from_average_and_all_reduce_is_applied():
-    model = torch.nn.Linear(1, 1, bias=False)
+def test_round_starts_from_average_and_the_cross_process_sum_is_applied_chunk_by_chunk(monkeypatch):
+    import memmit.ensemble
+
+    model = torch.nn.Linear(3, 2)
     live = floating_tensors(model)
     avg = FlatAverage(live)
     with torch.no_grad():
         model.weight.fill_(3.0)
+        model.bias.fill_(-1.0)
     avg.add(live, 0.5)
-    avg.finish_round(all_reduce=lambda t: t.mul_(2))  # a stand-in for summing two processes' halves
+    calls = []
+    monkeypatch.setattr(memmit.ensemble, "REDUCE_CHUNK", 3)  # 8 values: chunks of 3, 3, 2
+
+    def two_processes(t):  # a stand-in for summing two processes' halves
+        calls.append(t.numel())
+        return t * 2
+    avg.finish_round(two_processes)
     avg.load_into(live)
-    assert model.weight.item() == 3.0
+    assert calls == [3, 3, 2]
+    assert torch.equal(model.weight, torch.full((2, 3), 3.0)) and torch.equal(model.bias, torch.full((2,), -1.0))
+    assert torch.count_nonzero(avg.accumulator) == 0
 
 
 def test_state_round_trip():

@@ -81,17 +81,17 @@ def test_stable_diffusion_lora_shards_and_lora_export(tiny_sd_pipeline, captione
     from diffusers import StableDiffusionPipeline
 
     from memmit.config import parse_args
-    from memmit.trainer import Trainer
+    from memmit.cli import run
 
-    def run(out, *extra):
+    def train(out, *extra):
         AcceleratorState._reset_state(reset_partial_state=True)
-        Trainer(parse_args(["--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
+        run(parse_args(["--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
                             "--caption_column", "text", "--output_dir", str(out), "--num_shards", "2",
                             "--num_rounds", "2", "--train_batch_size", "4", "--lora_rank", "4",
-                            "--learning_rate", "1e-2", "--report_to", "none", *extra])).train()
+                            "--learning_rate", "1e-2", "--report_to", "none", *extra]))
 
-    run(tmp_path / "full")
-    run(tmp_path / "lora", "--export", "lora", "--export_lora_rank", "64")
+    train(tmp_path / "full")
+    train(tmp_path / "lora", "--export", "lora", "--export_lora_rank", "64")
     summary = json.loads((tmp_path / "lora" / "memmit" / "lora_export.json").read_text())
     assert summary["relative_svd_error"] < 1e-5 and summary["change_outside_targets"] < 1e-5
 

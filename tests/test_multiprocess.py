@@ -18,8 +18,8 @@ COMMON = ["--num_shards", "4", "--num_rounds", "2", "--local_epochs", "2", "--ag
           "--train_batch_size", "4", "--report_to", "none", "--num_validation_images", "0"]
 
 
-def launch(num_processes: int, pipe: str, data: str, out: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
+def launch(num_processes: int, pipe: str, data: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", **(env or {}))
     accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes),
                   "--main_process_port", str(29500 + os.getpid() % 1000)]
@@ -58,20 +58,55 @@ def test_two_processes_equal_one_and_resume_exactly(tiny_pipeline, digits_dir, t
 
     # Kill both processes mid-run, then resume with the same number of processes.
     out = tmp_path / "killed"
-    proc = launch(2, tiny_pipeline, digits_dir, out, "--checkpointing_steps", "1")
-    deadline = time.time() + 180
-    while not list((out / "checkpoints").glob("checkpoint-*")) and time.time() < deadline:
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    steps = kill_after_first_checkpoint(launch(2, tiny_pipeline, digits_dir, out, "--checkpointing_steps", "1"), out)
     assert steps and steps[-1] < 16, "the run was not killed before its end"  # 16 steps per process
-    assert not (out / "model_index.json").exists()
     log = finish(launch(2, tiny_pipeline, digits_dir, out, "--checkpointing_steps", "1",
                         "--resume_from_checkpoint", "latest"))
     assert "resumed from" in log
     resumed = weights(out)
     assert all(torch.equal(resumed[k], two[k]) for k in two)
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path) -> list[int]:
+    deadline = time.time() + 180
+    while not list((out / "checkpoints").glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model_index.json").exists()
+    return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+
+
+def test_checkpoint_mid_turn_on_two_processes_resumes_exactly_and_every_process_logs(tiny_pipeline, digits_dir,
+                                                                                   tmp_path):
+    """K = P = 2: each round is one turn slot, so every checkpoint falls inside it. 19 samples at batch 3 make
+    shards of 10 and 9, 8 and 6 steps a turn: rank 1 idles while rank 0 finishes, and both save together."""
+    extra = ["--num_shards", "2", "--max_train_samples", "19", "--train_batch_size", "3", "--dedup", "none"]
+    mlruns = tmp_path / "mlruns"
+    tracked = {"MLFLOW_TRACKING_URI": f"file:{mlruns}", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    finish(launch(2, tiny_pipeline, digits_dir, tmp_path / "ref", *extra, "--checkpointing_steps", "1000",
+                  "--report_to", "all", env=tracked))
+
+    out = tmp_path / "killed"
+    steps = kill_after_first_checkpoint(launch(2, tiny_pipeline, digits_dir, out, *extra, "--checkpointing_steps", "1"),
+                                        out)
+    assert steps and steps[-1] < 8, f"not killed inside the first turn: {steps}"
+    log = finish(launch(2, tiny_pipeline, digits_dir, out, *extra, "--checkpointing_steps", "1",
+                        "--resume_from_checkpoint", "latest"))
+    assert "resumed from" in log
+    ref, resumed = weights(tmp_path / "ref"), weights(out)
+    assert all(torch.equal(resumed[k], ref[k]) for k in ref)
+
+    # Shard 1 trains on rank 1; its values reach both trackers "all" started (tensorboard and mlflow).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [EventAccumulator(str(p.parent)).Reload() for p in (tmp_path / "ref" / "logs").rglob("events.out.tfevents*")]
+    tags = {t for run in runs for t in run.Tags()["scalars"]}
+    assert {"shard_0/loss", "shard_1/loss", "shard_1/skip_fraction", "shard_1/lr"} <= tags, tags
+    shard1_steps = [e.step for run in runs if "shard_1/lr" in run.Tags()["scalars"] for e in run.Scalars("shard_1/lr")]
+    assert shard1_steps == [1, 2, 3, 4, 5, 6, 9, 10, 11, 12, 13, 14]  # idle at steps 7-8 and 15-16
+    metrics = {p.relative_to(p.parents[1]).as_posix() for p in mlruns.rglob("metrics/shard_*/*")}
+    assert {"shard_0/loss", "shard_1/loss", "shard_1/skip_fraction"} <= metrics, metrics
 
 
 def test_one_shard_on_two_processes_says_how_many_shards_to_ask_for(tiny_pipeline, digits_dir, tmp_path):

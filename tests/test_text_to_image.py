@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from memmit.cli import train_main
 from memmit.config import parse_args
 from memmit.tasks import TextToImageTask, load_task
-from memmit.trainer import Trainer
+from memmit.cli import run
 
 from conftest import save_sd_pipeline
 from test_train import args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
@@ -47,7 +47,7 @@ def test_end_to_end_exports_a_stable_diffusion_pipeline_that_generates(tiny_sd_p
                  "--num_rounds", 2, "--num_validation_images", 2, "--validation_inference_steps", 2,
                  "--validation_prompts", "a handwritten digit 3")
     flags[flags.index("--report_to") + 1] = "tensorboard"
-    Trainer(parse_args(flags)).train()
+    run(parse_args(flags))
 
     assert yaml.safe_load((out / "memmit" / "config.yaml").read_text())["agc_lambda"] == 0.8
     assert type(DiffusionPipeline.from_pretrained(out)) is StableDiffusionPipeline
@@ -75,8 +75,8 @@ def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_
         assert any(torch.equal(ids, option) for option in task.tokenize(captions))
 
     out = tmp_path / "out"
-    Trainer(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "captions",
-                            "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1))).train()
+    run(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "captions",
+                            "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1)))
     assert StableDiffusionPipeline.from_pretrained(out) is not None
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from memmit.cli import train_main
 from memmit.config import parse_args
 from memmit.data import ImageTransform, load_train_dataset
+from memmit.cli import run
 from memmit.trainer import Trainer
 
 from conftest import save_pipeline
@@ -53,7 +54,7 @@ def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_
     out = tmp_path / "out"
     cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", num_shards, "--num_rounds", 2,
                           "--agc_lambda", 0.9))
-    Trainer(cfg).train()
+    run(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "memmit", "model_index.json",
                                                     "scheduler", "unet"]
     assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
@@ -67,7 +68,7 @@ def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_
     assert images.shape == (2, 16, 16, 1) and images.std() > 0
 
     rows = (out / "memmit" / "candidates.csv").read_text().splitlines()
-    assert rows[0] == "rank,sample_id,seen,skipped,skip_fraction,shard,excluded_after_round,source" and len(rows) == 25
+    assert rows[0] == "rank,sample_id,seen,skipped,skip_fraction,nonfinite,shard,excluded_after_round,source" and len(rows) == 25
     fields = [r.split(",") for r in rows[1:]]
     # Every sample is seen once per round (local_epochs=1); skip fractions are ranked descending.
     assert all(int(f[2]) == 2 for f in fields)
@@ -80,8 +81,7 @@ def test_one_shard_no_agc_equals_plain_finetuning(tiny_pipeline, digits_dir, tmp
     out = tmp_path / "out"
     cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 1, "--num_rounds", 2, "--agc_lambda", 0,
                           "--center_crop", "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--max_grad_norm", 0.5))
-    trainer = Trainer(cfg)
-    trainer.train()
+    trainer = run(cfg)
     device = trainer.accelerator.device
 
     # The plain loop: one AdamW, one schedule, mean-squared error on epsilon, the same random draws
@@ -117,8 +117,8 @@ def test_one_shard_no_agc_equals_plain_finetuning(tiny_pipeline, digits_dir, tmp
 def test_prediction_types_and_ema_and_accumulation(digits_dir, tmp_path, prediction_type):
     pipe = save_pipeline(tmp_path / "pipe", prediction_type=prediction_type)
     out = tmp_path / "out"
-    Trainer(parse_args(args(pipe, digits_dir, out, "--num_shards", 3, "--num_rounds", 1, "--use_ema", "--gradient_checkpointing",
-                            "--ema_decay", 0.5, "--gradient_accumulation_steps", 2, "--local_steps", 2))).train()
+    run(parse_args(args(pipe, digits_dir, out, "--num_shards", 3, "--num_rounds", 1, "--use_ema", "--gradient_checkpointing",
+                            "--ema_decay", 0.5, "--gradient_accumulation_steps", 2, "--local_steps", 2)))
     assert DDPMPipeline.from_pretrained(out).scheduler.config.prediction_type == prediction_type
 
 
@@ -235,14 +235,14 @@ def test_every_bad_input_fails_before_training(tmp_path, tiny_pipeline, digits_d
 def test_overwrite_output_dir_replaces_a_finished_run(tiny_pipeline, digits_dir, tmp_path):
     out = tmp_path / "out"
     flags = args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1)
-    Trainer(parse_args(flags)).train()
+    run(parse_args(flags))
     AcceleratorState._reset_state(reset_partial_state=True)
-    Trainer(parse_args(flags + ["--overwrite_output_dir", "--num_shards", "3"])).train()
+    run(parse_args(flags + ["--overwrite_output_dir", "--num_shards", "3"]))
     assert DDPMPipeline.from_pretrained(out) is not None
     assert '"2"' in (out / "memmit" / "shards.json").read_text()
 
 
-def test_bf16_autocast_keeps_unet_fp32_and_logs_sample_grids(tiny_pipeline, digits_dir, tmp_path):
+def test_bf16_autocast_keeps_unet_fp32_and_logs_sample_grids(tiny_pipeline, digits_dir, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "out"
@@ -250,25 +250,25 @@ def test_bf16_autocast_keeps_unet_fp32_and_logs_sample_grids(tiny_pipeline, digi
                  "--num_validation_images", 4, "--validation_inference_steps", 2, "--shard_strategy", "stratified",
                  "--label_column", "label")
     flags[flags.index("--report_to") + 1] = "tensorboard"
-    trainer = Trainer(parse_args(flags))
-    trainer.train()
+    trainer = run(parse_args(flags))
     assert trainer.unet.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in unet_weights(out).values())
     runs = [EventAccumulator(str(p.parent)).Reload() for p in (out / "logs").rglob("events.out.tfevents*")]
     tags = {t for run in runs for kind in ("images", "scalars") for t in run.Tags()[kind]}
     assert {"samples", "shard_0/loss", "shard_1/skip_fraction", "shard_0/lr"} <= tags
     assert [e.step for run in runs if "samples" in run.Tags()["images"] for e in run.Images("samples")] == [1, 2]
+    # Sampling a big model on a CPU takes minutes; the run says what it is doing meanwhile.
+    assert "round 2 done; sampling 4 images (2 steps) for the logs" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast and GradScaler need CUDA")
 def test_fp16_on_cuda_keeps_a_grad_scaler_per_shard(tiny_pipeline, digits_dir, tmp_path):
     out = tmp_path / "out"
-    trainer = Trainer(parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 2,
+    trainer = run(parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 2,
                                       "--mixed_precision", "fp16")))
-    trainer.train()
     assert trainer.unet.dtype == torch.float32
-    for state in trainer.states.values():
-        assert state.scaler["scale"] > 0 and state.scaler["_growth_tracker"] >= 0
+    for shard in trainer.shards.values():
+        assert shard.saved["scaler"]["scale"] > 0 and shard.saved["scaler"]["_growth_tracker"] >= 0
     assert all(torch.isfinite(v).all() for v in unet_weights(out).values())
 
 
@@ -285,8 +285,8 @@ def test_model_card_written_without_push_and_token_never_saved(tiny_pipeline, di
     from huggingface_hub import ModelCard
 
     out = tmp_path / "out"
-    Trainer(parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1,
-                            "--hub_token", "hf_secret123"))).train()
+    run(parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1,
+                            "--hub_token", "hf_secret123")))
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "diffusers" and "iet-agc" in card.data.tags
     assert not [p for p in out.rglob("*") if p.is_file() and b"hf_secret123" in p.read_bytes()]
@@ -305,8 +305,8 @@ def test_dedup_finds_copies_and_splits_accordingly(tiny_pipeline, tmp_path, dedu
     ds = datasets.Dataset.from_dict({"image": images + copies, "label": labels + [labels[3]] * 4})
     ds.save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "out"
-    Trainer(parse_args(args(tiny_pipeline, str(tmp_path / "data"), out, "--num_shards", 3, "--num_rounds", 1,
-                            "--dedup", dedup, "--agc_lambda", 0))).train()
+    run(parse_args(args(tiny_pipeline, str(tmp_path / "data"), out, "--num_shards", 3, "--num_rounds", 1,
+                            "--dedup", dedup, "--agc_lambda", 0)))
     report = json.loads((out / "memmit" / "duplicates.json").read_text())
     assert report["num_clusters"] == 1 and report["clusters"][0]["ids"] == [3, 20, 21, 22, 23]
     shards = json.loads((out / "memmit" / "shards.json").read_text())
@@ -314,7 +314,7 @@ def test_dedup_finds_copies_and_splits_accordingly(tiny_pipeline, tmp_path, dedu
     rows = {r.split(",")[1]: r.split(",") for r in (out / "memmit" / "candidates.csv").read_text().splitlines()[1:]}
     if dedup == "keep_one":
         assert flat == [i for i in range(24) if i not in (20, 21, 22, 23)]
-        assert rows["21"][5] == "duplicate" and rows["21"][2] == "0"
+        assert rows["21"][6] == "duplicate" and rows["21"][2] == "0"
     else:
         assert flat == list(range(24))
         assert sum({3, 20, 21, 22, 23} <= set(s) for s in shards.values()) == 1
@@ -327,7 +327,7 @@ def test_ema_result_is_the_averaged_ema(tiny_pipeline, digits_dir, tmp_path):
     for name, extra in {"none": [], "ema0": ["--use_ema", "--ema_decay", 0.0],
                         "ema99": ["--use_ema", "--ema_decay", 0.99]}.items():
         AcceleratorState._reset_state(reset_partial_state=True)
-        Trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / name, *flags, *extra))).train()
+        run(parse_args(args(tiny_pipeline, digits_dir, tmp_path / name, *flags, *extra)))
         results[name] = unet_weights(tmp_path / name)
     before = load_file(Path(tiny_pipeline) / "unet" / "diffusion_pytorch_model.safetensors")
     moved = {n: sum(float((w[k] - before[k]).abs().sum()) for k in before) for n, w in results.items()}
@@ -346,9 +346,8 @@ def test_fp16_variant_loads_and_trains_in_fp32(digits_dir, tmp_path):
     DDPMPipeline(unet=make_unet().half(), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
         pipe_dir, variant="fp16")
     assert (pipe_dir / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    trainer = Trainer(parse_args(args(str(pipe_dir), digits_dir, tmp_path / "out", "--variant", "fp16",
+    trainer = run(parse_args(args(str(pipe_dir), digits_dir, tmp_path / "out", "--variant", "fp16",
                                       "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1)))
-    trainer.train()
     assert trainer.unet.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in unet_weights(tmp_path / "out").values())
 
@@ -365,12 +364,13 @@ def test_options_reach_the_trainer(tiny_pipeline, digits_dir, tmp_path):
                                       "--adam_beta1", 0.8, "--adam_beta2", 0.95, "--adam_weight_decay", 0.1,
                                       "--adam_epsilon", 1e-6, "--learning_rate", 3e-4)))
     labels = load_train_dataset(dataset_name=digits_dir)["label"]
-    assert trainer.shards == split_shards(24, 3, "stratified", 5, labels)
-    assert trainer.weights == shard_weights([len(s) for s in trainer.shards], "uniform")
-    bank = trainer.states[0].bank
+    assert trainer.split.shards == split_shards(24, 3, "stratified", 5, labels)
+    assert trainer.weights == shard_weights([len(s) for s in trainer.split.shards], "uniform")
+    bank = trainer.shards[0].bank
     assert bank.decay == 0.3 and bool(bank.is_set.all())  # zero init: every entry starts set, at 0
     assert bank.values.shape == (20,) and bank.num_timesteps == trainer.task.num_train_timesteps
-    group = trainer._make_optimizer(trainer.states[0])[0].param_groups[0]
+    trainer.shards[0].open(trainer.model.params, None)
+    group = trainer.shards[0].optimizer.param_groups[0]
     assert (group["lr"], group["betas"], group["weight_decay"], group["eps"]) == (3e-4, (0.8, 0.95), 0.1, 1e-6)
 
 
@@ -382,7 +382,7 @@ def test_agc_exclusion_leaves_repeatedly_skipped_samples_out_and_resumes_exactly
     common = ["--num_shards", 2, "--num_rounds", 3, "--local_epochs", 2, "--agc_lambda", 0.9,
               "--agc_exclusion", 0.5, "--agc_exclusion_min_visits", 2, "--checkpoints_total_limit", 5]
     out = tmp_path / "out"
-    Trainer(parse_args(args(tiny_pipeline, digits_dir, out, *common))).train()
+    run(parse_args(args(tiny_pipeline, digits_dir, out, *common)))
     excluded = {int(i): v for i, v in json.loads((out / "memmit" / "excluded.json").read_text()).items()}
     with open(out / "memmit" / "candidates.csv") as f:
         rows = {int(r["sample_id"]): r for r in csv.DictReader(f)}
@@ -402,8 +402,8 @@ def test_agc_exclusion_leaves_repeatedly_skipped_samples_out_and_resumes_exactly
     again = tmp_path / "again"
     shutil.copytree(out / "checkpoints", again / "checkpoints")
     reset_accelerator()
-    Trainer(parse_args(args(tiny_pipeline, digits_dir, again, *common,
-                            "--resume_from_checkpoint", again / "checkpoints" / first.name))).train()
+    run(parse_args(args(tiny_pipeline, digits_dir, again, *common,
+                            "--resume_from_checkpoint", again / "checkpoints" / first.name)))
     a, b = unet_weights(out), unet_weights(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (again / "memmit" / "excluded.json").read_text() == (out / "memmit" / "excluded.json").read_text()
