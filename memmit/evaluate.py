@@ -313,11 +313,8 @@ def _load_eval_task(s: dict) -> DenoisingTask:
                           variant=s["variant"], resolution=s["resolution"], center_crop=True, random_flip=False,
                           caption_column=s["caption_column"])
     task = load_task(cfg)
-    if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders any height and width asked for
+    if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders the height and width asked for
         return task
-    factor = 2 ** (len(task.unet.config.block_out_channels) - 1)
-    if task.resolution % factor:
-        raise ValueError(f"resolution {task.resolution} must be a multiple of {factor} for this UNet")
     # DDIMPipeline samples at the UNet's configured sample_size; a convolutional UNet runs at any multiple.
     task.unet.register_to_config(sample_size=task.resolution)
     return task

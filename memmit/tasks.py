@@ -7,6 +7,7 @@ pipeline kind by writing one more DenoisingTask subclass and naming it in `load_
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,15 @@ def _side(sample_size) -> int:
     return sample_size if isinstance(sample_size, int) else sample_size[0]
 
 
+def check_resolution(resolution: int, factor: int, reason: str) -> None:
+    """Refuse a resolution that is not a multiple of `factor`, suggesting the nearest ones that are."""
+    if resolution % factor:
+        below = resolution // factor * factor
+        nearest = " or ".join(str(r) for r in (below, below + factor) if r > 0)
+        raise ValueError(f"resolution {resolution} must be a multiple of {factor} for this pipeline ({reason}); "
+                         f"pass --resolution {nearest}")
+
+
 class DenoisingTask:
     """What every UNet pipeline kind shares: the scheduler's target, the per-sample loss, pixels, saving."""
 
@@ -133,8 +143,11 @@ class UnconditionalTask(DenoisingTask):
     def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
                  center_crop: bool = False, random_flip: bool = False, image_column: str = "image"):
         unet = pipeline.unet
-        super().__init__(pipeline, resolution or _side(unet.config.sample_size), int(unet.config.in_channels),
-                         center_crop, random_flip, image_column)
+        resolution = resolution or _side(unet.config.sample_size)
+        halvings = len(unet.config.down_block_types) - 1
+        check_resolution(resolution, 2 ** halvings,
+                         f"its UNet2DModel's {halvings + 1} down blocks downsample the image by {2 ** halvings}")
+        super().__init__(pipeline, resolution, int(unet.config.in_channels), center_crop, random_flip, image_column)
 
     def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Move frozen parts to the device in the mixed-precision dtype; an unconditional UNet has none."""
@@ -178,8 +191,11 @@ class TextToImageTask(DenoisingTask):
                              f"the dataset column of captions to train {type(pipeline).__name__})")
         vae = pipeline.vae
         vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        super().__init__(pipeline, resolution or _side(pipeline.unet.config.sample_size) * vae_scale_factor,
-                         int(vae.config.in_channels), center_crop, random_flip, image_column)
+        resolution = resolution or _side(pipeline.unet.config.sample_size) * vae_scale_factor
+        # The UNet2DConditionModel takes latents of any size; the VAE and StableDiffusionPipeline do not.
+        check_resolution(resolution, math.lcm(vae_scale_factor, 8), f"its VAE downsamples the image by "
+                         f"{vae_scale_factor} and StableDiffusionPipeline renders only multiples of 8")
+        super().__init__(pipeline, resolution, int(vae.config.in_channels), center_crop, random_flip, image_column)
         self.caption_column = caption_column
         self.extra_columns = (caption_column,)
         self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma

@@ -216,6 +216,9 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
         (base + data + ["--lora_rank", "2", "--lora_target_modules", "to_x"], "match no module"),
         (base + data + ["--export", "lora"], "needs a pipeline that loads LoRA weights"),
         (base + data + ["--lora_rank", "2", "--use_ema"], "use_ema is not supported with lora_rank"),
+        (base + data + ["--resolution", "33"],
+         "resolution 33 must be a multiple of 2 for this pipeline (its UNet2DModel's 2 down blocks downsample the "
+         "image by 2); pass --resolution 32 or 34"),
     ]
 
 
@@ -224,11 +227,16 @@ def test_every_bad_input_fails_before_training(tmp_path, tiny_pipeline, digits_d
         out = tmp_path / "out"
         if "--output_dir" not in flags:
             flags = flags + ["--output_dir", str(out)]
+        out = Path(flags[flags.index("--output_dir") + 1])
+        existed = out.exists()
         assert train_main(flags + ["--report_to", "none"]) == 2, flags
         err = capsys.readouterr().err
         assert message in err, (flags, err)
         assert err.count("memmit: error:") == 1
-        assert not (out / "model_index.json").exists() and not (out / "checkpoints").exists()
+        if existed:
+            assert not (out / "checkpoints").exists() and not (out / "memmit").exists(), flags
+        else:
+            assert not out.exists(), (flags, sorted(p.name for p in out.iterdir()))
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
