@@ -66,6 +66,40 @@ def source_names(ds: datasets.Dataset, image_column: str) -> list[str]:
     return [(r or {}).get("path") or f"index {i}" for i, r in enumerate(raw)]
 
 
+def check_captions(ds: datasets.Dataset, caption_column: Optional[str], image_column: str) -> None:
+    """Every sample needs a caption (a non-empty string, or a non-empty list of them): an image
+    without one would silently train on the empty prompt. Names the first bad sample."""
+    if caption_column is None:
+        return
+    bad = [(i, problem) for i, value in enumerate(ds[caption_column]) if (problem := _caption_problem(value))]
+    if not bad:
+        return
+    i, problem = bad[0]
+    name = source_names(ds.select([i]), image_column)[0]
+    where = f"sample {i}" + (f" ({name})" if not name.startswith("index ") else "")
+    others = f" ({len(bad) - 1} more of the {len(ds)} samples have the same problem)" if len(bad) > 1 else ""
+    raise ValueError(f"caption_column {caption_column!r}: {where} has {problem}{others}; every image needs a "
+                     "non-empty caption, a string or a list of strings")
+
+
+def _caption_problem(value) -> Optional[str]:
+    """What is wrong with one caption-column value, or None if it is a usable caption."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return "an empty list of captions"
+        problem = next((p for p in map(_caption_string_problem, value) if p), None)
+        return problem and f"a list of captions holding {problem}"
+    return _caption_string_problem(value)
+
+
+def _caption_string_problem(value) -> Optional[str]:
+    if value is None:
+        return "no caption (None)"
+    if not isinstance(value, str):
+        return f"{value!r} of type {type(value).__name__}"
+    return None if value.strip() else f"an empty caption {value!r}"
+
+
 def iter_images(ds: datasets.Dataset, image_column: str, desc: str = "reading images",
                 show_progress: bool = True) -> Iterator[Image.Image]:
     """Every image, decoded, in order; an unreadable file raises ValueError naming it."""

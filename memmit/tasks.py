@@ -86,6 +86,7 @@ class DenoisingTask:
 
     default_agc_lambda: float
     extra_columns: tuple[str, ...] = ()  # dataset columns needed besides the image column
+    caption_column: Optional[str] = None  # the column every sample needs a caption in (text-to-image)
 
     def __init__(self, pipeline: DiffusionPipeline, resolution: int, channels: int, center_crop: bool,
                  random_flip: bool, image_column: str):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .agc import LossBank, exclusion_mask, masked_mean
 from .config import MemmitConfig
-from .data import ImageTransform, check_images, iter_images, load_train_dataset, source_names, split_shards
+from .data import ImageTransform, check_captions, check_images, iter_images, load_train_dataset, source_names, split_shards
 from .dedup import cluster_report, find_duplicate_clusters, keep_one, split_with_clusters
 from .ensemble import FlatAverage, floating_tensors, shard_weights
 from .hub import check_hub_settings, create_repo_early, push, write_model_card
@@ -161,6 +161,7 @@ class Trainer:
             self.dataset = load_train_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.image_column,
                                               cfg.label_column, cfg.max_train_samples, cfg.dataset_config_name,
                                               extra_columns=self.task.extra_columns)
+            check_captions(self.dataset, self.task.caption_column, cfg.image_column)
             if cfg.dedup == "none":  # otherwise duplicate detection decodes (and checks) every image
                 check_images(self.dataset, cfg.image_column, show_progress=acc.is_local_main_process)
         n = len(self.dataset)

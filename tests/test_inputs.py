@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
+import datasets
 import pytest
 
 from memmit.cli import train_main
+from memmit.data import check_captions
 
 from test_train import args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
 
@@ -25,3 +29,59 @@ def test_stable_diffusion_resolution_the_pipeline_cannot_take(tiny_sd_pipeline, 
     assert_refused(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "text", "--resolution", 20),
                    "resolution 20 must be a multiple of 8 for this pipeline (its VAE downsamples the image by 2 and "
                    "StableDiffusionPipeline renders only multiples of 8); pass --resolution 16 or 24", out, capsys)
+
+
+def write_captioned_folder(folder, captions: list) -> str:
+    """Real digits as PNG files, listed in metadata.jsonl with their captions (`...`: no caption key)."""
+    from conftest import mnist_images
+
+    folder.mkdir()
+    lines = []
+    for i, (image, caption) in enumerate(zip(mnist_images(len(captions))[0], captions)):
+        image.save(folder / f"digit{i}.png")
+        lines.append(json.dumps({"file_name": f"digit{i}.png",
+                                 **({} if caption is ... else {"text": caption})}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+@pytest.mark.parametrize("values, problem", [
+    ([None], "no caption (None)"),
+    ([""], "an empty caption ''"),
+    ([" \n"], "an empty caption ' \\n'"),
+    ([[]], "an empty list of captions"),
+    ([["a two", ""]], "a list of captions holding an empty caption ''"),
+    ([["a two", None]], "a list of captions holding no caption (None)"),
+])
+def test_every_caption_is_checked_and_the_first_bad_one_is_named(values, problem):
+    good = [["a one"]] if isinstance(values[0], list) else ["a one"]
+    ds = datasets.Dataset.from_dict({"image": [None] * 4, "text": good * 2 + values + good})
+    with pytest.raises(ValueError) as info:
+        check_captions(ds, "text", "image")
+    assert str(info.value) == (f"caption_column 'text': sample 2 has {problem}; every image needs a non-empty "
+                               "caption, a string or a list of strings")
+    check_captions(ds.select([0, 1, 3]), "text", "image")
+    check_captions(ds, None, "image")
+
+
+def test_a_caption_of_another_type_is_named_with_the_count_of_bad_samples():
+    ds = datasets.Dataset.from_dict({"image": [None] * 3, "text": [7, 8, 9]})
+    with pytest.raises(ValueError, match=r"sample 0 has 7 of type int \(2 more of the 3 samples have the same problem\)"):
+        check_captions(ds, "text", "image")
+
+
+@pytest.mark.parametrize("caption, problem", [(..., "no caption (None)"), ("", "an empty caption ''")],
+                         ids=["missing", "empty"])
+def test_train_and_eval_refuse_an_image_without_a_caption_naming_its_file(tiny_sd_pipeline, tmp_path, capsys,
+                                                                         caption, problem):
+    from memmit.evaluate import eval_main
+
+    data = write_captioned_folder(tmp_path / "data", ["a one", "a two", caption, "a four"])
+    message = (f"caption_column 'text': sample 2 ({tmp_path / 'data' / 'digit2.png'}) has {problem}; every image "
+               "needs a non-empty caption")
+    out = tmp_path / "out"
+    flags = ["--pretrained_model_name_or_path", tiny_sd_pipeline, "--train_data_dir", data,
+             "--caption_column", "text", "--output_dir", out]
+    assert_refused(flags + ["--report_to", "none"], message, out, capsys)
+    assert eval_main(list(map(str, flags + ["--num_samples", 2]))) == 2
+    assert message in capsys.readouterr().err and not out.exists()
