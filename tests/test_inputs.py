@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from memmit.cli import train_main
-from memmit.data import check_captions
+from memmit.data import check_captions, load_train_dataset
 
 from test_train import args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
 
@@ -85,3 +85,20 @@ def test_train_and_eval_refuse_an_image_without_a_caption_naming_its_file(tiny_s
     assert_refused(flags + ["--report_to", "none"], message, out, capsys)
     assert eval_main(list(map(str, flags + ["--num_samples", 2]))) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_only_the_training_splits_metadata_must_list_every_image(tmp_path):
+    from PIL import Image
+
+    for split, listed in [("train", 3), ("test", 1)]:
+        (tmp_path / split).mkdir()
+        for i in range(3):
+            Image.new("L", (8, 8), i).save(tmp_path / split / f"img{i}.png")
+        (tmp_path / split / "metadata.csv").write_text("file_name,text\n" + "".join(
+            f"img{i}.png,digit {i}\n" for i in range(listed)))
+    assert len(load_train_dataset(train_data_dir=str(tmp_path), extra_columns=("text",))) == 3
+    (tmp_path / "train" / "new").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "train" / "new" / "extra.PNG")
+    with pytest.raises(ValueError, match=r": 1 image file\(s\) not listed in metadata.csv, which datasets would leave "
+                                         r"out of training: train/new/extra.PNG; list them there"):
+        load_train_dataset(train_data_dir=str(tmp_path))

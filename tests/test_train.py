@@ -173,6 +173,8 @@ def test_script_exit_code_and_message_for_bad_input(tmp_path, digits_dir):
 
 def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
     """(flags, expected message) for every kind of bad input; each must fail before training."""
+    import json
+
     import datasets
     from diffusers import DDPMScheduler
     from PIL import Image
@@ -193,6 +195,15 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
     empty.mkdir()
     few = tmp_path / "few"
     datasets.load_from_disk(digits_dir).select(range(2)).save_to_disk(str(few))
+    unlisted = tmp_path / "unlisted"
+    unlisted.mkdir()
+    for i in range(8):
+        Image.new("L", (8, 8), i).save(unlisted / f"img{i}.png")
+    (unlisted / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png", "label": i}) + "\n"
+                                                     for i in range(2)))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("not\nimages\n")
     base = ["--pretrained_model_name_or_path", tiny_pipeline]
     data = ["--dataset_name", digits_dir]
     return [
@@ -216,6 +227,13 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
         (base + data + ["--lora_rank", "2", "--lora_target_modules", "to_x"], "match no module"),
         (base + data + ["--export", "lora"], "needs a pipeline that loads LoRA weights"),
         (base + data + ["--lora_rank", "2", "--use_ema"], "use_ema is not supported with lora_rank"),
+        (base + ["--train_data_dir", str(unlisted)],
+         f"train_data_dir {str(unlisted)!r}: 6 image file(s) not listed in metadata.jsonl, which datasets would leave "
+         "out of training: img2.png, img3.png, img4.png, img5.png, img6.png and 1 more"),
+        (base + ["--dataset_name", str(notes)],
+         f"dataset_name {str(notes)!r} is not a dataset: Dataset.save_to_disk did not write it, and datasets read its "
+         f"files as text data with columns ['text'] and no images; for a folder of images pass --train_data_dir {notes}"),
+        (base + ["--dataset_name", tiny_pipeline], f"dataset_name {tiny_pipeline!r} is not a dataset"),
         (base + data + ["--resolution", "33"],
          "resolution 33 must be a multiple of 2 for this pipeline (its UNet2DModel's 2 down blocks downsample the "
          "image by 2); pass --resolution 32 or 34"),
