@@ -175,6 +175,13 @@ class MemmitConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
+    """fp16 needs a GradScaler, which memmit keeps on CUDA only; elsewhere fp16 gradients would silently underflow."""
+    if mixed_precision == "fp16" and device_type != "cuda":
+        raise ValueError(f"mixed_precision=fp16 needs a CUDA GPU (it trains with a gradient scaler), and this run is "
+                         f"on {device_type}; pass --mixed_precision bf16 (or no) instead")
+
+
 def _field_type(f: dataclasses.Field) -> type:
     """The scalar type of a field, Optional[...] unwrapped (list[str] stays list)."""
     hint = typing.get_type_hints(MemmitConfig)[f.name]

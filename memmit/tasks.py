@@ -250,7 +250,7 @@ class TextToImageTask(DenoisingTask):
         with torch.no_grad():
             posterior = self.vae.encode(batch["pixels"].to(device, self.weight_dtype)).latent_dist
             latents = posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
-            # fp32 inputs keep the fp32 UNet working where autocast is off (e.g. fp16 on a CPU).
+            # fp32 inputs keep the fp32 UNet working where autocast is off (a caller outside accelerate's autocast).
             text = self.text_encoder(batch["input_ids"].to(device))[0].float()
         out = self.denoising_loss(unet, latents, generator, device, encoder_hidden_states=text)
         if self.snr_gamma is not None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .agc import LossBank, exclusion_mask, masked_mean
-from .config import MemmitConfig
+from .config import MemmitConfig, check_mixed_precision
 from .data import ImageTransform, check_captions, check_images, iter_images, load_train_dataset, source_names, split_shards
 from .dedup import cluster_report, find_duplicate_clusters, keep_one, split_with_clusters
 from .ensemble import FlatAverage, floating_tensors, shard_weights
@@ -151,6 +151,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         acc = self.accelerator
+        check_mixed_precision(cfg.mixed_precision, acc.device.type)
         set_seed(cfg.seed)
         self.repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
 

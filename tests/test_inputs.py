@@ -8,6 +8,7 @@ import datasets
 import pytest
 
 from memmit.cli import train_main
+from memmit.config import check_mixed_precision
 from memmit.data import check_captions, load_train_dataset
 
 from test_train import args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
@@ -102,3 +103,14 @@ def test_only_the_training_splits_metadata_must_list_every_image(tmp_path):
     with pytest.raises(ValueError, match=r": 1 image file\(s\) not listed in metadata.csv, which datasets would leave "
                                          r"out of training: train/new/extra.PNG; list them there"):
         load_train_dataset(train_data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("mixed_precision, device_type, refused", [
+    ("fp16", "cpu", True), ("fp16", "mps", True), ("fp16", "cuda", False), ("bf16", "cpu", False), ("no", "cpu", False),
+])
+def test_fp16_is_refused_where_there_is_no_gradient_scaler(mixed_precision, device_type, refused):
+    if refused:
+        with pytest.raises(ValueError, match=f"this run is on {device_type}; pass --mixed_precision bf16"):
+            check_mixed_precision(mixed_precision, device_type)
+    else:
+        check_mixed_precision(mixed_precision, device_type)

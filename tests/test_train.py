@@ -206,7 +206,12 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
     (notes / "notes.txt").write_text("not\nimages\n")
     base = ["--pretrained_model_name_or_path", tiny_pipeline]
     data = ["--dataset_name", digits_dir]
-    return [
+    # fp16 trains on CUDA (with a gradient scaler) and is bad input everywhere else.
+    fp16 = [] if torch.cuda.is_available() else [
+        (base + data + ["--mixed_precision", "fp16"],
+         "mixed_precision=fp16 needs a CUDA GPU (it trains with a gradient scaler), and this run is on cpu; "
+         "pass --mixed_precision bf16 (or no) instead")]
+    return fp16 + [
         (base + data + ["--image_column", "img"], "image_column 'img' not in dataset columns ['image', 'label']"),
         (base + data + ["--shard_strategy", "stratified", "--label_column", "digit"], "label_column 'digit' not in"),
         (base + ["--train_data_dir", str(empty)], "is empty"),
