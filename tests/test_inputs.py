@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import datasets
 import pytest
@@ -11,7 +14,7 @@ from memmit.cli import train_main
 from memmit.config import check_mixed_precision
 from memmit.data import check_captions, load_train_dataset
 
-from test_train import args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
+from test_train import ROOT, args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
 
 
 def assert_refused(flags: list, message: str, out, capsys) -> str:
@@ -114,3 +117,21 @@ def test_fp16_is_refused_where_there_is_no_gradient_scaler(mixed_precision, devi
             check_mixed_precision(mixed_precision, device_type)
     else:
         check_mixed_precision(mixed_precision, device_type)
+
+
+def test_no_torchvision_warning_on_a_run(tiny_pipeline, digits_dir, tmp_path):
+    """transformers warns at diffusers' import that its image processors fall back to PIL; memmit runs drop it."""
+    warning = "requires torchvision (not installed)"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def stderr(*command) -> str:
+        return subprocess.run([sys.executable, *command], env=env, cwd=ROOT, capture_output=True, text=True).stderr
+
+    if warning not in stderr("-c", "import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"):
+        pytest.skip("this transformers (or an installed torchvision) prints no torchvision warning")
+    # Bad input that fails only once the trainer and the evaluator (and so diffusers) are imported.
+    missing = ["--pretrained_model_name_or_path", str(tmp_path / "missing"), "--dataset_name", digits_dir]
+    train = stderr("train_memmit.py", *missing, "--output_dir", str(tmp_path / "out"))
+    evaluation = stderr("-m", "memmit.cli", "eval", *missing, "--output_dir", str(tmp_path / "eval"))
+    for err in (train, evaluation):
+        assert "does not exist" in err and warning not in err, err
