@@ -52,8 +52,25 @@ def run(cfg) -> Trainer:
     return trainer
 
 
+class _TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' warning that an image processor falls back to PIL without torchvision."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_TORCHVISION_FALLBACK = _TorchvisionFallbackFilter()
+
+
+def silence_torchvision_fallback() -> None:
+    """diffusers imports CLIP and SigLIP image processors memmit never uses, and transformers warns on every run
+    that they fall back to PIL; memmit must not install torchvision (it pulls another torch), so the warning is noise."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_TORCHVISION_FALLBACK)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """Parse, validate and train; bad input exits 2 with one message, before training."""
+    silence_torchvision_fallback()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         trainer, repo_id = prepare(parse_args(argv))
@@ -77,6 +94,7 @@ COMMANDS = {"train": "memmit.cli:train_main", "eval": "memmit.evaluate:eval_main
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_torchvision_fallback()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: memmit {{{','.join(COMMANDS)}}} [options]; `memmit COMMAND --help` for options", file=sys.stderr)

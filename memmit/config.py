@@ -48,7 +48,7 @@ class MemmitConfig:
     dataset_config_name: Optional[str] = opt(None, "Configuration of a Hub dataset.")
     train_data_dir: Optional[str] = opt(None, "Folder of images (datasets' imagefolder layout).")
     image_column: str = opt("image", "Dataset column holding the images.")
-    caption_column: Optional[str] = opt(None, "Dataset column of captions (a string or a list per image) for text-to-image pipelines.")
+    caption_column: Optional[str] = opt(None, "Dataset column of captions (a non-empty string or list of them per image) for text-to-image pipelines.")
     label_column: Optional[str] = opt(None, "Dataset column of labels, used by shard_strategy=stratified.")
     max_train_samples: Optional[int] = opt(None, "Keep only the first N samples (for debugging or quick runs).")
     resolution: Optional[int] = opt(None, "Training resolution; defaults to the UNet's sample_size.")
@@ -104,7 +104,7 @@ class MemmitConfig:
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: Optional[float] = opt(1.0, "Clip gradients to this norm; null disables clipping.")
     seed: int = opt(0, "Seed of the shard split, data order, noise and timesteps.")
-    mixed_precision: str = opt("no", "Autocast precision: no | fp16 | bf16 (the UNet stays fp32).", choices=MIXED_PRECISIONS)
+    mixed_precision: str = opt("no", "Autocast precision: no | fp16 (CUDA only) | bf16 (the UNet stays fp32).", choices=MIXED_PRECISIONS)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet.", resume="free")
     use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
 
@@ -180,6 +180,13 @@ class MemmitConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
+    """fp16 needs a GradScaler, which memmit keeps on CUDA only; elsewhere fp16 gradients would silently underflow."""
+    if mixed_precision == "fp16" and device_type != "cuda":
+        raise ValueError(f"mixed_precision=fp16 needs a CUDA GPU (it trains with a gradient scaler), and this run is "
+                         f"on {device_type}; pass --mixed_precision bf16 (or no) instead")
 
 
 def _field_type(f: dataclasses.Field) -> type:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import memmit
 
-from .data import iter_images, load_train_dataset, source_names
+from .data import check_captions, iter_images, load_train_dataset, source_names
 from .metrics import collapse_duplicates, default_device, frechet_distance, memorization_report
 from .tasks import DenoisingTask, UnconditionalTask, load_task
 
@@ -313,11 +313,8 @@ def _load_eval_task(s: dict) -> DenoisingTask:
                           variant=s["variant"], resolution=s["resolution"], center_crop=True, random_flip=False,
                           caption_column=s["caption_column"])
     task = load_task(cfg)
-    if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders any height and width asked for
+    if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders the height and width asked for
         return task
-    factor = 2 ** (len(task.unet.config.block_out_channels) - 1)
-    if task.resolution % factor:
-        raise ValueError(f"resolution {task.resolution} must be a multiple of {factor} for this UNet")
     # DDIMPipeline samples at the UNet's configured sample_size; a convolutional UNet runs at any multiple.
     task.unet.register_to_config(sample_size=task.resolution)
     return task
@@ -330,6 +327,7 @@ def prepare_evaluation(settings: dict, show_progress: bool = True) -> Prepared:
     ds = load_train_dataset(settings["dataset_name"], settings["train_data_dir"], settings["image_column"],
                             max_train_samples=settings["max_train_samples"],
                             dataset_config_name=settings["dataset_config_name"], extra_columns=task.extra_columns)
+    check_captions(ds, task.caption_column, settings["image_column"])
     train = load_train_images(ds, settings["image_column"], task.transform, show_progress)
     # memorization_report would say so too, but only after sampling.
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:

@@ -25,6 +25,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from .cli import silence_torchvision_fallback
+
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 16
 
@@ -268,6 +270,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_torchvision_fallback()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="quickstart-output")
     parser.add_argument("--digits", default="mnist", choices=DIGIT_SETS, help="which real digit set to use")

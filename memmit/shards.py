@@ -124,8 +124,7 @@ class Shard:
                                               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                           num_training_steps=cfg.num_rounds * self.windows)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=cfg.mixed_precision == "fp16" and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")  # CUDA only (checked)
         saved = self.saved
         if saved["optimizer"] is not None:
             self.optimizer.load_state_dict(saved["optimizer"])

@@ -7,6 +7,7 @@ pipeline kind by writing one more DenoisingTask subclass and naming it in `load_
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +72,21 @@ def _side(sample_size) -> int:
     return sample_size if isinstance(sample_size, int) else sample_size[0]
 
 
+def check_resolution(resolution: int, factor: int, reason: str) -> None:
+    """Refuse a resolution that is not a multiple of `factor`, suggesting the nearest ones that are."""
+    if resolution % factor:
+        below = resolution // factor * factor
+        nearest = " or ".join(str(r) for r in (below, below + factor) if r > 0)
+        raise ValueError(f"resolution {resolution} must be a multiple of {factor} for this pipeline ({reason}); "
+                         f"pass --resolution {nearest}")
+
+
 class DenoisingTask:
     """What every UNet pipeline kind shares: the scheduler's target, the per-sample loss, pixels, saving."""
 
     default_agc_lambda: float
     extra_columns: tuple[str, ...] = ()  # dataset columns needed besides the image column
+    caption_column: Optional[str] = None  # the column every sample needs a caption in (text-to-image)
 
     def __init__(self, pipeline: DiffusionPipeline, resolution: int, channels: int, center_crop: bool,
                  random_flip: bool, image_column: str):
@@ -133,8 +144,11 @@ class UnconditionalTask(DenoisingTask):
     def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
                  center_crop: bool = False, random_flip: bool = False, image_column: str = "image"):
         unet = pipeline.unet
-        super().__init__(pipeline, resolution or _side(unet.config.sample_size), int(unet.config.in_channels),
-                         center_crop, random_flip, image_column)
+        resolution = resolution or _side(unet.config.sample_size)
+        halvings = len(unet.config.down_block_types) - 1
+        check_resolution(resolution, 2 ** halvings,
+                         f"its UNet2DModel's {halvings + 1} down blocks downsample the image by {2 ** halvings}")
+        super().__init__(pipeline, resolution, int(unet.config.in_channels), center_crop, random_flip, image_column)
 
     def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Move frozen parts to the device in the mixed-precision dtype; an unconditional UNet has none."""
@@ -178,8 +192,11 @@ class TextToImageTask(DenoisingTask):
                              f"the dataset column of captions to train {type(pipeline).__name__})")
         vae = pipeline.vae
         vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        super().__init__(pipeline, resolution or _side(pipeline.unet.config.sample_size) * vae_scale_factor,
-                         int(vae.config.in_channels), center_crop, random_flip, image_column)
+        resolution = resolution or _side(pipeline.unet.config.sample_size) * vae_scale_factor
+        # The UNet2DConditionModel takes latents of any size; the VAE and StableDiffusionPipeline do not.
+        check_resolution(resolution, math.lcm(vae_scale_factor, 8), f"its VAE downsamples the image by "
+                         f"{vae_scale_factor} and StableDiffusionPipeline renders only multiples of 8")
+        super().__init__(pipeline, resolution, int(vae.config.in_channels), center_crop, random_flip, image_column)
         self.caption_column = caption_column
         self.extra_columns = (caption_column,)
         self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
@@ -233,7 +250,7 @@ class TextToImageTask(DenoisingTask):
         with torch.no_grad():
             posterior = self.vae.encode(batch["pixels"].to(device, self.weight_dtype)).latent_dist
             latents = posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
-            # fp32 inputs keep the fp32 UNet working where autocast is off (e.g. fp16 on a CPU).
+            # fp32 inputs keep the fp32 UNet working where autocast is off (a caller outside accelerate's autocast).
             text = self.text_encoder(batch["input_ids"].to(device))[0].float()
         out = self.denoising_loss(unet, latents, generator, device, encoder_hidden_states=text)
         if self.snr_gamma is not None:

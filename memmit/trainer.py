@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .agc import kept_sum
-from .config import MemmitConfig
+from .config import MemmitConfig, check_mixed_precision
 from .counts import SampleCounts, write_candidates
-from .data import check_images, load_train_dataset, source_names
+from .data import check_captions, check_images, load_train_dataset, source_names
 from .ensemble import shard_weights
 from .export import check_export
 from .model import LiveModel
@@ -83,6 +83,7 @@ class Trainer:
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
+        check_mixed_precision(cfg.mixed_precision, acc.device.type)
         set_seed(cfg.seed)
         self.task = load_task(cfg)
         check_export(self.task, cfg)
@@ -92,6 +93,7 @@ class Trainer:
             self.dataset = load_train_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.image_column,
                                               cfg.label_column, cfg.max_train_samples, cfg.dataset_config_name,
                                               extra_columns=self.task.extra_columns)
+            check_captions(self.dataset, self.task.caption_column, cfg.image_column)
             if cfg.dedup == "none":  # otherwise duplicate detection decodes (and checks) every image
                 check_images(self.dataset, cfg.image_column, show_progress=acc.is_local_main_process)
             n = len(self.dataset)

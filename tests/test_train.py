@@ -173,6 +173,8 @@ def test_script_exit_code_and_message_for_bad_input(tmp_path, digits_dir):
 
 def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
     """(flags, expected message) for every kind of bad input; each must fail before training."""
+    import json
+
     import datasets
     from diffusers import DDPMScheduler
     from PIL import Image
@@ -193,9 +195,23 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
     empty.mkdir()
     few = tmp_path / "few"
     datasets.load_from_disk(digits_dir).select(range(2)).save_to_disk(str(few))
+    unlisted = tmp_path / "unlisted"
+    unlisted.mkdir()
+    for i in range(8):
+        Image.new("L", (8, 8), i).save(unlisted / f"img{i}.png")
+    (unlisted / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"img{i}.png", "label": i}) + "\n"
+                                                     for i in range(2)))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("not\nimages\n")
     base = ["--pretrained_model_name_or_path", tiny_pipeline]
     data = ["--dataset_name", digits_dir]
-    return [
+    # fp16 trains on CUDA (with a gradient scaler) and is bad input everywhere else.
+    fp16 = [] if torch.cuda.is_available() else [
+        (base + data + ["--mixed_precision", "fp16"],
+         "mixed_precision=fp16 needs a CUDA GPU (it trains with a gradient scaler), and this run is on cpu; "
+         "pass --mixed_precision bf16 (or no) instead")]
+    return fp16 + [
         (base + data + ["--image_column", "img"], "image_column 'img' not in dataset columns ['image', 'label']"),
         (base + data + ["--shard_strategy", "stratified", "--label_column", "digit"], "label_column 'digit' not in"),
         (base + ["--train_data_dir", str(empty)], "is empty"),
@@ -216,6 +232,16 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
         (base + data + ["--lora_rank", "2", "--lora_target_modules", "to_x"], "match no module"),
         (base + data + ["--export", "lora"], "needs a pipeline that loads LoRA weights"),
         (base + data + ["--lora_rank", "2", "--use_ema"], "use_ema is not supported with lora_rank"),
+        (base + ["--train_data_dir", str(unlisted)],
+         f"train_data_dir {str(unlisted)!r}: 6 image file(s) not listed in metadata.jsonl, which datasets would leave "
+         "out of training: img2.png, img3.png, img4.png, img5.png, img6.png and 1 more"),
+        (base + ["--dataset_name", str(notes)],
+         f"dataset_name {str(notes)!r} is not a dataset: Dataset.save_to_disk did not write it, and datasets read its "
+         f"files as text data with columns ['text'] and no images; for a folder of images pass --train_data_dir {notes}"),
+        (base + ["--dataset_name", tiny_pipeline], f"dataset_name {tiny_pipeline!r} is not a dataset"),
+        (base + data + ["--resolution", "33"],
+         "resolution 33 must be a multiple of 2 for this pipeline (its UNet2DModel's 2 down blocks downsample the "
+         "image by 2); pass --resolution 32 or 34"),
     ]
 
 
@@ -224,11 +250,16 @@ def test_every_bad_input_fails_before_training(tmp_path, tiny_pipeline, digits_d
         out = tmp_path / "out"
         if "--output_dir" not in flags:
             flags = flags + ["--output_dir", str(out)]
+        out = Path(flags[flags.index("--output_dir") + 1])
+        existed = out.exists()
         assert train_main(flags + ["--report_to", "none"]) == 2, flags
         err = capsys.readouterr().err
         assert message in err, (flags, err)
         assert err.count("memmit: error:") == 1
-        assert not (out / "model_index.json").exists() and not (out / "checkpoints").exists()
+        if existed:
+            assert not (out / "checkpoints").exists() and not (out / "memmit").exists(), flags
+        else:
+            assert not out.exists(), (flags, sorted(p.name for p in out.iterdir()))
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
