@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 import memmit
 
-from .data import iter_images, load_train_dataset, source_names
+from .data import iter_images, load_train_dataset, pick_caption, source_names
 from .metrics import collapse_duplicates, default_device, frechet_distance, memorization_report
 from .tasks import DenoisingTask, UnconditionalTask, load_task
 
@@ -127,17 +127,11 @@ def sample_images(task: DenoisingTask, num_samples: int, num_inference_steps: in
     return np.concatenate(batches)
 
 
-def sample_prompts(captions: list, num_samples: int, seed: int) -> list[str]:
-    """One training caption per sample, drawn with a seed (a list of captions contributes one of them)."""
+def sample_prompts(captions: list, num_samples: int, seed: int, column: str) -> list[str]:
+    """One training caption per sample: a row drawn with a seed, then one of its captions."""
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(captions), (num_samples,), generator=generator).tolist()
-    prompts = []
-    for i in picks:
-        value = captions[i]
-        if isinstance(value, (list, tuple)):
-            value = value[int(torch.randint(len(value), (), generator=generator))] if value else ""
-        prompts.append(value or "")
-    return prompts
+    return [pick_caption(captions[i], generator, column) for i in picks]
 
 
 def load_train_images(ds: datasets.Dataset, image_column: str, transform: Callable,
@@ -338,8 +332,8 @@ def prepare_evaluation(settings: dict, show_progress: bool = True) -> Prepared:
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(settings[role], device, probe, role) if settings[role] else None
                   for role in ("feature_extractor", "quality_extractor")}
-    prompts = (sample_prompts(ds[settings["caption_column"]], settings["num_samples"], settings["seed"])
-               if settings["caption_column"] else None)
+    prompts = (sample_prompts(ds[settings["caption_column"]], settings["num_samples"], settings["seed"],
+                              settings["caption_column"]) if settings["caption_column"] else None)
     return Prepared(settings, task, train, source_names(ds, settings["image_column"]),
                     extractors["feature_extractor"], extractors["quality_extractor"], device, prompts)
 
