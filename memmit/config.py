@@ -1,7 +1,7 @@
 """Every memmit option: one dataclass field with its default, its help and its validation.
 
-`MemmitConfig` holds `memmit train`'s options; it starts with the pipeline and training set of
-`ModelDataConfig`, which other commands share. A YAML file given with `--config` supplies defaults,
+`MemmitConfig` holds `memmit train`'s options and `EvalConfig` `memmit eval`'s; both start with the
+pipeline and training set of `ModelDataConfig`. A YAML file given with `--config` supplies defaults,
 command-line flags override it; flag names follow diffusers' training examples.
 """
 
@@ -188,6 +188,44 @@ class MemmitConfig(ModelDataConfig):
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@dataclass
+class EvalConfig(ModelDataConfig):
+    """Options of `memmit eval`: measure how much a diffusers pipeline copies its training images (and,
+    optionally, sample quality)."""
+
+    # Data
+    caption_column: Optional[str] = opt(None, "Text-to-image pipelines: dataset column of captions; each sample's prompt is a training caption drawn with seed (saved in prompts.json).")
+    max_train_samples: Optional[int] = opt(None, "Compare against the first N training images only.")
+    resolution: Optional[int] = opt(None, "Sampling and comparison resolution; defaults to the UNet's sample_size.")
+
+    # Sampling
+    num_samples: int = opt(256, "Images to sample.")
+    num_inference_steps: int = opt(50, "DDIM steps.")
+    batch_size: int = opt(64, "Sampling and embedding batch size.")
+    seed: int = opt(0, "Seed of the sampling noise and of the prompts' draw.")
+
+    # Metrics
+    feature_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir: also report cosine similarity of embeddings.")
+    quality_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir for the Frechet distance; unset: torchmetrics' Inception FID, if it loads.")
+    threshold: float = opt(1 / 3, "A sample is memorized when d1/d2 < threshold (1/3: Yoon et al.).")
+    k: int = opt(50, "Neighbours for the neighbourhood-normalised score.")
+
+    # Output
+    output_dir: Optional[str] = opt(None, "Where report.json, samples.npy and most_copied.png go.", required=True)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid option."""
+        super().validate()
+        need(self.num_samples >= 2, f"num_samples must be >= 2 (a Frechet distance needs two), got {self.num_samples}")
+        need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.k >= 2, f"k must be >= 2 (the d1/d2 criterion needs two neighbours), got {self.k}")
+        need(0 < self.threshold <= 1, f"threshold must be in (0, 1] (d1/d2 is at most 1), got {self.threshold}")
+        need(self.max_train_samples is None or self.max_train_samples >= 2,
+             f"max_train_samples must be >= 2, got {self.max_train_samples}")
+        need(self.resolution is None or self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}")
 
 
 Config = TypeVar("Config", bound=ModelDataConfig)
