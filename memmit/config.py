@@ -1,7 +1,8 @@
 """Every memmit option: one dataclass field with its default, its help and its validation.
 
-A YAML file given with `--config` supplies defaults, command-line flags override it; flag names
-follow diffusers' training examples.
+`MemmitConfig` holds `memmit train`'s options and `EvalConfig` `memmit eval`'s; both start with the
+pipeline and training set of `ModelDataConfig`. A YAML file given with `--config` supplies defaults,
+command-line flags override it; flag names follow diffusers' training examples.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import yaml
 
@@ -28,18 +29,26 @@ LR_SCHEDULERS = (
 
 
 def opt(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field carrying its one-line help. `resume="free"` marks an option that does not change the
-    run's arithmetic, so it may differ when resuming; every other option must equal the checkpoint's."""
+    """A dataclass field carrying its one-line help; `choices=` and `required=True` are checked on construction.
+    `resume="free"` marks an option that does not change the run's arithmetic, so it may differ when resuming;
+    every other option must equal the checkpoint's."""
     metadata = {"help": help, **kwargs}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
 @dataclass
-class MemmitConfig:
+class ModelDataConfig:
+    """The pretrained pipeline and its training set: the options `memmit train` and `memmit eval` share."""
+
     # Model
-    pretrained_model_name_or_path: Optional[str] = opt(None, "Hub id or local directory of a diffusers pipeline with a UNet.")
+    pretrained_model_name_or_path: Optional[str] = opt(None, "Hub id or local directory of a diffusers pipeline with a UNet.", required=True)
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the pretrained pipeline.")
     variant: Optional[str] = opt(None, "Weight variant to load, e.g. 'fp16'.")
 
@@ -48,6 +57,26 @@ class MemmitConfig:
     dataset_config_name: Optional[str] = opt(None, "Configuration of a Hub dataset.")
     train_data_dir: Optional[str] = opt(None, "Folder of images (datasets' imagefolder layout).")
     image_column: str = opt("image", "Dataset column holding the images.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid option."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            need(not f.metadata.get("required") or value is not None, f"{f.name} is required")
+            need(choices is None or value in choices, f"{f.name}={value!r} is not one of {list(choices or [])}")
+        need((self.dataset_name is None) != (self.train_data_dir is None),
+             "give exactly one of dataset_name or train_data_dir")
+
+
+@dataclass
+class MemmitConfig(ModelDataConfig):
+    """Options of `memmit train`: fine-tune a diffusers pipeline with IET + AGC to mitigate its memorization."""
+
+    # Data
     caption_column: Optional[str] = opt(None, "Dataset column of captions (a non-empty string or list of them per image) for text-to-image pipelines.")
     label_column: Optional[str] = opt(None, "Dataset column of labels, used by shard_strategy=stratified.")
     max_train_samples: Optional[int] = opt(None, "Keep only the first N samples (for debugging or quick runs).")
@@ -122,22 +151,9 @@ class MemmitConfig:
     num_validation_images: int = opt(16, "Images sampled into the logs at each round's end; 0 disables.", resume="free")
     validation_inference_steps: int = opt(50, "DDIM steps for the round-end sample grid.", resume="free")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(msg)
-
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            need(choices is None or value in choices, f"{f.name}={value!r} is not one of {list(choices or [])}")
-        need(self.pretrained_model_name_or_path is not None, "pretrained_model_name_or_path is required")
-        need((self.dataset_name is None) != (self.train_data_dir is None),
-             "give exactly one of dataset_name or train_data_dir")
+        super().validate()
         need(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
         need(self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}")
         need(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
@@ -189,62 +205,113 @@ def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
                          f"on {device_type}; pass --mixed_precision bf16 (or no) instead")
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    """The scalar type of a field, Optional[...] unwrapped (list[str] stays list)."""
-    hint = typing.get_type_hints(MemmitConfig)[f.name]
+@dataclass
+class EvalConfig(ModelDataConfig):
+    """Options of `memmit eval`: measure how much a diffusers pipeline copies its training images (and,
+    optionally, sample quality)."""
+
+    # Data
+    caption_column: Optional[str] = opt(None, "Text-to-image pipelines: dataset column of captions; each sample's prompt is a training caption drawn with seed (saved in prompts.json).")
+    max_train_samples: Optional[int] = opt(None, "Compare against the first N training images only.")
+    resolution: Optional[int] = opt(None, "Sampling and comparison resolution; defaults to the UNet's sample_size.")
+
+    # Sampling
+    num_samples: int = opt(256, "Images to sample.")
+    num_inference_steps: int = opt(50, "DDIM steps.")
+    batch_size: int = opt(64, "Sampling and embedding batch size.")
+    seed: int = opt(0, "Seed of the sampling noise and of the prompts' draw.")
+
+    # Metrics
+    feature_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir: also report cosine similarity of embeddings.")
+    quality_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir for the Frechet distance; unset: torchmetrics' Inception FID, if it loads.")
+    threshold: float = opt(1 / 3, "A sample is memorized when d1/d2 < threshold (1/3: Yoon et al.).")
+    k: int = opt(50, "Neighbours for the neighbourhood-normalised score.")
+
+    # Output
+    output_dir: Optional[str] = opt(None, "Where report.json, samples.npy and most_copied.png go.", required=True)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid option."""
+        super().validate()
+        need(self.num_samples >= 2, f"num_samples must be >= 2 (a Frechet distance needs two), got {self.num_samples}")
+        need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.k >= 2, f"k must be >= 2 (the d1/d2 criterion needs two neighbours), got {self.k}")
+        need(0 < self.threshold <= 1, f"threshold must be in (0, 1] (d1/d2 is at most 1), got {self.threshold}")
+        need(self.max_train_samples is None or self.max_train_samples >= 2,
+             f"max_train_samples must be >= 2, got {self.max_train_samples}")
+        need(self.resolution is None or self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}")
+
+
+Config = TypeVar("Config", bound=ModelDataConfig)
+
+
+def _field_type(hint: Any) -> type:
+    """The scalar type of a field's type hint, Optional[...] unwrapped (list[str] stays list)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     hint = args[0] if args and typing.get_origin(hint) is not list else hint
     return list if typing.get_origin(hint) is list else hint
 
 
-def _parse_value(f: dataclasses.Field):
+def _parse_value(hint: Any):
     """argparse type for a field; 'none'/'null' gives None for optional fields, as in YAML."""
-    kind = _field_type(f)
-    optional = type(None) in typing.get_args(typing.get_type_hints(MemmitConfig)[f.name])
+    kind = _field_type(hint)
+    optional = type(None) in typing.get_args(hint)
 
     def parse(text: str):
         return None if optional and text.lower() in ("none", "null") else kind(text)
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="memmit: mitigate memorization in a diffusers pipeline with IET + AGC fine-tuning.",
-        argument_default=argparse.SUPPRESS,
-    )
+def _help(f: dataclasses.Field) -> str:
+    """What --help says of a field: its help, then its default or that it is required."""
+    if f.metadata.get("required"):
+        return f"{f.metadata['help']} (required)"
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    return f"{f.metadata['help']} (default: {default})"
+
+
+# Not transformers' HfArgumentParser: it has no --no-x for False defaults, rejects `none` for Optional fields
+# and exits on a bad choice where validate() raises a ValueError naming it.
+def build_parser(config_class: type = MemmitConfig, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """One flag per field of `config_class`, plus --config; flags not given stay out of the namespace."""
+    parser = argparse.ArgumentParser(prog=prog, description=config_class.__doc__,
+                                     argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", type=str, help="YAML file of option defaults; flags override it.")
-    for f in dataclasses.fields(MemmitConfig):
-        kind = _field_type(f)
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        kind = _field_type(hints[f.name])
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=_help(f))
         elif kind is list:
-            parser.add_argument(f"--{f.name}", nargs="+", help=help_text)
+            parser.add_argument(f"--{f.name}", nargs="+", help=_help(f))
         else:
-            parser.add_argument(f"--{f.name}", type=_parse_value(f), help=help_text)
+            parser.add_argument(f"--{f.name}", type=_parse_value(hints[f.name]), help=_help(f))
     return parser
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Options from a YAML file; an unknown key is an error naming the valid ones."""
+def load_yaml(path: str | Path, config_class: type = MemmitConfig) -> dict:
+    """Options of `config_class` from a YAML file; an unknown key is an error naming the valid ones."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
-    valid = [f.name for f in dataclasses.fields(MemmitConfig)]
+    hints = typing.get_type_hints(config_class)
+    valid = [f.name for f in dataclasses.fields(config_class)]
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} in {str(path)!r}; valid options: {valid}")
     # YAML 1.1 reads "1e-4" as a string: coerce numbers with the field's own type.
-    kinds = {f.name: _field_type(f) for f in dataclasses.fields(MemmitConfig)}
+    kinds = {name: _field_type(hints[name]) for name in valid}
     return {k: kinds[k](v) if isinstance(v, str) and kinds[k] in (int, float) else v for k, v in data.items()}
 
 
-def parse_args(argv: list[str] | None = None) -> MemmitConfig:
-    """Resolve defaults < YAML file < flags into one validated config."""
-    flags = vars(build_parser().parse_args(argv))
-    values = load_yaml(flags.pop("config")) if "config" in flags else {}
+def parse_args(argv: list[str] | None = None, config_class: type[Config] = MemmitConfig,
+               prog: Optional[str] = None) -> Config:
+    """Resolve defaults < YAML file < flags into one validated `config_class`."""
+    flags = vars(build_parser(config_class, prog).parse_args(argv))
+    values = load_yaml(flags.pop("config"), config_class) if "config" in flags else {}
     values.update(flags)
-    return MemmitConfig(**values)
+    return config_class(**values)

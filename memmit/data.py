@@ -1,11 +1,11 @@
-"""Training data: loading through `datasets`, image conversion, stable sample ids, the shard split."""
+"""Training data: loading through `datasets`, image conversion, caption choice, stable sample ids, the shard split."""
 
 from __future__ import annotations
 
 import io
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence, Union
 
 import datasets
 import numpy as np
@@ -186,6 +186,22 @@ def check_images(ds: datasets.Dataset, image_column: str, show_progress: bool = 
     """Decode every image once, so an unreadable file fails before training, by name."""
     for _ in iter_images(ds, image_column, "checking images", show_progress):
         pass
+
+
+def pick_caption(value, choice: Union[torch.Generator, Literal["first"]], column: str) -> str:
+    """The caption of one row's caption-column value: a string as is; of a list, one drawn from the generator
+    `choice` (one torch.randint), or its first for "first". None, "" and [] are the empty prompt."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            value = None
+        elif choice == "first":
+            value = value[0]
+        else:
+            value = value[int(torch.randint(len(value), (), generator=choice))]
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"caption_column {column!r} holds {value!r} of type {type(value).__name__}; "
+                         "expected a string or a list of strings")
+    return value or ""
 
 
 def convert_mode(img: Image.Image, channels: int) -> Image.Image:

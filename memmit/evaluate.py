@@ -7,7 +7,7 @@ Sampling and scoring are separate steps: `sample_images` gives uint8 images (sav
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
 import json
 import math
 import sys
@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 import memmit
 
-from .data import check_captions, iter_images, load_train_dataset, source_names
+from .config import EvalConfig, parse_args
+from .data import check_captions, iter_images, load_train_dataset, pick_caption, source_names
 from .metrics import collapse_duplicates, default_device, frechet_distance, memorization_report
 from .tasks import DenoisingTask, UnconditionalTask, load_task
 
@@ -127,17 +128,11 @@ def sample_images(task: DenoisingTask, num_samples: int, num_inference_steps: in
     return np.concatenate(batches)
 
 
-def sample_prompts(captions: list, num_samples: int, seed: int) -> list[str]:
-    """One training caption per sample, drawn with a seed (a list of captions contributes one of them)."""
+def sample_prompts(captions: list, num_samples: int, seed: int, column: str) -> list[str]:
+    """One training caption per sample: a row drawn with a seed, then one of its captions."""
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(captions), (num_samples,), generator=generator).tolist()
-    prompts = []
-    for i in picks:
-        value = captions[i]
-        if isinstance(value, (list, tuple)):
-            value = value[int(torch.randint(len(value), (), generator=generator))] if value else ""
-        prompts.append(value or "")
-    return prompts
+    return [pick_caption(captions[i], generator, column) for i in picks]
 
 
 def load_train_images(ds: datasets.Dataset, image_column: str, transform: Callable,
@@ -281,7 +276,7 @@ def format_report(report: dict) -> str:
 class Prepared:
     """Everything `run_evaluation` needs, loaded and checked."""
 
-    settings: dict
+    config: EvalConfig
     task: DenoisingTask
     train: Tensor  # [N, C, H, W] in [-1, 1]
     sources: list[str]
@@ -291,75 +286,57 @@ class Prepared:
     prompts: Optional[list[str]] = None  # text-to-image: one training caption per sample
 
 
-def _check_settings(s: dict) -> None:
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ValueError(msg)
-
-    need((s["dataset_name"] is None) != (s["train_data_dir"] is None),
-         "give exactly one of dataset_name or train_data_dir")
-    need(s["num_samples"] >= 2, f"num_samples must be >= 2 (a Frechet distance needs two), got {s['num_samples']}")
-    need(s["num_inference_steps"] >= 1, f"num_inference_steps must be >= 1, got {s['num_inference_steps']}")
-    need(s["batch_size"] >= 1, f"batch_size must be >= 1, got {s['batch_size']}")
-    need(s["k"] >= 2, f"k must be >= 2 (the d1/d2 criterion needs two neighbours), got {s['k']}")
-    need(0 < s["threshold"] <= 1, f"threshold must be in (0, 1] (d1/d2 is at most 1), got {s['threshold']}")
-    need(s["max_train_samples"] is None or s["max_train_samples"] >= 2,
-         f"max_train_samples must be >= 2, got {s['max_train_samples']}")
-    need(s["resolution"] is None or s["resolution"] >= 8, f"resolution must be >= 8, got {s['resolution']}")
-
-
-def _load_eval_task(s: dict) -> DenoisingTask:
-    cfg = SimpleNamespace(pretrained_model_name_or_path=s["pretrained_model_name_or_path"], revision=s["revision"],
-                          variant=s["variant"], resolution=s["resolution"], center_crop=True, random_flip=False,
-                          caption_column=s["caption_column"])
-    task = load_task(cfg)
-    if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders the height and width asked for
+def _load_eval_task(config: EvalConfig) -> DenoisingTask:
+    # Samples are compared with whole training images: centre crops, no flips.
+    task = load_task(SimpleNamespace(**dataclasses.asdict(config), center_crop=True, random_flip=False))
+    if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders any height and width asked for
         return task
     # DDIMPipeline samples at the UNet's configured sample_size; a convolutional UNet runs at any multiple.
     task.unet.register_to_config(sample_size=task.resolution)
     return task
 
 
-def prepare_evaluation(settings: dict, show_progress: bool = True) -> Prepared:
-    """Check the settings and load model, data and extractors; every bad input raises ValueError here."""
-    _check_settings(settings)
-    task = _load_eval_task(settings)
-    ds = load_train_dataset(settings["dataset_name"], settings["train_data_dir"], settings["image_column"],
-                            max_train_samples=settings["max_train_samples"],
-                            dataset_config_name=settings["dataset_config_name"], extra_columns=task.extra_columns)
-    check_captions(ds, task.caption_column, settings["image_column"])
-    train = load_train_images(ds, settings["image_column"], task.transform, show_progress)
+def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepared:
+    """Load model, data and extractors; every bad input raises ValueError here, before sampling."""
+    task = _load_eval_task(config)
+    ds = load_train_dataset(config.dataset_name, config.train_data_dir, config.image_column,
+                            max_train_samples=config.max_train_samples,
+                            dataset_config_name=config.dataset_config_name, extra_columns=task.extra_columns)
+    check_captions(ds, task.caption_column, config.image_column)
+    train = load_train_images(ds, config.image_column, task.transform, show_progress)
     # memorization_report would say so too, but only after sampling.
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
         raise ValueError("the training set needs at least two distinct images at this resolution")
     device = default_device()
     probe = (train[:2] + 1) / 2
-    extractors = {role: load_extractor(settings[role], device, probe, role) if settings[role] else None
-                  for role in ("feature_extractor", "quality_extractor")}
-    prompts = (sample_prompts(ds[settings["caption_column"]], settings["num_samples"], settings["seed"])
-               if settings["caption_column"] else None)
-    return Prepared(settings, task, train, source_names(ds, settings["image_column"]),
+    extractors = {role: load_extractor(path, device, probe, role) if path else None
+                  for role, path in (("feature_extractor", config.feature_extractor),
+                                     ("quality_extractor", config.quality_extractor))}
+    prompts = (sample_prompts(ds[config.caption_column], config.num_samples, config.seed, config.caption_column)
+               if config.caption_column else None)
+    return Prepared(config, task, train, source_names(ds, config.image_column),
                     extractors["feature_extractor"], extractors["quality_extractor"], device, prompts)
 
 
 def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np.ndarray] = None) -> dict:
     """Sample (unless `samples` are given, to rescore), score, and write report.json, samples.npy
-    and most_copied.png to settings["output_dir"]."""
-    s = p.settings
+    and most_copied.png to config.output_dir."""
+    c = p.config
     if samples is None:
-        samples = sample_images(p.task, s["num_samples"], s["num_inference_steps"], s["batch_size"], s["seed"],
+        samples = sample_images(p.task, c.num_samples, c.num_inference_steps, c.batch_size, c.seed,
                                 p.device, show_progress, p.prompts)
-    scores = score_samples(from_uint8(samples), p.train, p.sources, k=s["k"], threshold=s["threshold"],
+    scores = score_samples(from_uint8(samples), p.train, p.sources, k=c.k, threshold=c.threshold,
                            feature_extractor=p.feature_extractor, quality_extractor=p.quality_extractor,
-                           batch_size=s["batch_size"])
-    report = {"settings": {**s, "resolution": p.task.resolution, "channels": p.task.channels,
+                           batch_size=c.batch_size)
+    # The options, then what they resolved to and how the samples were made.
+    report = {"settings": {**dataclasses.asdict(c), "resolution": p.task.resolution, "channels": p.task.channels,
                            "sampler": "DDIM", "pipeline": type(p.task.pipeline).__name__, "device": str(p.device)},
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "memmit": memmit.__version__},
               **scores,
               "files": {"samples": "samples.npy", "figure": "most_copied.png",
                         **({"prompts": "prompts.json"} if p.prompts is not None else {})}}
-    out = Path(s["output_dir"])
+    out = Path(c.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples)
     if p.prompts is not None:
@@ -374,68 +351,31 @@ def rescore(report_dir: str | Path, show_progress: bool = False) -> dict:
     report_dir = Path(report_dir)
     settings = json.loads((report_dir / "report.json").read_text())["settings"]
     # A report from an older memmit lacks the options added since: they take their defaults.
-    settings = {k: settings.get(k, p.default) for k, p in inspect.signature(evaluate).parameters.items()
-                if k != "show_progress" and (k in settings or p.default is not inspect.Parameter.empty)}
-    settings["output_dir"] = str(report_dir)
-    return run_evaluation(prepare_evaluation(settings, show_progress), show_progress,
+    options = {f.name for f in dataclasses.fields(EvalConfig)} - {"output_dir"}
+    config = EvalConfig(**{k: v for k, v in settings.items() if k in options}, output_dir=str(report_dir))
+    return run_evaluation(prepare_evaluation(config, show_progress), show_progress,
                           samples=np.load(report_dir / "samples.npy"))
 
 
-def evaluate(pretrained_model_name_or_path: str, output_dir: str, *, dataset_name: Optional[str] = None,
-             train_data_dir: Optional[str] = None, dataset_config_name: Optional[str] = None,
-             image_column: str = "image", caption_column: Optional[str] = None,
-             max_train_samples: Optional[int] = None,
-             resolution: Optional[int] = None, revision: Optional[str] = None, variant: Optional[str] = None,
-             num_samples: int = 256, num_inference_steps: int = 50, batch_size: int = 64, seed: int = 0,
-             feature_extractor: Optional[str] = None, quality_extractor: Optional[str] = None,
-             threshold: float = 1 / 3, k: int = 50, show_progress: bool = True) -> dict:
-    """Sample `num_samples` images from the pipeline and report how many copy the training set.
+def evaluate(config: EvalConfig, show_progress: bool = True) -> dict:
+    """Sample `config.num_samples` images from the pipeline and report how many copy the training set.
 
-    Writes report.json, samples.npy and most_copied.png to `output_dir` and returns the report.
+    Writes report.json, samples.npy and most_copied.png to `config.output_dir` and returns the report.
     """
-    settings = {name: value for name, value in locals().items() if name != "show_progress"}
-    return run_evaluation(prepare_evaluation(settings, show_progress), show_progress)
-
-
-def build_eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memmit eval", description="Measure how much a diffusers pipeline copies "
-                                "its training images (and, optionally, sample quality).")
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="Pipeline directory or Hub id.")
-    p.add_argument("--revision", help="Hub revision of the pipeline.")
-    p.add_argument("--variant", help="Weight variant, e.g. fp16.")
-    p.add_argument("--dataset_name", help="Hub dataset or a directory written by Dataset.save_to_disk.")
-    p.add_argument("--dataset_config_name", help="Configuration of a Hub dataset.")
-    p.add_argument("--train_data_dir", help="Folder of training images (imagefolder layout).")
-    p.add_argument("--image_column", default="image", help="Dataset column of the images (default: image).")
-    p.add_argument("--caption_column", help="Text-to-image pipelines: dataset column of captions; each sample's "
-                   "prompt is a training caption drawn with --seed (saved in prompts.json).")
-    p.add_argument("--max_train_samples", type=int, help="Compare against the first N training images only.")
-    p.add_argument("--resolution", type=int, help="Sampling and comparison resolution (default: UNet sample_size).")
-    p.add_argument("--num_samples", type=int, default=256, help="Images to sample (default: 256).")
-    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps (default: 50).")
-    p.add_argument("--batch_size", type=int, default=64, help="Sampling and embedding batch size (default: 64).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the sampling noise (default: 0).")
-    p.add_argument("--output_dir", required=True, help="Where report.json, samples.npy and most_copied.png go.")
-    p.add_argument("--feature_extractor", help="TorchScript file or transformers model dir: also report cosine "
-                   "similarity of embeddings.")
-    p.add_argument("--quality_extractor", help="TorchScript file or transformers model dir for the Frechet "
-                   "distance (default: torchmetrics' Inception FID, if it loads).")
-    p.add_argument("--threshold", type=float, default=1 / 3, help="Memorized when d1/d2 < threshold (default: 1/3).")
-    p.add_argument("--k", type=int, default=50, help="Neighbours for the neighbourhood-normalised score (default: 50).")
-    return p
+    return run_evaluation(prepare_evaluation(config, show_progress), show_progress)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
     """`memmit eval`: bad input exits 2 with one message, before sampling."""
-    settings = vars(build_eval_parser().parse_args(argv))
     try:
-        prepared = prepare_evaluation(settings)
+        config = parse_args(argv, EvalConfig, prog="memmit eval")
+        prepared = prepare_evaluation(config)
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
     report = run_evaluation(prepared)
     print(format_report(report))
-    print(f"memmit: report written to {Path(settings['output_dir']) / 'report.json'}")
+    print(f"memmit: report written to {Path(config.output_dir) / 'report.json'}")
     return 0
 
 

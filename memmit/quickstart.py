@@ -231,6 +231,7 @@ def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_sa
             inference_steps: int, reuse_samples: bool = False, source: str = "mnist") -> list[dict]:
     """`memmit eval` on every run (or, with reuse_samples, a rescore of its saved samples), plus the
     duplicate-specific numbers the quickstart is about."""
+    from .config import EvalConfig
     from .evaluate import evaluate, rescore
 
     ds = datasets.load_from_disk(str(data))
@@ -242,8 +243,9 @@ def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_sa
         if reuse_samples and (report_dir / "samples.npy").is_file():
             report = rescore(report_dir)
         else:
-            report = evaluate(str(path), str(report_dir), dataset_name=str(data), num_samples=num_samples,
-                              num_inference_steps=inference_steps, quality_extractor=str(features),
+            report = evaluate(EvalConfig(pretrained_model_name_or_path=str(path), output_dir=str(report_dir),
+                                         dataset_name=str(data), num_samples=num_samples,
+                                         num_inference_steps=inference_steps, quality_extractor=str(features)),
                               show_progress=False)
         stats = duplicate_stats(report, is_duplicate, digit_ids)
         skips = skip_stats(path, is_duplicate) if label != "pretrained" else {}

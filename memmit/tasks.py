@@ -19,7 +19,7 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DiffusionPipeline, StableDif
                        UNet2DModel)
 from diffusers.training_utils import compute_snr
 
-from .data import ImageTransform
+from .data import ImageTransform, pick_caption
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 NUM_DEFAULT_PROMPTS = 4  # training captions rendered at each round's end when no validation_prompts are given
@@ -215,27 +215,22 @@ class TextToImageTask(DenoisingTask):
     def set_default_prompts(self, captions: Sequence) -> None:
         """Prompts for the round-end samples when no validation_prompts are given: the first few
         non-empty training captions (raw caption-column values; a list contributes its first)."""
-        firsts = [c[0] if isinstance(c, (list, tuple)) and c else c for c in captions]
-        self.default_prompts = [c for c in firsts if isinstance(c, str) and c][:NUM_DEFAULT_PROMPTS]
+        prompts = [pick_caption(value, "first", self.caption_column) for value in captions]
+        self.default_prompts = [p for p in prompts if p][:NUM_DEFAULT_PROMPTS]
 
     def batch(self, rows: dict, generator: torch.Generator) -> dict:
         """Pixels and caption token ids for dataset rows; crops, flips, caption choice and dropout
         are drawn from the shard's generator, so a run is reproducible."""
         pixels = self.pixels(rows, generator)
-        prompts = [self._pick_caption(value, generator) for value in rows[self.caption_column]]
+        prompts = [self._training_prompt(value, generator) for value in rows[self.caption_column]]
         return {"pixels": pixels, "input_ids": self.tokenize(prompts)}
 
-    def _pick_caption(self, value, generator: torch.Generator) -> str:
-        """One caption of a row: a string, or one of a list at random; None or "" is the empty prompt."""
+    def _training_prompt(self, value, generator: torch.Generator) -> str:
+        """A row's prompt: empty with probability caption_dropout, else its caption (one of a list at random)."""
         # Draw the dropout coin only when dropout is on, so caption_dropout=0 leaves the random stream as is.
         if self.caption_dropout and float(torch.rand((), generator=generator)) < self.caption_dropout:
             return ""
-        if isinstance(value, (list, tuple)):
-            value = value[int(torch.randint(len(value), (), generator=generator))] if value else None
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"caption_column {self.caption_column!r} holds {value!r} of type {type(value).__name__}; "
-                             "expected a string or a list of strings")
-        return value or ""
+        return pick_caption(value, generator, self.caption_column)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,

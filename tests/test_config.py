@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from memmit.config import MemmitConfig, parse_args
+from memmit.config import MemmitConfig, build_parser, parse_args
 
 BASE = ["--pretrained_model_name_or_path", "p", "--dataset_name", "d"]
 
@@ -50,3 +50,9 @@ def test_saved_config_round_trips(tmp_path):
     cfg = parse_args(BASE + ["--agc_lambda", "0.25"])
     cfg.save(tmp_path / "c.yaml")
     assert MemmitConfig(**yaml.safe_load((tmp_path / "c.yaml").read_text())) == cfg
+
+
+def test_help_shows_each_default_and_what_is_required():
+    text = " ".join(build_parser().format_help().split())
+    assert "with a UNet. (required)" in text
+    assert "(default: ['to_q', 'to_k', 'to_v', 'to_out.0'])" in text and "(default: 0.8)" in text

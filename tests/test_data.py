@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from memmit.data import ImageTransform, check_images, convert_mode, load_train_dataset, source_names, split_shards
+from memmit.data import (ImageTransform, check_images, convert_mode, load_train_dataset, pick_caption, source_names,
+                         split_shards)
 
 
 @pytest.mark.parametrize("strategy", ["random", "contiguous"])
@@ -118,3 +119,17 @@ def test_unreadable_image_is_named(tmp_path):
     ds = load_train_dataset(train_data_dir=str(folder))
     with pytest.raises(ValueError, match="broken.png"):
         check_images(ds, "image", show_progress=False)
+
+
+def test_pick_caption_draws_once_from_a_list_and_names_a_bad_value():
+    gen, twin = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    options = ["a", "b", "c", "d"]
+    picks = [pick_caption(options, gen, "text") for _ in range(8)]
+    assert picks == [options[int(torch.randint(4, (), generator=twin))] for _ in range(8)]
+    assert len(set(picks)) > 1
+    state = gen.get_state()
+    assert [pick_caption(v, gen, "text") for v in ("x", None, "", [])] == ["x", "", "", ""]
+    assert torch.equal(gen.get_state(), state), "a string or an empty list draws nothing"
+    assert pick_caption(options, "first", "text") == "a"
+    with pytest.raises(ValueError, match="caption_column 'text' holds 7 of type int"):
+        pick_caption([7], "first", "text")

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from memmit.cli import main
+from memmit.config import EvalConfig
 from memmit.data import load_train_dataset, source_names
 from memmit.evaluate import (evaluate, format_report, from_uint8, load_extractor, load_train_images, rescore,
                              score_samples, to_uint8)
@@ -94,8 +95,9 @@ def test_eval_end_to_end_with_feature_extractor(tiny_pipeline, digits_dir, encod
 
 def test_saved_samples_rescore_to_the_same_report(tiny_pipeline, digits_dir, digits, tmp_path):
     out = tmp_path / "out"
-    report = evaluate(tiny_pipeline, str(out), dataset_name=digits_dir, num_samples=4, num_inference_steps=2,
-                      batch_size=4, k=5, show_progress=False)
+    report = evaluate(EvalConfig(pretrained_model_name_or_path=tiny_pipeline, output_dir=str(out),
+                                 dataset_name=digits_dir, num_samples=4, num_inference_steps=2, batch_size=4, k=5),
+                      show_progress=False)
     train, sources = digits
     rescored = score_samples(from_uint8(np.load(out / "samples.npy")), train, sources, k=5)
     assert rescored["pixel"] == report["pixel"]
@@ -175,6 +177,9 @@ def test_bad_input_exits_2_before_sampling(tiny_pipeline, digits_dir, tmp_path, 
           "--feature_extractor", str(not_a_module)], "as a TorchScript module"),
         (["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", digits_dir, "--k", "1"],
          "k must be >= 2"),
+        (["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", digits_dir, "--threshold", "0"],
+         "threshold must be in (0, 1]"),
+        (["--dataset_name", digits_dir], "pretrained_model_name_or_path is required"),
     ]
     for flags, message in cases:
         out = tmp_path / "out"
@@ -182,6 +187,32 @@ def test_bad_input_exits_2_before_sampling(tiny_pipeline, digits_dir, tmp_path, 
         err = capsys.readouterr().err
         assert message in err and err.count("memmit: error:") == 1, (flags, err)
         assert not out.exists()
+
+
+def test_options_come_from_yaml_and_flags_and_help_names_the_required_ones(tiny_pipeline, digits_dir, tmp_path,
+                                                                           capsys):
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"pretrained_model_name_or_path: {tiny_pipeline}\ndataset_name: {digits_dir}\nk: 1\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--config", str(recipe), "--output_dir", str(out)]) == 2  # k: 1 from the file
+    assert "memmit: error: k must be >= 2" in capsys.readouterr().err
+    assert main(["eval", "--config", str(recipe), "--k", "5", "--num_samples", "2", "--num_inference_steps", "1",
+                 "--resolution", "none", "--output_dir", str(out)]) == 0  # flags win
+    assert json.loads((out / "report.json").read_text())["pixel"]["k"] == 5
+
+    recipe.write_text("num_sample: 4\n")
+    assert main(["eval", "--config", str(recipe), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown option(s) ['num_sample']" in err and "num_samples" in err
+    assert main(["eval", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", digits_dir]) == 2
+    assert "memmit: error: output_dir is required" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--help"])
+    assert exit_.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    assert usage.startswith("usage: memmit eval") and "most_copied.png go. (required)" in usage
+    assert "Images to sample. (default: 256)" in usage
 
 
 def test_extractor_that_rejects_the_images_fails_before_sampling(tiny_pipeline, digits_dir, tmp_path, capsys):
