@@ -15,8 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
-from memmit.quickstart import (DIGIT_SETS, build_dataset, build_digit_features, data_dir, features_file, measure,
-                               mitigate, pretrain)
+from memmit.quickstart import (COPY_STYLES, DIGIT_SETS, build_dataset, build_digit_features, data_dir,
+                               features_file, measure, mitigate, pretrain)
 
 # configs/quickstart.yaml (memmit's default: K = 1, lambda = 0.5, dedup keep_one, 16 rounds x 24 steps)
 # is the base of every arm. Four shards take 6 steps a round each to keep the 384-step budget.
@@ -42,8 +42,28 @@ ARMS = {
     "memmit_bins50": ("--agc_bank_bins", 50),
     "memmit": (),  # memmit's default recipe: dedup keep_one + AGC on one shard
     "memmit_exclusion": ("--agc_exclusion", 0.3, "--agc_exclusion_min_visits", 2),
-    "oracle": ("--agc_lambda", 0),  # plain fine-tune on the de-duplicated set
+    "oracle": ("--agc_lambda", 0),  # plain fine-tune on the set de-duplicated by memmit's detector
+    "memmit_phash": ("--dedup_features", "phash"),
+    "memmit_exact_only": ("--dedup_threshold", 0),  # only copies identical to the detector merge
+    "memmit_pixels_0.2": ("--dedup_threshold", 0.2),
+    "memmit_pixels_0.4": ("--dedup_threshold", 0.4),
 }
+# A plain fine-tune on one entry of each source digit (ground truth, which only the benchmark knows).
+TRUTH_ORACLE = "oracle_truth"
+
+
+def truth_deduplicated(data: Path) -> Path:
+    """The training set with one entry per source digit (the first), cached beside it."""
+    import datasets
+
+    path = data.with_name(f"{data.name}-truth-once")
+    if not (path / "dataset_info.json").is_file():
+        ds = datasets.load_from_disk(str(data))
+        first = {}
+        for i, digit in enumerate(ds["digit_id"]):
+            first.setdefault(digit, i)
+        ds.select(sorted(first.values())).save_to_disk(str(path))
+    return path
 
 
 def main() -> None:
@@ -53,14 +73,17 @@ def main() -> None:
                         help="move each later copy of a duplicated digit by up to this many pixels (near-duplicates)")
     parser.add_argument("--output_dir", default=None, help="default: efficacy-output[-DIGITS][-shiftN]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--copies", default="exact", choices=COPY_STYLES,
+                        help="exact copies, or web-style copies (each copy re-cropped, re-lit, noised and JPEG'd)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS) + [TRUTH_ORACLE], choices=list(ARMS) + [TRUTH_ORACLE])
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true",
                         help="train nothing: rescore the arms' saved samples with this memmit and print the table")
     args = parser.parse_args()
     out = Path(args.output_dir or "efficacy-output" + ("" if args.digits == "mnist" else f"-{args.digits}")
-               + (f"-shift{args.shift}" if args.shift else ""))
-    data = build_dataset(data_dir(out, args.digits, shift=args.shift), args.digits, shift=args.shift)
+               + (f"-shift{args.shift}" if args.shift else "") + ("-web" if args.copies == "web" else ""))
+    data = build_dataset(data_dir(out, args.digits, shift=args.shift, style=args.copies), args.digits,
+                         shift=args.shift, style=args.copies)
     features = build_digit_features(features_file(data), data, args.digits)
     pretrained = pretrain(out, data, 2000)
     reuse = args.table_only
@@ -68,22 +91,29 @@ def main() -> None:
         return measure(out, data, runs, features, args.num_samples, 50, reuse, args.digits)
     results = {"pretrained": score({"pretrained": pretrained})}
     for arm in args.arms:
-        results[arm] = score({f"{arm}-seed{s}": out / f"{arm}-seed{s}" if reuse else
-                              mitigate(out, data, pretrained, f"{arm}-seed{s}", *ARMS[arm], "--seed", s)
+        def train(name, seed):
+            if arm == TRUTH_ORACLE:
+                return mitigate(out, truth_deduplicated(data), pretrained, name, "--agc_lambda", 0, "--dedup", "none",
+                                "--seed", seed)
+            return mitigate(out, data, pretrained, name, *ARMS[arm], "--seed", seed)
+        results[arm] = score({f"{arm}-seed{s}": out / f"{arm}-seed{s}" if reuse else train(f"{arm}-seed{s}", s)
                               for s in args.seeds})
     (out / "efficacy.json").write_text(json.dumps(results, indent=2))
     plain = statistics.mean(r["memorized"] for r in results["plain"]) if "plain" in results else None
-    print("| arm | memorized % (mean; per seed) | vs plain | copies of unique % | Fréchet, distinct training "
-          "digits | Fréchet, held-out digits | skip dup / unique % |")
-    print("|---|---|---|---|---|---|---|")
+    truth_plain = statistics.mean(r["memorized_truth"] for r in results["plain"]) if "plain" in results else None
+    print("| arm | memorized % (mean; per seed) | vs plain | ground truth % | vs plain | copies of unique % | "
+          "Fréchet, distinct training digits | Fréchet, held-out digits | skip dup / unique % |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for arm, rows in results.items():
         def col(key, scale=100.0, fmt=".1f"):
             values = [r[key] * scale for r in rows if r[key] is not None]
             if not values:
                 return "-"
             return f"{statistics.mean(values):{fmt}} ({'; '.join(format(v, fmt) for v in values)})"
-        change = "-" if plain is None else f"{statistics.mean(r['memorized'] for r in rows) / plain - 1:+.0%}"
-        print(f"| {arm} | {col('memorized')} | {change} | {col('copies_of_unique')} | {col('frechet', 1.0)} | "
+        def change(key, reference):
+            return "-" if not reference else f"{statistics.mean(r[key] for r in rows) / reference - 1:+.0%}"
+        print(f"| {arm} | {col('memorized')} | {change('memorized', plain)} | {col('memorized_truth')} | "
+              f"{change('memorized_truth', truth_plain)} | {col('copies_of_unique')} | {col('frechet', 1.0)} | "
               f"{col('frechet_held_out', 1.0)} | {col('skip_duplicated')} / {col('skip_unique')} |")
 
 

@@ -58,6 +58,10 @@ class ModelDataConfig:
     train_data_dir: Optional[str] = opt(None, "Folder of images (datasets' imagefolder layout).")
     image_column: str = opt("image", "Dataset column holding the images.")
 
+    # Near duplicates: one detector for training-time dedup and for the eval's clusters
+    dedup_features: str = opt("pixels", "Near-duplicate detector: pixels (blurred, normalised, best of +-1 px shifts) | phash (perceptual hash) | a TorchScript file, transformers model directory or Hub id (embeddings, cosine).")
+    dedup_threshold: Optional[float] = opt(None, "Near duplicates are closer than this, in the detector's units: pixels RMS in [0, 2], phash Hamming bits of 64, embeddings 1 - cosine; default: the detector's measured threshold.")
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -70,6 +74,10 @@ class ModelDataConfig:
             need(choices is None or value in choices, f"{f.name}={value!r} is not one of {list(choices or [])}")
         need((self.dataset_name is None) != (self.train_data_dir is None),
              "give exactly one of dataset_name or train_data_dir")
+        if self.dedup_threshold is not None:
+            from .detectors import check_detector_options  # torch: only when there is a threshold to check
+
+            check_detector_options(self.dedup_features, self.dedup_threshold)
 
 
 @dataclass
@@ -88,7 +96,6 @@ class MemmitConfig(ModelDataConfig):
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2, at least one shard per process). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
     dedup: str = opt("keep_one", "Near-duplicate training images: keep_one (train on one copy; see EFFICACY.md) | same_shard (all copies in one shard) | none (the paper).", choices=("none", "keep_one", "same_shard"))
-    dedup_threshold: float = opt(0.05, "Images closer than this RMS pixel distance (in [-1, 1], at <= 32 px) count as duplicates.")
     aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
     num_rounds: int = opt(2, "Number of rounds; each ends by averaging the shard models.")
     local_epochs: int = opt(1, "Epochs over its own shard that each shard trains per round.")
@@ -180,7 +187,6 @@ class MemmitConfig(ModelDataConfig):
         need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         need(self.num_validation_images >= 0, f"num_validation_images must be >= 0, got {self.num_validation_images}")
-        need(self.dedup_threshold >= 0, f"dedup_threshold must be >= 0, got {self.dedup_threshold}")
         need(self.dedup != "same_shard" or self.shard_strategy == "random",
              f"dedup=same_shard needs shard_strategy=random, got {self.shard_strategy!r}")
         need(self.shard_strategy != "stratified" or self.label_column is not None,

@@ -6,7 +6,7 @@ Pure torch: callers load and flatten the images and write the report.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -18,75 +18,72 @@ from memmit.metrics import collapse_duplicates, nearest_neighbours
 # two pairs of near-identical plain "1" strokes do fall under it).
 DEFAULT_THRESHOLD = 0.05
 MAX_REPORTED_CLUSTERS = 50
-# fp32 search scores ||q||^2 - 2 q.r + ||r||^2, whose rounding error is ~1e-7 * D for images in
-# [-1, 1]; candidates within this slack of the threshold are re-measured exactly.
-_SEARCH_SLACK = 1e-4
+Distance = Callable[[Tensor, Tensor], Tensor]  # paired rows [P, D], [P, D] -> distances [P]
 
 
-class _UnionFind:
-    """Disjoint sets over 0..n-1 with path halving."""
-
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        self.parent[self.find(i)] = self.find(j)
+def rms_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Per-pixel RMS distance ||a_i - b_i|| / sqrt(D) of paired rows, in float64."""
+    return (a.double() - b.double()).square().mean(1).sqrt()
 
 
-def _candidate_pairs(distinct: Tensor, max_sq: float, k_max: int, query_chunk: int,
-                     ref_chunk: int, device) -> Tensor:
-    """Pairs (i < j) of distinct rows among each other's k_max nearest, within ``max_sq``."""
+def _candidate_pairs(distinct: Tensor, k_max: int, metric: str, query_chunk: int, ref_chunk: int,
+                     device) -> Tensor:
+    """Pairs (i < j) of distinct rows among each other's k_max nearest in the search metric."""
     k = min(distinct.shape[0], k_max + 1)  # + 1: a row finds itself too
-    sq, idx = nearest_neighbours(distinct, distinct, k, query_chunk=query_chunk,
-                                 ref_chunk=ref_chunk, device=device)
+    _, idx = nearest_neighbours(distinct, distinct, k, metric=metric, query_chunk=query_chunk,
+                                ref_chunk=ref_chunk, device=device)
     rows = torch.arange(distinct.shape[0])[:, None].expand_as(idx)
     # Drop the query's own index, not the first column: rounding can rank another row first.
-    keep = (idx != rows) & (sq <= max_sq)
+    keep = idx != rows
     pairs = torch.stack([rows[keep], idx[keep]], dim=1).sort(dim=1).values
     return torch.unique(pairs, dim=0) if pairs.numel() else pairs
 
 
-def _exact_sq_dists(rows: Tensor, pairs: Tensor, chunk: int) -> Tensor:
-    """Squared L2 distance of each pair of ``rows``, from the difference in float64."""
-    out = [(rows[p[:, 0]].double() - rows[p[:, 1]].double()).square().sum(1).cpu()
-           for p in pairs.split(chunk)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+def _cross_distances(rows: Tensor, a: list[int], b: list[int], distance: Distance) -> Tensor:
+    ia = torch.tensor(a).repeat_interleave(len(b))
+    ib = torch.tensor(b).repeat(len(a))
+    return distance(rows[ia], rows[ib])
 
 
-def find_duplicate_clusters(images: Tensor, threshold: float = DEFAULT_THRESHOLD, *,
-                            k_max: int = 16, query_chunk: int = 1024, ref_chunk: int = 8192,
-                            pair_chunk: int = 1024,
+def find_duplicate_clusters(features: Tensor, threshold: float = DEFAULT_THRESHOLD,
+                            distance: Distance = rms_distance, *, search_metric: str = "l2", k_max: int = 16,
+                            query_chunk: int = 1024, ref_chunk: int = 8192, pair_chunk: int = 4096,
                             device: torch.device | str | None = None) -> list[list[int]]:
-    """Clusters of sample ids (size >= 2) linked by RMS distance ||a - b|| / sqrt(D) <= threshold.
+    """Clusters of sample ids (size >= 2): families of near copies, by average linkage.
 
-    Exact copies are grouped whole; near copies are searched among each distinct image's k_max
-    nearest and merged transitively, so a near-copy cluster larger than k_max + 1 is joined only
-    through chains of neighbours (which usually connect it, but may leave it split).
-    Sorted by size descending, then first id.
+    Identical feature rows are grouped whole. Near copies are searched among each distinct row's k_max
+    nearest (in `search_metric`) and measured exactly with `distance` (paired rows -> [P]); pairs within
+    `threshold` are taken closest first, and their two clusters join when the mean distance over all their
+    cross pairs is within the threshold too. So a chain of pairwise-close but end-to-end distinct images
+    never becomes one cluster (single linkage's failure), while a family of variants, whose members can
+    differ from each other by more than from their source (web-style copies), still does (complete
+    linkage's). Sorted by size descending, then first id.
     """
-    if images.ndim != 2 or images.shape[0] == 0:
-        raise ValueError(f"expected a non-empty [N, D] tensor, got {tuple(images.shape)}")
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"expected a non-empty [N, D] tensor, got {tuple(features.shape)}")
     if threshold < 0 or k_max < 1:
         raise ValueError(f"need threshold >= 0 and k_max >= 1, got {threshold} and {k_max}")
-    # Exact copies collapse for free, so the k-NN search only has to link near copies.
-    distinct, inverse = collapse_duplicates(images)
-    max_sq = threshold ** 2 * images.shape[1]
-    sets = _UnionFind(distinct.shape[0])
+    # Exact copies collapse for free, so the search only has to link near copies.
+    distinct, inverse = collapse_duplicates(features)
+    members = {i: [i] for i in range(distinct.shape[0])}
+    owner = list(range(distinct.shape[0]))
     if distinct.shape[0] > 1:
-        pairs = _candidate_pairs(distinct, max_sq + _SEARCH_SLACK * images.shape[1], k_max,
-                                 query_chunk, ref_chunk, device)
-        within = _exact_sq_dists(distinct, pairs, pair_chunk) <= max_sq
-        for i, j in pairs[within].tolist():
-            sets.union(i, j)
+        pairs = _candidate_pairs(distinct, k_max, search_metric, query_chunk, ref_chunk, device)
+        dists = torch.cat([distance(distinct[p[:, 0]], distinct[p[:, 1]]).cpu() for p in pairs.split(pair_chunk)]
+                          ) if pairs.numel() else torch.empty(0, dtype=torch.float64)
+        close = dists <= threshold
+        for _, (i, j) in sorted(zip(dists[close].tolist(), pairs[close].tolist())):
+            a, b = owner[i], owner[j]
+            if a == b or float(_cross_distances(distinct, members[a], members[b], distance).mean()) > threshold:
+                continue
+            if len(members[a]) < len(members[b]):
+                a, b = b, a
+            for m in members.pop(b):
+                owner[m] = a
+                members[a].append(m)
     groups: dict[int, list[int]] = {}
     for sample, row in enumerate(inverse.tolist()):
-        groups.setdefault(sets.find(row), []).append(sample)
+        groups.setdefault(owner[row], []).append(sample)
     clusters = [ids for ids in groups.values() if len(ids) >= 2]
     return sorted(clusters, key=lambda ids: (-len(ids), ids[0]))
 

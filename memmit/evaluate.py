@@ -28,77 +28,19 @@ import memmit
 
 from .config import EvalConfig, parse_args
 from .data import check_captions, iter_images, load_train_dataset, pick_caption, source_names
-from .metrics import collapse_duplicates, default_device, frechet_distance, memorization_report
+from .detectors import load_detector
+from .features import Extractor, load_extractor
+from .metrics import (cluster_labels, cluster_memorization_report, collapse_duplicates, default_device,
+                      exact_clusters, frechet_distance, memorization_report)
+from .split import duplicate_clusters
 from .tasks import DenoisingTask, UnconditionalTask, load_task
 
 MOST_COPIED = 10  # training images listed in the report
 FIGURE_PAIRS = 16  # sample / nearest-training-image pairs drawn in most_copied.png
 FIGURE_MIN_SIDE = 64  # images are upscaled to at least this many pixels so 16px digits are legible
 MQ_THRESHOLD = "0.5"  # the neighbourhood-score threshold `compare` shows
+MEMBERS_LISTED = 8  # members of a most-copied cluster named in the report
 
-
-
-@dataclass
-class Extractor:
-    """An image embedding: [N, C, H, W] in [0, 1] -> [N, D], and how the report names it."""
-
-    info: dict
-    embed: Callable[[Tensor], Tensor]
-
-    @torch.no_grad()
-    def __call__(self, images01: Tensor, batch_size: int) -> Tensor:
-        return torch.cat([self.embed(images01[i:i + batch_size]).flatten(1).float().cpu()
-                          for i in range(0, images01.shape[0], batch_size)])
-
-
-def _torchscript_extractor(path: str, device: torch.device) -> Extractor:
-    try:
-        module = torch.jit.load(path, map_location=device).eval()
-    except RuntimeError as exc:
-        raise ValueError(f"cannot load {path!r} as a TorchScript module: {exc}") from exc
-    return Extractor({"kind": "torchscript", "path": path}, lambda x: module(x.to(device)))
-
-
-def _transformers_extractor(path: str, device: torch.device) -> Extractor:
-    from transformers import AutoImageProcessor, AutoModel
-
-    try:
-        processor = AutoImageProcessor.from_pretrained(path)
-        model = AutoModel.from_pretrained(path).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load {path!r} as a transformers image model: {exc}") from exc
-    wants = getattr(model.config, "num_channels", 3)
-
-    def embed(x: Tensor) -> Tensor:
-        if x.shape[1] == 1 and wants == 3:  # grey training sets on RGB encoders
-            x = x.repeat(1, 3, 1, 1)
-        inputs = processor(images=list(x.numpy()), do_rescale=False, input_data_format="channels_first",
-                           return_tensors="pt").to(device)
-        # CLIP-like models embed images with get_image_features; plain encoders pool their output.
-        out = model.get_image_features(**inputs) if hasattr(model, "get_image_features") else model(**inputs)
-        if isinstance(out, Tensor):
-            return out
-        pooled = getattr(out, "pooler_output", None)
-        return pooled if pooled is not None else out.last_hidden_state.mean(1)
-
-    return Extractor({"kind": "transformers", "path": path, "class": type(model).__name__}, embed)
-
-
-def load_extractor(path: str, device: torch.device, probe: Tensor, role: str) -> Extractor:
-    """A TorchScript file or a transformers model directory, tried on `probe` so it fails before sampling."""
-    if Path(path).is_dir():
-        extractor = _transformers_extractor(path, device)
-    elif Path(path).is_file():
-        extractor = _torchscript_extractor(path, device)
-    else:
-        raise ValueError(f"{role} {path!r} does not exist")
-    try:
-        feats = extractor(probe, probe.shape[0])
-    except Exception as exc:  # a foreign module can raise anything on unexpected input
-        raise ValueError(f"{role} {path!r} failed on images of shape {tuple(probe.shape)}: {exc}") from exc
-    if feats.shape[0] != probe.shape[0] or feats.shape[1] == 0:
-        raise ValueError(f"{role} {path!r} returned shape {tuple(feats.shape)} for {probe.shape[0]} images")
-    return extractor
 
 
 def to_uint8(images01: Tensor) -> np.ndarray:
@@ -147,11 +89,38 @@ def _most_copied(copied_counts: dict[int, int], sources: list[str]) -> list[dict
     return [{"index": i, "source": sources[i], "count": c} for i, c in list(copied_counts.items())[:MOST_COPIED]]
 
 
-def _pixel_report(samples: Tensor, train: Tensor, sources: list[str], k: int, threshold: float) -> dict:
-    rep = memorization_report(samples.flatten(1), train.flatten(1), k=k, threshold=threshold)
+def _most_copied_clusters(per_sample: dict, clusters: list[list[int]], sources: list[str]) -> list[dict]:
+    """Near-duplicate families (and lone images) by how many samples copy one of their members."""
+    counts: dict[int, int] = {}
+    for c, copied in zip(per_sample["cluster"].tolist(), per_sample["memorized"].tolist()):
+        if copied:
+            counts[c] = counts.get(c, 0) + 1
+    labels = cluster_labels(len(sources), clusters).tolist()
+    rows = []
+    for c, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:MOST_COPIED]:
+        members = clusters[c] if c < len(clusters) else [labels.index(c)]
+        rows.append({"count": n, "size": len(members), "members": [sources[i] for i in members[:MEMBERS_LISTED]],
+                     "ids": list(members[:MEMBERS_LISTED])})
+    return rows
+
+
+def _pixel_report(samples: Tensor, train: Tensor, sources: list[str], k: int, threshold: float,
+                  clusters: list[list[int]], detector: dict) -> dict:
+    """d1/d2 and neighbourhood criteria in pixels, one neighbour per near-duplicate cluster; the byte-identical
+    figures (only exact copies merged) beside them."""
+    rep = cluster_memorization_report(samples.flatten(1), train.flatten(1), clusters, k=k, threshold=threshold)
+    exact = memorization_report(samples.flatten(1), train.flatten(1), k=k, threshold=threshold)["summary"]
     summary = dict(rep["summary"])
     summary["fraction_memorized_by_score"] = {f"{t:g}": v for t, v in summary["fraction_memorized_by_score"].items()}
+    summary["num_distinct_train"] = exact["num_distinct_train"]
+    summary["clusters"] = {"detector": detector, "num_clusters": len(clusters),
+                           "num_samples_in_clusters": sum(len(c) for c in clusters),
+                           "largest": max((len(c) for c in clusters), default=1), "groups": clusters}
+    summary["byte_identical"] = {
+        "fraction_memorized_ratio": exact["fraction_memorized_ratio"],
+        "fraction_memorized_by_score": {f"{t:g}": v for t, v in exact["fraction_memorized_by_score"].items()}}
     summary["most_copied"] = _most_copied(summary.pop("copied_counts"), sources)
+    summary["most_copied_clusters"] = _most_copied_clusters(rep["per_sample"], clusters, sources)
     summary["per_sample"] = {name: v.tolist() for name, v in rep["per_sample"].items()}
     return summary
 
@@ -194,18 +163,22 @@ def _quality_report(samples01: Tensor, train01: Tensor, extractor: Optional[Extr
     return {**report, "reference": f"{len(reference)} distinct of {len(train01)} training images"}
 
 
-def score_samples(samples: Tensor, train: Tensor, sources: list[str], *, k: int = 50, threshold: float = 1 / 3,
+def score_samples(samples: Tensor, train: Tensor, sources: list[str], *, clusters: Optional[list[list[int]]] = None,
+                  detector: Optional[dict] = None, k: int = 50, threshold: float = 1 / 3,
                   feature_extractor: Optional[Extractor] = None, quality_extractor: Optional[Extractor] = None,
                   batch_size: int = 64) -> dict:
     """The memorization and quality report of `samples` against `train`, both [N, C, H, W] in [-1, 1].
 
+    `clusters` (near-duplicate families of training ids, found by `detector`) count once as neighbours.
     Keys: "pixel" (L2 ratio and neighbourhood criteria), "features" (cosine in the feature
     extractor's space, or None), "quality" (Fréchet distance, or why it is unavailable).
     """
+    if clusters is None:  # without a detector's clusters, byte-identical training images are one
+        clusters, detector = exact_clusters(train.flatten(1)), {"features": "byte-identical", "threshold": 0.0}
     samples01, train01 = (samples + 1) / 2, (train + 1) / 2
     features = (None if feature_extractor is None
                 else _feature_report(samples01, train01, sources, feature_extractor, batch_size))
-    return {"pixel": _pixel_report(samples, train, sources, k, threshold),
+    return {"pixel": _pixel_report(samples, train, sources, k, threshold, clusters, detector),
             "features": features,
             "quality": _quality_report(samples01, train01, quality_extractor, batch_size)}
 
@@ -225,7 +198,8 @@ def draw_most_copied(samples: np.ndarray, train: Tensor, pixel: dict, path: Path
     side, gap, caption = samples.shape[1] * scale, 8, 14
     pair = 2 * side + 2
     font = ImageFont.load_default()
-    title = f"sample | nearest training image   d: L2 distance, r: d1/d2 (copy if r < {pixel['threshold']:.3g})"
+    title = (f"sample | nearest training image   d: L2 distance, r: d1/d2 (copy if r < {pixel['threshold']:.3g}), "
+             "xN: its near-duplicate family's size")
     cols = min(columns, len(order))
     width = max(cols * (pair + gap) + gap, int(font.getlength(title)) + 2 * gap)
     rows = math.ceil(len(order) / cols)
@@ -238,8 +212,9 @@ def draw_most_copied(samples: np.ndarray, train: Tensor, pixel: dict, path: Path
         canvas.paste(_to_pil(samples[i], scale), (x, y))
         canvas.paste(_to_pil(train_u8[per_sample["nearest_index"][i]], scale), (x + side + 2, y))
         copied = per_sample["memorized"][i]
-        draw.text((x, y + side + 1), f"d={per_sample['d1'][i]:.2f} r={per_sample['ratio'][i]:.2f}",
-                  fill="red" if copied else "black", font=font)
+        family = per_sample["cluster_size"][i]
+        draw.text((x, y + side + 1), f"d={per_sample['d1'][i]:.2f} r={per_sample['ratio'][i]:.2f}"
+                  + (f" x{family}" if family > 1 else ""), fill="red" if copied else "black", font=font)
     canvas.save(path)
 
 
@@ -251,17 +226,32 @@ def _describe_top(top: Optional[dict]) -> str:
     return f"{name}, copied by {top['count']} sample{'s' if top['count'] != 1 else ''}"
 
 
+def _describe_family(top: Optional[dict]) -> str:
+    if top is None:
+        return "none"
+    return (f"{top['size']} image{'s' if top['size'] != 1 else ''} ({top['members'][0]}, ...), copied by "
+            f"{top['count']} sample{'s' if top['count'] != 1 else ''}")
+
+
 def format_report(report: dict) -> str:
     """The main numbers as a plain-text table."""
     pixel, features, quality = report["pixel"], report["features"], report["quality"]
+    clusters = pixel["clusters"]
     top = pixel["most_copied"][0] if pixel["most_copied"] else None
     by_score = pixel["fraction_memorized_by_score"]
     rows = [("samples / training images (distinct)",
              f"{pixel['num_samples']} / {pixel['num_train']} ({pixel['num_distinct_train']})"),
             (f"memorized, d1/d2 < {pixel['threshold']:.3g}", f"{100 * pixel['fraction_memorized_ratio']:.1f}%"),
+            ("  counting only byte-identical copies as one",
+             f"{100 * pixel['byte_identical']['fraction_memorized_ratio']:.1f}%"),
+            (f"near-duplicate clusters ({clusters['detector']['features']} < {clusters['detector']['threshold']:g})",
+             f"{clusters['num_clusters']} holding {clusters['num_samples_in_clusters']} images, largest "
+             f"{clusters['largest']}"),
             (f"neighbourhood score < {min(by_score, key=float)} .. {max(by_score, key=float)}",
              " ".join(f"{100 * v:.1f}%" for v in by_score.values())),
-            ("most copied training image", _describe_top(top))]
+            ("most copied training image", _describe_top(top)),
+            ("most copied family", _describe_family(pixel["most_copied_clusters"][0] if pixel["most_copied_clusters"]
+                                                    else None))]
     if features is not None:
         cos = features["cosine"]
         rows.append((f"cosine ({features['extractor']['kind']}) mean / p95 / >0.5",
@@ -283,6 +273,8 @@ class Prepared:
     feature_extractor: Optional[Extractor]
     quality_extractor: Optional[Extractor]
     device: torch.device
+    clusters: list[list[int]]  # near-duplicate families of training ids, by the training-time detector
+    detector: dict
     prompts: Optional[list[str]] = None  # text-to-image: one training caption per sample
 
 
@@ -308,6 +300,8 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepar
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
         raise ValueError("the training set needs at least two distinct images at this resolution")
     device = default_device()
+    detector = load_detector(config.dedup_features, config.dedup_threshold, task.resolution, task.channels, device)
+    clusters = duplicate_clusters(ds, config.image_column, detector, show_progress)
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(path, device, probe, role) if path else None
                   for role, path in (("feature_extractor", config.feature_extractor),
@@ -315,7 +309,8 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepar
     prompts = (sample_prompts(ds[config.caption_column], config.num_samples, config.seed, config.caption_column)
                if config.caption_column else None)
     return Prepared(config, task, train, source_names(ds, config.image_column),
-                    extractors["feature_extractor"], extractors["quality_extractor"], device, prompts)
+                    extractors["feature_extractor"], extractors["quality_extractor"], device, clusters,
+                    detector.describe(), prompts)
 
 
 def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np.ndarray] = None) -> dict:
@@ -325,7 +320,8 @@ def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np
     if samples is None:
         samples = sample_images(p.task, c.num_samples, c.num_inference_steps, c.batch_size, c.seed,
                                 p.device, show_progress, p.prompts)
-    scores = score_samples(from_uint8(samples), p.train, p.sources, k=c.k, threshold=c.threshold,
+    scores = score_samples(from_uint8(samples), p.train, p.sources, clusters=p.clusters, detector=p.detector,
+                           k=c.k, threshold=c.threshold,
                            feature_extractor=p.feature_extractor, quality_extractor=p.quality_extractor,
                            batch_size=c.batch_size)
     # The options, then what they resolved to and how the samples were made.

@@ -190,6 +190,76 @@ def memorization_report(samples: Tensor, train: Tensor, *, k: int = 50,
     return {"summary": {**header, **summary}, "per_sample": per_sample}
 
 
+def nearest_per_cluster(queries: Tensor, refs: Tensor, labels: Tensor, k: int, *, query_chunk: int = 256,
+                        device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Per query, the k smallest squared L2 distances to clusters of ``refs`` (``labels``: each ref's cluster in
+    0..C-1; a cluster is as near as its nearest member), ascending, and the index of the nearest ref.
+
+    A family of near copies counts once, so a copy of one member has a distinct image, not a sibling, as its
+    second neighbour. Holds a ``query_chunk x N`` block and a ``query_chunk x C`` one at a time; CPU results.
+    """
+    num_clusters = int(labels.max()) + 1
+    if not 1 <= k <= num_clusters:
+        raise ValueError(f"k must be in [1, {num_clusters}] (number of clusters), got {k}")
+    device = torch.device(device) if device is not None else default_device()
+    refs_d, labels_d = refs.to(device, torch.float32), labels.to(device)
+    refs_sq = refs_d.square().sum(1)
+    values, nearest = [], []
+    for start in range(0, queries.shape[0], query_chunk):
+        q = queries[start:start + query_chunk].to(device, torch.float32)
+        sq = _block_scores(q, q.square().sum(1), refs_d, refs_sq, "l2")
+        per_cluster = torch.full((q.shape[0], num_clusters), float("inf"), device=device)
+        per_cluster.scatter_reduce_(1, labels_d.expand(q.shape[0], -1), sq, reduce="amin")
+        values.append(per_cluster.topk(k, dim=1, largest=False).values.cpu())
+        nearest.append(sq.argmin(1).cpu())
+    return torch.cat(values), torch.cat(nearest)
+
+
+def exact_clusters(items: Tensor) -> list[list[int]]:
+    """Groups (size >= 2) of identical rows, by first index."""
+    _, inverse = collapse_duplicates(items)
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(inverse.tolist()):
+        groups.setdefault(row, []).append(i)
+    return sorted((g for g in groups.values() if len(g) >= 2), key=lambda g: g[0])
+
+
+def cluster_labels(num_items: int, clusters: Sequence[Sequence[int]]) -> Tensor:
+    """Each item's cluster id: the clusters first (0..len-1), then every other item on its own."""
+    labels = torch.full((num_items,), -1, dtype=torch.long)
+    for c, members in enumerate(clusters):
+        labels[list(members)] = c
+    alone = labels < 0
+    labels[alone] = torch.arange(len(clusters), len(clusters) + int(alone.sum()))
+    return labels
+
+
+def cluster_memorization_report(samples: Tensor, train: Tensor, clusters: Sequence[Sequence[int]], *, k: int = 50,
+                                threshold: float = 1 / 3, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                                device: torch.device | str | None = None) -> dict[str, dict]:
+    """The d1/d2 and neighbourhood criteria with one neighbour per near-duplicate cluster of ``train``:
+    d1 = distance to the nearest training image, d2 = to the nearest one outside its cluster.
+
+    Returns ``{"summary": JSON-friendly dict, "per_sample": dict of CPU tensors [M]}``; "cluster" is the
+    nearest image's cluster id (``cluster_labels`` order) and "cluster_size" its size.
+    """
+    labels = cluster_labels(train.shape[0], clusters)
+    num_clusters = int(labels.max()) + 1
+    if k < 2:
+        raise ValueError(f"the d1/d2 criterion needs k >= 2, got {k}")
+    if num_clusters < 2:
+        raise ValueError("the d1/d2 criterion needs at least two distinct clusters of training images")
+    k_used = min(k, num_clusters)
+    values, nearest = nearest_per_cluster(samples, train, labels, k_used, device=device)
+    summary, per_sample = _l2_report(values, nearest, threshold, thresholds)
+    sizes = torch.bincount(labels)
+    per_sample["cluster"] = labels[nearest]
+    per_sample["cluster_size"] = sizes[per_sample["cluster"]]
+    header = {"metric": "l2", "num_samples": samples.shape[0], "num_train": train.shape[0],
+              "num_clusters": num_clusters, "k": k_used}
+    return {"summary": {**header, **summary}, "per_sample": per_sample}
+
+
 def _gaussian_fit(feats: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and unbiased covariance of ``feats`` [n, d] in float64."""
     if feats.ndim != 2 or feats.shape[0] < 2:

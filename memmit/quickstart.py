@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ RESOLUTION = 16
 
 
 DIGIT_SETS = ("mnist", "sklearn_digits")
+COPY_STYLES = ("exact", "web")
 
 
 def digit_arrays(source: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
@@ -54,13 +56,39 @@ def digit_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array, "L").resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
 
 
+def web_copy(array: np.ndarray, rng: np.random.RandomState) -> Image.Image:
+    """A web-style copy of a digit (issue 10's regime): a random resized crop of 85-100 % of its area, a
+    brightness and a contrast change of up to 15 %, Gaussian pixel noise, and a JPEG round trip at quality
+    50-95, at the quickstart's resolution."""
+    from PIL import ImageEnhance
+
+    h, w = array.shape
+    area = rng.uniform(0.85, 1.0)
+    aspect = np.exp(rng.uniform(np.log(0.9), np.log(1.1)))
+    ch = min(h, int(round(np.sqrt(area * h * w / aspect))))
+    cw = min(w, int(round(np.sqrt(area * h * w * aspect))))
+    top, left = rng.randint(0, h - ch + 1), rng.randint(0, w - cw + 1)
+    img = Image.fromarray(array[top:top + ch, left:left + cw], "L").resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
+    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.85, 1.15))
+    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0.0, rng.uniform(0.0, 8.0), (RESOLUTION, RESOLUTION))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8), "L").save(buffer, "JPEG",
+                                                                             quality=int(rng.randint(50, 96)))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("L")
+
+
 def build_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_duplicated: int = 8,
-                  copies: int = 64, seed: int = 0, shift: int = 0) -> Path:
-    """Real digits at 16x16 with known duplicates (columns image, label, digit_id, is_duplicate).
+                  copies: int = 64, seed: int = 0, shift: int = 0, style: str = "exact") -> Path:
+    """Real digits at 16x16 with known duplicates (columns image, label, digit_id, is_duplicate; digit_id is
+    the ground-truth source, for benchmarks only: memmit reads the image column alone).
 
     With `shift`, every copy after a duplicated digit's first is moved by a seeded random offset of up
     to `shift` pixels each way: a family of variants (a 1-pixel move is as far as another digit in
-    pixels), each variant repeated; a copy of one still stands out from the others in the d1/d2 ratio."""
+    pixels), each variant repeated; a copy of one still stands out from the others in the d1/d2 ratio.
+    With style="web", every copy of a duplicated digit is its own `web_copy`: no two entries are identical."""
+    if style not in COPY_STYLES:
+        raise ValueError(f"unknown copy style {style!r}; choose one of {COPY_STYLES}")
     if (path / "dataset_info.json").is_file():
         return path
     x, y = digit_arrays(source)
@@ -70,8 +98,12 @@ def build_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_
     duplicated_ids = set(duplicated.tolist())
     offsets = np.random.RandomState(seed + 1).randint(-shift, shift + 1, size=(len(rows), 2))
     offsets[:num_unique + num_duplicated] = 0  # the unique digits and each duplicated digit's first copy
-    images = [Image.fromarray(np.roll(np.asarray(digit_image(x[i])), tuple(offset), axis=(0, 1)), "L")
-              for i, offset in zip(rows, offsets)]
+    if style == "web":
+        rng = np.random.RandomState(seed + 2)
+        images = [digit_image(x[i]) if n < num_unique else web_copy(x[i], rng) for n, i in enumerate(rows)]
+    else:
+        images = [Image.fromarray(np.roll(np.asarray(digit_image(x[i])), tuple(offset), axis=(0, 1)), "L")
+                  for i, offset in zip(rows, offsets)]
     ds = datasets.Dataset.from_dict(
         {"image": images, "label": [int(y[i]) for i in rows],
          "digit_id": [int(i) for i in rows], "is_duplicate": [int(i) in duplicated_ids for i in rows]},
@@ -81,10 +113,12 @@ def build_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_
     return path
 
 
-def data_dir(out: Path, source: str, num_unique: int = 256, copies: int = 64, shift: int = 0) -> Path:
+def data_dir(out: Path, source: str, num_unique: int = 256, copies: int = 64, shift: int = 0,
+             style: str = "exact") -> Path:
     """Where build_dataset caches a set (MNIST keeps the name it has always had)."""
     prefix = "" if source == "mnist" else f"{source}-"
-    return out / (f"data-{prefix}u{num_unique}-r{copies}" + (f"-s{shift}" if shift else ""))
+    return out / (f"data-{prefix}u{num_unique}-r{copies}" + (f"-s{shift}" if shift else "")
+                  + ("-web" if style == "web" else ""))
 
 
 def features_file(data: Path) -> Path:
@@ -227,6 +261,28 @@ def skip_stats(run: Path, is_duplicate: list[bool]) -> dict:
     return {("duplicated" if dup else "unique"): skipped / max(seen, 1) for dup, (seen, skipped) in totals.items()}
 
 
+def ground_truth(ds: datasets.Dataset):
+    """The training images as the eval sees them, and the families of entries made from one digit (the
+    benchmark knows them; memmit is never told)."""
+    from .data import ImageTransform
+    from .evaluate import load_train_images
+
+    train = load_train_images(ds, "image", ImageTransform(RESOLUTION, 1, center_crop=True), show_progress=False)
+    families: dict[int, list[int]] = {}
+    for i, digit in enumerate(ds["digit_id"]):
+        families.setdefault(digit, []).append(i)
+    return train, [f for f in families.values() if len(f) >= 2]
+
+
+def truth_memorized(samples: np.ndarray, train, families: list[list[int]]) -> float:
+    """Share of samples with d1/d2 < 1/3, d2 taken outside the nearest image's true family."""
+    from .evaluate import from_uint8
+    from .metrics import cluster_memorization_report
+
+    rep = cluster_memorization_report(from_uint8(samples).flatten(1), train.flatten(1), families)
+    return rep["summary"]["fraction_memorized_ratio"]
+
+
 def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_samples: int,
             inference_steps: int, reuse_samples: bool = False, source: str = "mnist") -> list[dict]:
     """`memmit eval` on every run (or, with reuse_samples, a rescore of its saved samples), plus the
@@ -237,6 +293,7 @@ def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_sa
     ds = datasets.load_from_disk(str(data))
     is_duplicate, digit_ids = ds["is_duplicate"], ds["digit_id"]
     extractor, held_out = held_out_features(features, data, source)  # once: the same for every run
+    train, families = ground_truth(ds)
     rows = []
     for label, path in runs.items():
         report_dir = out / "eval" / label
@@ -252,6 +309,7 @@ def measure(out: Path, data: Path, runs: dict[str, Path], features: Path, num_sa
         rows.append({"label": label, "report": str(report_dir / "report.json"),
                      "memorized": report["pixel"]["fraction_memorized_ratio"],
                      "frechet": report["quality"].get("frechet_distance"),
+                     "memorized_truth": truth_memorized(np.load(report_dir / "samples.npy"), train, families),
                      "frechet_held_out": held_out_frechet(np.load(report_dir / "samples.npy"), extractor, held_out),
                      **stats,
                      "skip_duplicated": skips.get("duplicated"), "skip_unique": skips.get("unique")})

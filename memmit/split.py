@@ -6,16 +6,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import datasets
-import torch
 from accelerate.logging import get_logger
 
 from .config import MemmitConfig
-from .data import ImageTransform, iter_images, source_names, split_shards
-from .dedup import cluster_report, find_duplicate_clusters, keep_one, split_with_clusters
+from .data import iter_images, source_names, split_shards
+from .dedup import cluster_report, keep_one, split_with_clusters
+from .detectors import Detector
 
 logger = get_logger(__name__)
-
-DEDUP_RESOLUTION = 32  # duplicates are found on small crops: cheap, and blind to resampling noise
 
 
 @dataclass
@@ -24,25 +22,21 @@ class Split:
     duplicates: Optional[dict] = None  # the cluster report (memmit/duplicates.json) when dedup ran
 
 
-def duplicate_clusters(ds: datasets.Dataset, image_column: str, resolution: int, channels: int, threshold: float,
+def duplicate_clusters(ds: datasets.Dataset, image_column: str, detector: Detector,
                        show_progress: bool = True) -> list[list[int]]:
-    """Exact and near-duplicate clusters, found on small center crops (every image decoded once)."""
-    transform = ImageTransform(min(resolution, DEDUP_RESOLUTION), channels, center_crop=True)
-    images = torch.stack([transform(img).flatten()
-                          for img in iter_images(ds, image_column, "finding duplicates", show_progress)])
-    return find_duplicate_clusters(images, threshold)
+    """Exact and near-duplicate clusters of the dataset's images (every image decoded once)."""
+    return detector.clusters(iter_images(ds, image_column, "finding duplicates", show_progress))
 
 
-def build_split(ds: datasets.Dataset, cfg: MemmitConfig, resolution: int, channels: int,
-                show_progress: bool = True) -> Split:
+def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, show_progress: bool = True) -> Split:
     """K disjoint shards of sample ids: all of them (dedup none), clusters kept whole (same_shard), or one
     copy per cluster (keep_one)."""
     n = len(ds)
     labels = ds[cfg.label_column] if cfg.shard_strategy == "stratified" else None
     if cfg.dedup == "none":
         return Split(split_shards(n, cfg.num_shards, cfg.shard_strategy, cfg.seed, labels))
-    clusters = duplicate_clusters(ds, cfg.image_column, resolution, channels, cfg.dedup_threshold, show_progress)
-    report = cluster_report(clusters, source_names(ds, cfg.image_column))
+    clusters = duplicate_clusters(ds, cfg.image_column, detector, show_progress)
+    report = {"detector": detector.describe(), **cluster_report(clusters, source_names(ds, cfg.image_column))}
     logger.info("%d duplicate clusters holding %d samples (dedup=%s)", report["num_clusters"],
                 report["num_samples_in_clusters"], cfg.dedup, main_process_only=True)
     if cfg.dedup == "same_shard":

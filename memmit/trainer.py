@@ -26,6 +26,7 @@ from .agc import kept_sum
 from .config import MemmitConfig, check_mixed_precision
 from .counts import SampleCounts, write_candidates
 from .data import check_captions, check_images, load_train_dataset, source_names
+from .detectors import load_detector
 from .ensemble import shard_weights
 from .export import check_export
 from .model import LiveModel
@@ -87,6 +88,9 @@ class Trainer:
         set_seed(cfg.seed)
         self.task = load_task(cfg)
         check_export(self.task, cfg)
+        # Loaded before the data: a detector model that does not load fails in seconds.
+        self.detector = load_detector(cfg.dedup_features, cfg.dedup_threshold, self.task.resolution,
+                                      self.task.channels, acc.device)
         if cfg.agc_lambda is None:
             cfg.agc_lambda = self.task.default_agc_lambda
         with acc.main_process_first():
@@ -103,8 +107,7 @@ class Trainer:
                 raise ValueError(f"num_shards={cfg.num_shards} is smaller than the {acc.num_processes} processes: "
                                  f"each process trains whole shards, so pass --num_shards {acc.num_processes} "
                                  "(or a multiple)")
-            self.split = build_split(self.dataset, cfg, self.task.resolution, self.task.channels,
-                                     acc.is_local_main_process)
+            self.split = build_split(self.dataset, cfg, self.detector, acc.is_local_main_process)
         if cfg.caption_column is not None and hasattr(self.task, "set_default_prompts"):
             # The round-end grid renders a few training captions unless validation_prompts are given;
             # selecting the column reads only the captions, not the images.

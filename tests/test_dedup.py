@@ -36,8 +36,27 @@ def test_threshold_boundary_by_hand():
     images = torch.stack([a, far, below, above])
     assert find_duplicate_clusters(images, 0.05, device="cpu") == [[0, 2]]
     assert find_duplicate_clusters(images, 0.0502, device="cpu") == [[0, 2]]
-    assert find_duplicate_clusters(images, 0.0503, device="cpu") == [[0, 2, 3]]
+    # Average linkage: 3 is within 0.0503 of 0, but not on average of {0, 2} (0.0605)...
+    assert find_duplicate_clusters(images, 0.0503, device="cpu") == [[0, 2]]
+    assert find_duplicate_clusters(images, 0.061, device="cpu") == [[0, 2, 3]]
     assert find_duplicate_clusters(images, 0.0, device="cpu") == []
+
+
+def test_a_chain_of_pairwise_close_images_is_not_merged_end_to_end():
+    """Ten images on a line, each 0.04 (RMS) from the next: single linkage at 0.05 would make them one
+    cluster, though the ends are 0.36 apart. Average linkage keeps every cluster's spread within 0.05."""
+    from memmit.dedup import rms_distance
+
+    direction = random_images(1, dim=256, seed=3)[0]
+    direction = direction / direction.square().mean().sqrt()  # unit RMS
+    images = torch.stack([0.04 * k * direction for k in range(10)])
+    consecutive = rms_distance(images[:-1], images[1:])
+    assert torch.allclose(consecutive, torch.full((9,), 0.04, dtype=torch.float64))
+    clusters = find_duplicate_clusters(images, 0.05, device="cpu")
+    assert clusters and all(len(c) <= 2 for c in clusters)
+    for c in clusters:
+        pairs = torch.combinations(torch.tensor(c))
+        assert rms_distance(images[pairs[:, 0]], images[pairs[:, 1]]).mean() <= 0.05
 
 
 def test_clusters_larger_than_k_are_found_whole():

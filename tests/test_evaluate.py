@@ -16,7 +16,8 @@ from PIL import Image
 from memmit.cli import main
 from memmit.config import EvalConfig
 from memmit.data import load_train_dataset, source_names
-from memmit.evaluate import (evaluate, format_report, from_uint8, load_extractor, load_train_images, rescore,
+from memmit.features import load_extractor
+from memmit.evaluate import (evaluate, format_report, from_uint8, load_train_images, rescore,
                              score_samples, to_uint8)
 from memmit.tasks import UnconditionalTask, load_pipeline
 
@@ -99,7 +100,9 @@ def test_saved_samples_rescore_to_the_same_report(tiny_pipeline, digits_dir, dig
                                  dataset_name=digits_dir, num_samples=4, num_inference_steps=2, batch_size=4, k=5),
                       show_progress=False)
     train, sources = digits
-    rescored = score_samples(from_uint8(np.load(out / "samples.npy")), train, sources, k=5)
+    clusters = report["pixel"]["clusters"]
+    rescored = score_samples(from_uint8(np.load(out / "samples.npy")), train, sources, k=5,
+                             clusters=clusters["groups"], detector=clusters["detector"])
     assert rescored["pixel"] == report["pixel"]
     again = rescore(out)  # the saved samples, read back from disk: no sampling
     assert again["pixel"] == report["pixel"] and again["settings"] == report["settings"]
@@ -150,8 +153,9 @@ def test_uint8_round_trip_is_exact_on_training_pixels(digits):
 def test_resolution_and_train_data_dir(tiny_pipeline, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
+    rng = np.random.RandomState(0)
     for i in range(4):
-        Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(rng.randint(0, 256, (20, 24, 3)).astype(np.uint8)).save(folder / f"{i}.png")
     out = tmp_path / "out"
     assert main(["eval", "--pretrained_model_name_or_path", tiny_pipeline, "--train_data_dir", str(folder),
                  "--resolution", "8", "--num_samples", "2", "--num_inference_steps", "2",
