@@ -59,12 +59,15 @@ def _transformers_extractor(path: str, device: torch.device) -> Extractor:
 
 def load_extractor(path: str, device: torch.device, probe: Tensor, role: str) -> Extractor:
     """A TorchScript file or a transformers model directory, tried on `probe` so it fails before sampling."""
-    if Path(path).is_file():
-        extractor = _torchscript_extractor(path, device)
-    elif Path(path).is_dir() or _looks_like_hub_id(path):
-        extractor = _transformers_extractor(path, device)
-    else:
-        raise ValueError(f"{role} {path!r} does not exist")
+    try:
+        if Path(path).is_file():
+            extractor = _torchscript_extractor(path, device)
+        elif Path(path).is_dir() or _looks_like_hub_id(path):
+            extractor = _transformers_extractor(path, device)
+        else:
+            raise ValueError(f"{path!r} does not exist")
+    except ValueError as exc:
+        raise ValueError(f"{role}: {exc}") from exc
     try:
         feats = extractor(probe, probe.shape[0])
     except Exception as exc:  # a foreign module can raise anything on unexpected input

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -52,8 +53,9 @@ def unet_weights(out) -> dict:
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_path, num_shards):
     out = tmp_path / "out"
+    # A tight dedup threshold: at the default a few of these 24 distinct 16-px digits pair up (EFFICACY.md).
     cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", num_shards, "--num_rounds", 2,
-                          "--agc_lambda", 0.9))
+                          "--agc_lambda", 0.9, "--dedup_threshold", 0.1))
     run(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "memmit", "model_index.json",
                                                     "scheduler", "unet"]
@@ -70,8 +72,11 @@ def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_
     rows = (out / "memmit" / "candidates.csv").read_text().splitlines()
     assert rows[0] == "rank,sample_id,seen,skipped,skip_fraction,nonfinite,shard,excluded_after_round,source" and len(rows) == 25
     fields = [r.split(",") for r in rows[1:]]
-    # Every sample is seen once per round (local_epochs=1); skip fractions are ranked descending.
-    assert all(int(f[2]) == 2 for f in fields)
+    # Every trained sample is seen once per round (local_epochs=1), a near duplicate left out never; skip
+    # fractions are ranked descending.
+    assert all(int(f[2]) == (0 if f[6] == "duplicate" else 2) for f in fields)
+    assert sum(f[6] != "duplicate" for f in fields) == sum(len(s) for s in json.loads(
+        (out / "memmit" / "shards.json").read_text()).values())
     fractions = [float(f[4]) for f in fields]
     assert fractions == sorted(fractions, reverse=True) and sum(int(f[3]) for f in fields) > 0
 
@@ -79,7 +84,7 @@ def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_
 def test_one_shard_no_agc_equals_plain_finetuning(tiny_pipeline, digits_dir, tmp_path):
     """K = 1, lambda = 0: memmit is a plain fine-tuning loop, step for step."""
     out = tmp_path / "out"
-    cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 1, "--num_rounds", 2, "--agc_lambda", 0,
+    cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 1, "--num_rounds", 2, "--agc_lambda", 0, "--dedup", "none",
                           "--center_crop", "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--max_grad_norm", 0.5))
     trainer = run(cfg)
     device = trainer.accelerator.device
@@ -390,7 +395,7 @@ def test_options_reach_the_trainer(tiny_pipeline, digits_dir, tmp_path):
     from memmit.ensemble import shard_weights
 
     trainer = Trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 3,
-                                      "--aggregation", "uniform", "--agc_bank_decay", 0.3, "--agc_bank_init", "zero",
+                                      "--aggregation", "uniform", "--agc_bank_decay", 0.3, "--agc_bank_init", "zero", "--dedup", "none",
                                       "--agc_bank_bins", 20,
                                       "--shard_strategy", "stratified", "--label_column", "label", "--seed", 5,
                                       "--adam_beta1", 0.8, "--adam_beta2", 0.95, "--adam_weight_decay", 0.1,
@@ -411,7 +416,7 @@ def test_agc_exclusion_leaves_repeatedly_skipped_samples_out_and_resumes_exactly
     import json
     import shutil
 
-    common = ["--num_shards", 2, "--num_rounds", 3, "--local_epochs", 2, "--agc_lambda", 0.9,
+    common = ["--num_shards", 2, "--num_rounds", 3, "--local_epochs", 2, "--agc_lambda", 0.9, "--dedup", "none",
               "--agc_exclusion", 0.5, "--agc_exclusion_min_visits", 2, "--checkpoints_total_limit", 5]
     out = tmp_path / "out"
     run(parse_args(args(tiny_pipeline, digits_dir, out, *common)))
