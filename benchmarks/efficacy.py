@@ -74,14 +74,15 @@ def main() -> None:
     parser.add_argument("--output_dir", default=None, help="default: efficacy-output[-DIGITS][-shiftN]")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--copies", default="exact", choices=COPY_STYLES,
-                        help="exact copies, or web-style copies (each copy re-cropped, re-lit, noised and JPEG'd)")
+                        help="exact copies, or web-style copies (each copy re-cropped, re-lit, noised and JPEG'd: "
+                             "web as issue 10 specifies, mild as FINDINGS.md saw copied most)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS) + [TRUTH_ORACLE], choices=list(ARMS) + [TRUTH_ORACLE])
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true",
                         help="train nothing: rescore the arms' saved samples with this memmit and print the table")
     args = parser.parse_args()
     out = Path(args.output_dir or "efficacy-output" + ("" if args.digits == "mnist" else f"-{args.digits}")
-               + (f"-shift{args.shift}" if args.shift else "") + ("-web" if args.copies == "web" else ""))
+               + (f"-shift{args.shift}" if args.shift else "") + ("" if args.copies == "exact" else f"-{args.copies}"))
     data = build_dataset(data_dir(out, args.digits, shift=args.shift, style=args.copies), args.digits,
                          shift=args.shift, style=args.copies)
     features = build_digit_features(features_file(data), data, args.digits)

@@ -157,7 +157,10 @@ DEDUP_TEXT = {"none": "not handled (the paper's method)",
 
 
 def _memorized_label(report: dict) -> str:
-    return f"memorized fraction (d1/d2 < {report['pixel']['threshold']:.3g})"
+    clusters = report["pixel"].get("clusters")  # reports before near-duplicate families lack it
+    family = (f", d2 outside the near-duplicate family ({clusters['detector']['features']} < "
+              f"{clusters['detector']['threshold']:g})" if clusters else "")
+    return f"memorized fraction (d1/d2 < {report['pixel']['threshold']:.3g}{family})"
 
 
 def _frechet_label(report: dict) -> str:
