@@ -30,8 +30,8 @@ from .config import EvalConfig, parse_args
 from .data import check_captions, iter_images, load_train_dataset, pick_caption, source_names
 from .detectors import load_detector
 from .features import Extractor, load_extractor
-from .metrics import (cluster_labels, cluster_memorization_report, collapse_duplicates, default_device,
-                      exact_clusters, frechet_distance, memorization_report)
+from .metrics import (cluster_labels, cluster_memorization_report, default_device, exact_clusters,
+                      first_occurrence, frechet_distance, memorization_report)
 from .split import duplicate_clusters
 from .tasks import DenoisingTask, UnconditionalTask, load_task
 
@@ -152,15 +152,17 @@ def _inception_fid(samples01: Tensor, train01: Tensor, batch_size: int) -> dict:
     return {"available": True, "extractor": info, "frechet_distance": fid.compute().item()}
 
 
-def _quality_report(samples01: Tensor, train01: Tensor, extractor: Optional[Extractor], batch_size: int) -> dict:
-    """Fréchet distance to the *distinct* training images: against the raw set, a model that copies
-    duplicated images would be rewarded for matching their inflated frequency."""
-    unique, _ = collapse_duplicates(train01.flatten(1))
-    reference = unique.view(-1, *train01.shape[1:])
+def _quality_report(samples01: Tensor, train01: Tensor, clusters: list[list[int]], extractor: Optional[Extractor],
+                    batch_size: int) -> dict:
+    """Fréchet distance to one training image per near-duplicate family: against the raw set, a model that
+    copies duplicated images would be rewarded for matching their inflated frequency."""
+    labels = cluster_labels(train01.shape[0], clusters)
+    reference = train01[first_occurrence(labels, int(labels.max()) + 1)]
     report = (_inception_fid(samples01, reference, batch_size) if extractor is None else
               {"available": True, "extractor": extractor.info,
                "frechet_distance": frechet_distance(extractor(samples01, batch_size), extractor(reference, batch_size))})
-    return {**report, "reference": f"{len(reference)} distinct of {len(train01)} training images"}
+    return {**report, "reference": f"one of each of {len(reference)} near-duplicate families and lone images, "
+                                   f"of {len(train01)} training images"}
 
 
 def score_samples(samples: Tensor, train: Tensor, sources: list[str], *, clusters: Optional[list[list[int]]] = None,
@@ -180,7 +182,7 @@ def score_samples(samples: Tensor, train: Tensor, sources: list[str], *, cluster
                 else _feature_report(samples01, train01, sources, feature_extractor, batch_size))
     return {"pixel": _pixel_report(samples, train, sources, k, threshold, clusters, detector),
             "features": features,
-            "quality": _quality_report(samples01, train01, quality_extractor, batch_size)}
+            "quality": _quality_report(samples01, train01, clusters, quality_extractor, batch_size)}
 
 
 def _to_pil(image: np.ndarray, scale: int) -> Image.Image:

@@ -263,15 +263,19 @@ def test_module_entry_point_exits_2_on_a_missing_pipeline(tmp_path, digits_dir):
                                         "does not exist")
 
 
-def test_quality_reference_is_the_distinct_training_images(digits, encoder_file):
-    """Duplicated training images must not make copying them look like good quality."""
+def test_quality_reference_is_one_image_per_near_duplicate_family(digits, encoder_file):
+    """Duplicated training images, exact or near, must not make copying them look like good quality."""
     train, sources = digits
     distinct = train[:10]
-    with_copies = torch.cat([distinct, distinct[:1].repeat(10, 1, 1, 1)])
+    near_copies = (distinct[:1] + 0.01 * torch.randn(10, *distinct.shape[1:], generator=torch.Generator().manual_seed(0)))
     quality = load_extractor(encoder_file, torch.device("cpu"), (train[:2] + 1) / 2, "quality_extractor")
-    report = score_samples(distinct, with_copies, sources[:20], k=5, quality_extractor=quality)["quality"]
-    assert report["frechet_distance"] == pytest.approx(0.0, abs=1e-3)
-    assert report["reference"] == "10 distinct of 20 training images"
+    exact = score_samples(distinct, torch.cat([distinct, distinct[:1].repeat(10, 1, 1, 1)]), sources[:20], k=5,
+                          quality_extractor=quality)["quality"]
+    near = score_samples(distinct, torch.cat([distinct, near_copies.clamp(-1, 1)]), sources[:20], k=5,
+                         clusters=[[0, *range(10, 20)]], detector={"features": "given"}, quality_extractor=quality)
+    for report in (exact, near["quality"]):
+        assert report["frechet_distance"] == pytest.approx(0.0, abs=1e-3)
+        assert report["reference"] == "one of each of 10 near-duplicate families and lone images, of 20 training images"
 
 
 def test_eval_text_to_image_with_seeded_training_captions(tiny_sd_pipeline, captioned_digits_dir, tmp_path, capsys):
