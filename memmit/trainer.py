@@ -332,6 +332,9 @@ class Trainer:
             logger.info("no checkpoint found in %s; starting a new run", self.out / "checkpoints", main_process_only=True)
             return
         shared, process = ckpt.load(self.accelerator, path)
+        if "config" not in shared:
+            raise ValueError(f"checkpoint {path} was written by an older memmit, which did not record its settings; "
+                             "start a new run (without --resume_from_checkpoint)")
         # resume_from_checkpoint always differs from the checkpoint's own run: no change worth recording.
         now = {k: v for k, v in self.cfg.to_dict().items() if k != "resume_from_checkpoint"}
         self.resumed_changes = ckpt.check_resume(path, shared["config"], shared["shards"], now,
