@@ -1,0 +1,159 @@
+"""`--evaluate`: memmit eval before and after training, its cache, the card and upload, and resumes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from memmit.cli import main, train_main
+from memmit.config import parse_args
+
+from test_evaluate import encoder_file  # noqa: F401 (a fixture: the TorchScript extractor)
+from test_hub import REPO, TOKEN, hub  # noqa: F401 (a fixture: the fake Hub)
+from test_train import args, fresh_accelerator, run_script  # noqa: F401 (fresh_accelerator: autouse fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
+EVAL = ["--evaluate", "--eval_num_samples", 6, "--eval_num_inference_steps", 2, "--eval_batch_size", 4, "--seed", 3]
+TRAIN = ["--num_rounds", 1, "--local_steps", 2]
+
+
+@pytest.fixture(autouse=True)
+def cache(monkeypatch, tmp_path) -> Path:
+    """Each test's own eval cache, never the user's ~/.cache (subprocesses inherit the variable)."""
+    monkeypatch.setenv("MEMMIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def flags(pipe, data, out, *extra) -> list[str]:
+    return [str(a) for a in args(pipe, data, out, *TRAIN, *EVAL, *extra)]
+
+
+def eval_report(pipe, data, out, *extra) -> dict:
+    """A separate `memmit eval` with the settings --evaluate derives from the training flags."""
+    assert main(["eval", "--pretrained_model_name_or_path", str(pipe), "--dataset_name", data, "--output_dir",
+                 str(out), "--num_samples", "6", "--num_inference_steps", "2", "--batch_size", "4", "--seed", "3",
+                 *map(str, extra)]) == 0
+    return json.loads((Path(out) / "report.json").read_text())
+
+
+def test_before_and_after_equal_separate_evals_and_the_card_holds_both(tiny_pipeline, digits_dir, tmp_path, capsys,
+                                                                       encoder_file):  # noqa: F811
+    out = tmp_path / "run"
+    assert train_main(flags(tiny_pipeline, digits_dir, out, "--eval_quality_extractor", encoder_file)) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    evals = out / "memmit" / "eval"
+    reports = {label: json.loads((evals / label / "report.json").read_text()) for label in ("before", "after")}
+    assert (evals / "compare.png").is_file() and (evals / "after" / "samples.npy").is_file()
+    # The run's last lines: the comparison table, before then after.
+    assert printed[-3].split()[:2] == ["report", "memorized"]
+    assert [line.split()[0] for line in printed[-2:]] == ["before", "after"]
+
+    separate = {"before": eval_report(tiny_pipeline, digits_dir, tmp_path / "before",
+                                      "--quality_extractor", encoder_file),
+                "after": eval_report(out, digits_dir, tmp_path / "after", "--quality_extractor", encoder_file)}
+    for label in reports:
+        assert reports[label]["pixel"] == separate[label]["pixel"]
+        assert reports[label]["quality"] == separate[label]["quality"]
+    assert reports["before"]["pixel"]["per_sample"] != reports["after"]["pixel"]["per_sample"]  # training moved it
+
+    card = ModelCard.load(out / "README.md")
+    results = card.data.to_dict()["model-index"][0]["results"]
+    metrics = {m["name"]: m["value"] for r in results for m in r["metrics"]}
+    for label, report in reports.items():
+        assert metrics[f"memorized fraction (d1/d2 < 0.333, d2 outside the near-duplicate family (pixels < 0.3)), "
+                       f"{label}"] == report["pixel"]["fraction_memorized_ratio"]
+        assert metrics[f"Frechet distance (torchscript), {label}"] == report["quality"]["frechet_distance"]
+    assert "Each pipeline drew 6 samples, 2 DDIM steps, seed 3, compared with the 24 training images" in card.text
+    assert "](memmit/eval/compare.png)" in card.text
+
+
+def test_bad_eval_options_fail_before_training(tiny_pipeline, digits_dir, tmp_path, capsys):
+    cases = [(["--eval_num_samples", 1], "eval_num_samples must be >= 2"),
+             (["--eval_feature_extractor", tmp_path / "missing.pt"], "missing.pt"),
+             (["--export", "lora"], "--evaluate needs --export full")]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        assert train_main(flags(tiny_pipeline, digits_dir, out, *extra)) == 2
+        assert message in capsys.readouterr().err
+        assert not (out / "checkpoints").exists()
+
+
+def test_cache_reuses_the_input_pipelines_report_for_the_same_settings_only(tiny_pipeline, digits_dir, tmp_path,
+                                                                            cache, caplog):
+    from memmit.audit import evaluate_once, prepare_before
+
+    cfg = parse_args(flags(tiny_pipeline, digits_dir, tmp_path / "a"))
+    first = prepare_before(cfg, show_progress=False)
+    assert Path(first.config.output_dir).parent == cache / "eval"
+    evaluate_once(first, "before", show_progress=False)
+    written = (Path(first.config.output_dir) / "report.json").stat().st_mtime_ns
+    # Another output_dir, the same checkpoint and settings: the same cache entry, reused as it is.
+    again = prepare_before(parse_args(flags(tiny_pipeline, digits_dir, tmp_path / "b")), show_progress=False)
+    assert again.config.output_dir == first.config.output_dir
+    with caplog.at_level("INFO", logger="memmit.audit"):
+        evaluate_once(again, "before", show_progress=False)
+    assert "reusing the before evaluation" in caplog.text
+    assert (Path(first.config.output_dir) / "report.json").stat().st_mtime_ns == written
+    other = prepare_before(parse_args(flags(tiny_pipeline, digits_dir, tmp_path / "c", "--eval_num_samples", 4)),
+                           show_progress=False)
+    assert other.config.output_dir != first.config.output_dir
+
+
+def _kill_when(proc, condition, what: str) -> None:
+    deadline = time.time() + 120
+    while not condition() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before {what}: {proc.communicate()[0].decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_runs_do_not_repeat_a_finished_evaluation(tiny_pipeline, digits_dir, tmp_path, cache):
+    out = tmp_path / "run"
+    # Enough steps and samples that the kills land during training and during the after evaluation.
+    argv = flags(tiny_pipeline, digits_dir, out, "--local_steps", 30, "--checkpointing_steps", 1,
+                 "--eval_num_samples", 32, "--eval_num_inference_steps", 10)
+
+    proc = run_script(argv)
+    _kill_when(proc, lambda: any((out / "checkpoints").glob("checkpoint-*")), "training started")
+    assert not (out / "model_index.json").exists(), "the run was not killed during training"
+    before = next((cache / "eval").glob("*/report.json"))
+    written = before.stat().st_mtime_ns
+
+    resume = [*argv, "--resume_from_checkpoint", "latest"]
+    proc = run_script(resume)
+    _kill_when(proc, lambda: (out / "model_index.json").exists(), "the export")
+    assert not (out / "memmit" / "eval" / "after" / "report.json").exists(), "the after evaluation had finished"
+
+    proc = run_script(resume)
+    log = proc.communicate()[0].decode()
+    assert proc.returncode == 0, log
+    assert "reusing the before evaluation" in log and "after evaluation written" in log
+    assert before.stat().st_mtime_ns == written
+    assert json.loads((out / "memmit" / "eval" / "before" / "report.json").read_text()) == json.loads(before.read_text())
+
+    # A rerun after everything finished (e.g. a failed push) reuses both.
+    log = run_script(resume).communicate()[0].decode()
+    assert "reusing the before evaluation" in log and "reusing the after evaluation" in log
+
+
+def test_push_uploads_the_card_and_figure_but_no_samples(hub, tiny_pipeline, digits_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert train_main(flags(tiny_pipeline, digits_dir, out, "--push_to_hub", "--hub_model_id", REPO,
+                            "--hub_token", TOKEN)) == 0
+    uploaded = hub.files[REPO]
+    assert {"README.md", "memmit/eval/compare.png", "memmit/eval/before/report.json",
+            "memmit/eval/after/report.json"} <= set(uploaded)
+    assert uploaded["memmit/eval/compare.png"] == (out / "memmit" / "eval" / "compare.png").read_bytes()
+    assert (out / "memmit" / "eval" / "after" / "samples.npy").is_file()
+    assert not any(p.endswith(("samples.npy", "most_copied.png")) or p.startswith("checkpoints/") for p in uploaded)
+    card = ModelCard(uploaded["README.md"].decode())
+    names = {m["name"] for r in card.data.to_dict()["model-index"][0]["results"] for m in r["metrics"]}
+    assert {n.rsplit(", ", 1)[-1] for n in names} == {"before", "after"}
+    assert "](memmit/eval/compare.png)" in card.text
