@@ -75,9 +75,8 @@ def _saved_report(directory: Path, key: str) -> dict | None:
     return report if report.get("fingerprint") == key else None
 
 
-def evaluate_once(p: Prepared, label: str, show_progress: bool = True) -> dict:
-    """run_evaluation, unless config.output_dir already holds this fingerprint's report."""
-    key = fingerprint(p)
+def evaluate_once(p: Prepared, label: str, key: str, show_progress: bool = True) -> dict:
+    """run_evaluation, unless config.output_dir already holds the report of fingerprint `key`."""
     out = Path(p.config.output_dir)
     if (report := _saved_report(out, key)) is not None:
         logger.info("memmit: reusing the %s evaluation in %s (same weights, data and settings)", label, out)
@@ -87,22 +86,24 @@ def evaluate_once(p: Prepared, label: str, show_progress: bool = True) -> dict:
     return report
 
 
-def prepare_before(cfg: MemmitConfig, show_progress: bool = True) -> Prepared:
-    """Load and check the input pipeline's evaluation (ValueError before training); it reports into the cache."""
-    p = prepare_evaluation(cfg.eval_config(cfg.output_dir, before=True), show_progress)
-    p.config = dataclasses.replace(p.config, output_dir=str(cache_root() / "eval" / fingerprint(p)))
-    return p
+def evaluate_before(p: Prepared, show_progress: bool = True) -> Path:
+    """The input pipeline's report, in the cache (computed there unless already present); returns its folder."""
+    key = fingerprint(p)
+    p.config = dataclasses.replace(p.config, output_dir=str(cache_root() / "eval" / key))
+    # Sampling must not move the global RNGs training draws from (dropout), or --evaluate would change the result.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        evaluate_once(p, "before", key, show_progress)
+    return Path(p.config.output_dir)
 
 
 def evaluate_after(cfg: MemmitConfig, before: Path, show_progress: bool = True) -> dict[str, dict]:
     """Copy the before report into output_dir, evaluate the exported pipeline, draw and print the comparison."""
     out = eval_dir(cfg.output_dir)
     shutil.copytree(before, out / "before", dirs_exist_ok=True)
+    after = prepare_evaluation(cfg.eval_config(out / "after", before=False), show_progress)
     reports = {"before": json.loads((out / "before" / "report.json").read_text()),
-               "after": evaluate_once(prepare_evaluation(cfg.eval_config(out / "after", before=False), show_progress),
-                                      "after", show_progress)}
-    rows = compare_rows(list(reports.values()), list(reports))
-    draw_compare(rows, out / "compare.png")
+               "after": evaluate_once(after, "after", fingerprint(after), show_progress)}
+    draw_compare(compare_rows(list(reports.values()), list(reports)), out / "compare.png")
     return reports
 
 

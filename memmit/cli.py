@@ -27,21 +27,22 @@ class Plan:
 def prepare(cfg) -> Plan:
     """Everything before training: bad input (the Hub settings and repo, the evaluation's) raises ValueError here;
     with --evaluate, the input pipeline is evaluated (or its cached report found) before training starts."""
-    from .audit import evaluate_once, prepare_before
+    from .audit import evaluate_before
+    from .evaluate import prepare_evaluation
     from .hub import check_hub_settings, create_repo_early
     from .trainer import Trainer  # heavy imports only once the flags are known to be valid
 
     repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
     trainer = Trainer(cfg)
     acc = trainer.accelerator
-    before = prepare_before(cfg, acc.is_local_main_process) if cfg.evaluate and acc.is_main_process else None
+    before = (prepare_evaluation(cfg.eval_config(cfg.output_dir, before=True), acc.is_local_main_process)
+              if cfg.evaluate and acc.is_main_process else None)
     # Every input is valid: a bad token or repo name fails now, in seconds, not after training.
     if repo_id and acc.is_main_process:
         repo_id = create_repo_early(repo_id, cfg.hub_token, cfg.hub_private_repo)
-    if before is not None:
-        evaluate_once(before, "before")
+    before_dir = evaluate_before(before, acc.is_local_main_process) if before is not None else None
     acc.wait_for_everyone()
-    return Plan(trainer, repo_id, Path(before.config.output_dir) if before else None)
+    return Plan(trainer, repo_id, before_dir)
 
 
 def finish(plan: Plan) -> Path:

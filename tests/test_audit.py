@@ -8,14 +8,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 
+from memmit.audit import evaluate_before
 from memmit.cli import main, train_main
 from memmit.config import parse_args
+from memmit.evaluate import prepare_evaluation
 
 from test_evaluate import encoder_file  # noqa: F401 (a fixture: the TorchScript extractor)
 from test_hub import REPO, TOKEN, hub  # noqa: F401 (a fixture: the fake Hub)
-from test_train import args, fresh_accelerator, run_script  # noqa: F401 (fresh_accelerator: autouse fixture)
+from test_train import args, fresh_accelerator, reset_accelerator, run_script, unet_weights  # noqa: F401 (fresh_accelerator: autouse)
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 
@@ -47,6 +50,10 @@ def test_before_and_after_equal_separate_evals_and_the_card_holds_both(tiny_pipe
     out = tmp_path / "run"
     assert train_main(flags(tiny_pipeline, digits_dir, out, "--eval_quality_extractor", encoder_file)) == 0
     printed = capsys.readouterr().out.strip().splitlines()
+    reset_accelerator()
+    assert train_main(flags(tiny_pipeline, digits_dir, tmp_path / "plain", "--no-evaluate")) == 0
+    plain = unet_weights(tmp_path / "plain")
+    assert all(torch.equal(w, plain[k]) for k, w in unet_weights(out).items())  # evaluating changes no weight
     evals = out / "memmit" / "eval"
     reports = {label: json.loads((evals / label / "report.json").read_text()) for label in ("before", "after")}
     assert (evals / "compare.png").is_file() and (evals / "after" / "samples.npy").is_file()
@@ -73,6 +80,18 @@ def test_before_and_after_equal_separate_evals_and_the_card_holds_both(tiny_pipe
     assert "](memmit/eval/compare.png)" in card.text
 
 
+def test_text_to_image_before_and_after_render_the_same_training_captions(tiny_sd_pipeline, captioned_digits_dir,
+                                                                          tmp_path):
+    out = tmp_path / "run"
+    assert train_main(flags(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "captions")) == 0
+    evals = out / "memmit" / "eval"
+    prompts = {label: json.loads((evals / label / "prompts.json").read_text()) for label in ("before", "after")}
+    separate = eval_report(tiny_sd_pipeline, captioned_digits_dir, tmp_path / "before", "--caption_column", "captions")
+    assert prompts["before"] == prompts["after"] == json.loads((tmp_path / "before" / "prompts.json").read_text())
+    assert len(set(prompts["before"])) > 1  # drawn from the list-of-captions column with the run's seed
+    assert json.loads((evals / "before" / "report.json").read_text())["pixel"] == separate["pixel"]
+
+
 def test_bad_eval_options_fail_before_training(tiny_pipeline, digits_dir, tmp_path, capsys):
     cases = [(["--eval_num_samples", 1], "eval_num_samples must be >= 2"),
              (["--eval_feature_extractor", tmp_path / "missing.pt"], "missing.pt"),
@@ -86,23 +105,20 @@ def test_bad_eval_options_fail_before_training(tiny_pipeline, digits_dir, tmp_pa
 
 def test_cache_reuses_the_input_pipelines_report_for_the_same_settings_only(tiny_pipeline, digits_dir, tmp_path,
                                                                             cache, caplog):
-    from memmit.audit import evaluate_once, prepare_before
+    def before(name: str, *extra) -> Path:
+        cfg = parse_args(flags(tiny_pipeline, digits_dir, tmp_path / name, *extra))
+        return evaluate_before(prepare_evaluation(cfg.eval_config(cfg.output_dir, before=True), False), False)
 
-    cfg = parse_args(flags(tiny_pipeline, digits_dir, tmp_path / "a"))
-    first = prepare_before(cfg, show_progress=False)
-    assert Path(first.config.output_dir).parent == cache / "eval"
-    evaluate_once(first, "before", show_progress=False)
-    written = (Path(first.config.output_dir) / "report.json").stat().st_mtime_ns
+    first = before("a")
+    assert first.parent == cache / "eval"
+    written = (first / "report.json").stat().st_mtime_ns
     # Another output_dir, the same checkpoint and settings: the same cache entry, reused as it is.
-    again = prepare_before(parse_args(flags(tiny_pipeline, digits_dir, tmp_path / "b")), show_progress=False)
-    assert again.config.output_dir == first.config.output_dir
     with caplog.at_level("INFO", logger="memmit.audit"):
-        evaluate_once(again, "before", show_progress=False)
+        assert before("b") == first
     assert "reusing the before evaluation" in caplog.text
-    assert (Path(first.config.output_dir) / "report.json").stat().st_mtime_ns == written
-    other = prepare_before(parse_args(flags(tiny_pipeline, digits_dir, tmp_path / "c", "--eval_num_samples", 4)),
-                           show_progress=False)
-    assert other.config.output_dir != first.config.output_dir
+    assert (first / "report.json").stat().st_mtime_ns == written
+    assert before("c", "--eval_num_samples", 4) != first
+    assert before("d", "--seed", 4) != first
 
 
 def _kill_when(proc, condition, what: str) -> None:
