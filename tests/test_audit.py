@@ -173,3 +173,15 @@ def test_push_uploads_the_card_and_figure_but_no_samples(hub, tiny_pipeline, dig
     names = {m["name"] for r in card.data.to_dict()["model-index"][0]["results"] for m in r["metrics"]}
     assert {n.rsplit(", ", 1)[-1] for n in names} == {"before", "after"}
     assert "](memmit/eval/compare.png)" in card.text
+
+
+def test_two_processes_evaluate_on_the_main_one(tiny_pipeline, digits_dir, tmp_path):
+    from test_multiprocess import finish, launch
+
+    out = tmp_path / "two"
+    log = finish(launch(2, tiny_pipeline, digits_dir, out, "--num_rounds", "1", "--local_epochs", "1",
+                        *map(str, EVAL)))
+    assert log.count("before evaluation written") == 1 and log.count("after evaluation written") == 1
+    single = eval_report(out, digits_dir, tmp_path / "after")
+    assert json.loads((out / "memmit" / "eval" / "after" / "report.json").read_text())["pixel"] == single["pixel"]
+    assert "memorized fraction" in (out / "README.md").read_text()
