@@ -97,9 +97,10 @@ def evaluate_before(p: Prepared, show_progress: bool = True) -> Path:
 
 
 def evaluate_after(cfg: MemmitConfig, before: Path, show_progress: bool = True) -> dict[str, dict]:
-    """Copy the before report into output_dir, evaluate the exported pipeline, draw and print the comparison."""
+    """Copy the before report into output_dir, evaluate the exported pipeline, draw the comparison."""
     out = eval_dir(cfg.output_dir)
-    shutil.copytree(before, out / "before", dirs_exist_ok=True)
+    shutil.rmtree(out / "before", ignore_errors=True)  # a killed run's copy may come from other settings
+    shutil.copytree(before, out / "before")
     after = prepare_evaluation(cfg.eval_config(out / "after", before=False), show_progress)
     reports = {"before": json.loads((out / "before" / "report.json").read_text()),
                "after": evaluate_once(after, "after", fingerprint(after), show_progress)}
