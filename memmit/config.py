@@ -120,7 +120,8 @@ class EvalConfig(ModelDataConfig):
 
 
 # The EvalConfig options `--evaluate` exposes as eval_<name>; the rest come from the training options.
-EVAL_OPTIONS = ("num_samples", "num_inference_steps", "batch_size", "feature_extractor", "quality_extractor")
+EVAL_OPTIONS = ("num_samples", "num_inference_steps", "batch_size", "feature_extractor", "quality_extractor",
+                "threshold", "k")
 
 
 def eval_opt(name: str) -> Any:
@@ -214,6 +215,8 @@ class MemmitConfig(ModelDataConfig):
     eval_batch_size: int = eval_opt("batch_size")
     eval_feature_extractor: Optional[str] = eval_opt("feature_extractor")
     eval_quality_extractor: Optional[str] = eval_opt("quality_extractor")
+    eval_threshold: float = eval_opt("threshold")
+    eval_k: int = eval_opt("k")
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""

@@ -94,6 +94,7 @@ def test_text_to_image_before_and_after_render_the_same_training_captions(tiny_s
 
 def test_bad_eval_options_fail_before_training(tiny_pipeline, digits_dir, tmp_path, capsys):
     cases = [(["--eval_num_samples", 1], "eval_num_samples must be >= 2"),
+             (["--eval_threshold", 2], "eval_threshold must be in (0, 1]"),
              (["--eval_feature_extractor", tmp_path / "missing.pt"], "missing.pt"),
              (["--export", "lora"], "--evaluate needs --export full")]
     for extra, message in cases:
@@ -119,6 +120,7 @@ def test_cache_reuses_the_input_pipelines_report_for_the_same_settings_only(tiny
     assert (first / "report.json").stat().st_mtime_ns == written
     assert before("c", "--eval_num_samples", 4) != first
     assert before("d", "--seed", 4) != first
+    assert before("e", "--eval_threshold", 0.25) != first
 
 
 def _kill_when(proc, condition, what: str) -> None:
