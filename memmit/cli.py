@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -14,42 +15,68 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-def prepare(cfg) -> tuple[Trainer, Optional[str]]:
-    """Everything before training: bad input (the Hub settings and repo included) raises ValueError here."""
+@dataclass
+class Plan:
+    """A validated run: its trainer, the Hub repo it pushes to, and its "before" report's folder (--evaluate)."""
+
+    trainer: Trainer
+    repo_id: Optional[str]
+    before: Optional[Path] = None
+
+
+def prepare(cfg) -> Plan:
+    """Everything before training: bad input (the Hub settings and repo, the evaluation's) raises ValueError here;
+    with --evaluate, the input pipeline is evaluated (or its cached report found) before training starts."""
+    from .audit import evaluate_before
+    from .evaluate import prepare_evaluation
     from .hub import check_hub_settings, create_repo_early
     from .trainer import Trainer  # heavy imports only once the flags are known to be valid
 
     repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
     trainer = Trainer(cfg)
+    acc = trainer.accelerator
+    before = (prepare_evaluation(cfg.eval_config(cfg.output_dir, before=True), acc.is_local_main_process)
+              if cfg.evaluate and acc.is_main_process else None)
     # Every input is valid: a bad token or repo name fails now, in seconds, not after training.
-    if repo_id and trainer.accelerator.is_main_process:
+    if repo_id and acc.is_main_process:
         repo_id = create_repo_early(repo_id, cfg.hub_token, cfg.hub_private_repo)
-    return trainer, repo_id
+    before_dir = evaluate_before(before, acc.is_local_main_process) if before is not None else None
+    acc.wait_for_everyone()
+    return Plan(trainer, repo_id, before_dir)
 
 
-def finish(trainer: Trainer, repo_id: Optional[str]) -> Path:
-    """Train, export the result with its model card, push it when asked."""
+def finish(plan: Plan) -> Path:
+    """Train, export the result, evaluate it (--evaluate), write its model card, push it when asked."""
+    from .audit import comparison_table, eval_dir, evaluate_after
     from .export import export_result
     from .hub import push, write_model_card
 
+    trainer, repo_id = plan.trainer, plan.repo_id
     cfg, acc = trainer.cfg, trainer.accelerator
     trainer.train()
+    reports = None
     if acc.is_main_process:
         export_result(trainer.task, trainer.model, cfg, trainer.out)
+        reports = evaluate_after(cfg, plan.before, acc.is_local_main_process) if plan.before else None
         write_model_card(trainer.out, cfg.to_dict(), cfg.pretrained_model_name_or_path,
-                         cfg.dataset_name or cfg.train_data_dir, repo_id=repo_id)
+                         cfg.dataset_name or cfg.train_data_dir, eval_reports=reports, repo_id=repo_id)
     acc.wait_for_everyone()
     acc.end_training()
-    if repo_id and acc.is_main_process:
-        print(f"memmit: pushed to {push(trainer.out, repo_id, cfg.hub_token, cfg.hub_private_repo)}")
+    if acc.is_main_process:
+        if repo_id:
+            print(f"memmit: pushed to {push(trainer.out, repo_id, cfg.hub_token, cfg.hub_private_repo)}")
+        print(f"memmit: mitigated pipeline written to {trainer.out}")
+        if reports:  # the run's last lines
+            print(f"memmit: memorization before and after ({eval_dir(trainer.out) / 'compare.png'}):")
+            print(comparison_table(reports))
     return trainer.out
 
 
 def run(cfg) -> Trainer:
     """The whole recipe, in process (tests, notebooks); returns the trainer for inspection."""
-    trainer, repo_id = prepare(cfg)
-    finish(trainer, repo_id)
-    return trainer
+    plan = prepare(cfg)
+    finish(plan)
+    return plan.trainer
 
 
 class _TorchvisionFallbackFilter(logging.Filter):
@@ -73,7 +100,7 @@ def train_main(argv: list[str] | None = None) -> int:
     silence_torchvision_fallback()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        trainer, repo_id = prepare(parse_args(argv))
+        plan = prepare(parse_args(argv))
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
@@ -81,11 +108,10 @@ def train_main(argv: list[str] | None = None) -> int:
     from .trainer import NonFiniteLossError
 
     try:
-        out = finish(trainer, repo_id)
+        finish(plan)
     except (PushError, NonFiniteLossError) as exc:  # checkpoints stay on disk; the message says what to do
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 1
-    print(f"memmit: mitigated pipeline written to {out}")
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,55 @@ class ModelDataConfig:
             from .detectors import check_detector_options  # torch: only when there is a threshold to check
 
             check_detector_options(self.dedup_features, self.dedup_threshold)
+
+
+@dataclass
+class EvalConfig(ModelDataConfig):
+    """Options of `memmit eval`: measure how much a diffusers pipeline copies its training images (and,
+    optionally, sample quality)."""
+
+    # Data
+    caption_column: Optional[str] = opt(None, "Text-to-image pipelines: dataset column of captions; each sample's prompt is a training caption drawn with seed (saved in prompts.json).")
+    max_train_samples: Optional[int] = opt(None, "Compare against the first N training images only.")
+    resolution: Optional[int] = opt(None, "Sampling and comparison resolution; defaults to the UNet's sample_size.")
+
+    # Sampling
+    num_samples: int = opt(256, "Images to sample.")
+    num_inference_steps: int = opt(50, "DDIM steps.")
+    batch_size: int = opt(64, "Sampling and embedding batch size.")
+    seed: int = opt(0, "Seed of the sampling noise and of the prompts' draw.")
+
+    # Metrics
+    feature_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir: also report cosine similarity of embeddings.")
+    quality_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir for the Frechet distance; unset: torchmetrics' Inception FID, if it loads.")
+    threshold: float = opt(1 / 3, "A sample is memorized when d1/d2 < threshold (1/3: Yoon et al.).")
+    k: int = opt(50, "Neighbours for the neighbourhood-normalised score.")
+
+    # Output
+    output_dir: Optional[str] = opt(None, "Where report.json, samples.npy and most_copied.png go.", required=True)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid option."""
+        super().validate()
+        need(self.num_samples >= 2, f"num_samples must be >= 2 (a Frechet distance needs two), got {self.num_samples}")
+        need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.k >= 2, f"k must be >= 2 (the d1/d2 criterion needs two neighbours), got {self.k}")
+        need(0 < self.threshold <= 1, f"threshold must be in (0, 1] (d1/d2 is at most 1), got {self.threshold}")
+        need(self.max_train_samples is None or self.max_train_samples >= 2,
+             f"max_train_samples must be >= 2, got {self.max_train_samples}")
+        need(self.resolution is None or self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}")
+
+
+# The EvalConfig options `--evaluate` exposes as eval_<name>; the rest come from the training options.
+EVAL_OPTIONS = ("num_samples", "num_inference_steps", "batch_size", "feature_extractor", "quality_extractor",
+                "threshold", "k")
+
+
+def eval_opt(name: str) -> Any:
+    """The training option eval_<name>: EvalConfig's own default and help, free to change on resume."""
+    f = EvalConfig.__dataclass_fields__[name]
+    return opt(f.default, f"--evaluate: {f.metadata['help']}", resume="free")
 
 
 @dataclass
@@ -158,6 +208,16 @@ class MemmitConfig(ModelDataConfig):
     num_validation_images: int = opt(16, "Images sampled into the logs at each round's end; 0 disables.", resume="free")
     validation_inference_steps: int = opt(50, "DDIM steps for the round-end sample grid.", resume="free")
 
+    # Memorization before and after (memmit eval's options, named eval_<name>)
+    evaluate: bool = opt(False, "Run `memmit eval` on the input pipeline before training (cached) and on the result after export; the model card and the run's last lines compare them.", resume="free")
+    eval_num_samples: int = eval_opt("num_samples")
+    eval_num_inference_steps: int = eval_opt("num_inference_steps")
+    eval_batch_size: int = eval_opt("batch_size")
+    eval_feature_extractor: Optional[str] = eval_opt("feature_extractor")
+    eval_quality_extractor: Optional[str] = eval_opt("quality_extractor")
+    eval_threshold: float = eval_opt("threshold")
+    eval_k: int = eval_opt("k")
+
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""
         super().validate()
@@ -191,6 +251,23 @@ class MemmitConfig(ModelDataConfig):
              f"dedup=same_shard needs shard_strategy=random, got {self.shard_strategy!r}")
         need(self.shard_strategy != "stratified" or self.label_column is not None,
              "shard_strategy=stratified needs label_column")
+        if self.evaluate:
+            need(self.export == "full", "--evaluate needs --export full: memmit eval samples a whole pipeline, "
+                                        "and --export lora writes only the adapter")
+            try:
+                self.eval_config(self.output_dir, before=True)
+            except ValueError as exc:  # name the training option the user sets, not EvalConfig's field
+                raise ValueError(re.sub(rf"\b({'|'.join(EVAL_OPTIONS)})\b", r"eval_\1", str(exc))) from exc
+
+    def eval_config(self, output_dir: str | Path, before: bool) -> EvalConfig:
+        """`memmit eval`'s settings for the input pipeline (`before`) or the exported one in output_dir: the
+        same data, seed and prompts as training, the eval_* options for the rest."""
+        ours = {f.name for f in dataclasses.fields(self)}
+        values = {name: getattr(self, f"eval_{name}" if f"eval_{name}" in ours else name)
+                  for name in (f.name for f in dataclasses.fields(EvalConfig)) if f"eval_{name}" in ours or name in ours}
+        if not before:  # export writes a full pipeline, no revision or variant
+            values.update(pretrained_model_name_or_path=self.output_dir, revision=None, variant=None)
+        return EvalConfig(**{**values, "output_dir": str(output_dir)})
 
     def arithmetic_options(self) -> list[str]:
         """The options a resumed run must share with its checkpoint."""
@@ -209,44 +286,6 @@ def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
     if mixed_precision == "fp16" and device_type != "cuda":
         raise ValueError(f"mixed_precision=fp16 needs a CUDA GPU (it trains with a gradient scaler), and this run is "
                          f"on {device_type}; pass --mixed_precision bf16 (or no) instead")
-
-
-@dataclass
-class EvalConfig(ModelDataConfig):
-    """Options of `memmit eval`: measure how much a diffusers pipeline copies its training images (and,
-    optionally, sample quality)."""
-
-    # Data
-    caption_column: Optional[str] = opt(None, "Text-to-image pipelines: dataset column of captions; each sample's prompt is a training caption drawn with seed (saved in prompts.json).")
-    max_train_samples: Optional[int] = opt(None, "Compare against the first N training images only.")
-    resolution: Optional[int] = opt(None, "Sampling and comparison resolution; defaults to the UNet's sample_size.")
-
-    # Sampling
-    num_samples: int = opt(256, "Images to sample.")
-    num_inference_steps: int = opt(50, "DDIM steps.")
-    batch_size: int = opt(64, "Sampling and embedding batch size.")
-    seed: int = opt(0, "Seed of the sampling noise and of the prompts' draw.")
-
-    # Metrics
-    feature_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir: also report cosine similarity of embeddings.")
-    quality_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir for the Frechet distance; unset: torchmetrics' Inception FID, if it loads.")
-    threshold: float = opt(1 / 3, "A sample is memorized when d1/d2 < threshold (1/3: Yoon et al.).")
-    k: int = opt(50, "Neighbours for the neighbourhood-normalised score.")
-
-    # Output
-    output_dir: Optional[str] = opt(None, "Where report.json, samples.npy and most_copied.png go.", required=True)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid option."""
-        super().validate()
-        need(self.num_samples >= 2, f"num_samples must be >= 2 (a Frechet distance needs two), got {self.num_samples}")
-        need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.k >= 2, f"k must be >= 2 (the d1/d2 criterion needs two neighbours), got {self.k}")
-        need(0 < self.threshold <= 1, f"threshold must be in (0, 1] (d1/d2 is at most 1), got {self.threshold}")
-        need(self.max_train_samples is None or self.max_train_samples >= 2,
-             f"max_train_samples must be >= 2, got {self.max_train_samples}")
-        need(self.resolution is None or self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}")
 
 
 Config = TypeVar("Config", bound=ModelDataConfig)

@@ -315,9 +315,10 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepar
                     detector.describe(), prompts)
 
 
-def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np.ndarray] = None) -> dict:
+def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np.ndarray] = None,
+                   fingerprint: Optional[str] = None) -> dict:
     """Sample (unless `samples` are given, to rescore), score, and write report.json, samples.npy
-    and most_copied.png to config.output_dir."""
+    and most_copied.png to config.output_dir; `fingerprint` (memmit.audit's) is recorded to reuse the report."""
     c = p.config
     if samples is None:
         samples = sample_images(p.task, c.num_samples, c.num_inference_steps, c.batch_size, c.seed,
@@ -331,6 +332,7 @@ def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np
                            "sampler": "DDIM", "pipeline": type(p.task.pipeline).__name__, "device": str(p.device)},
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "memmit": memmit.__version__},
+              **({"fingerprint": fingerprint} if fingerprint else {}),
               **scores,
               "files": {"samples": "samples.npy", "figure": "most_copied.png",
                         **({"prompts": "prompts.json"} if p.prompts is not None else {})}}

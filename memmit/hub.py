@@ -23,7 +23,10 @@ TAGS = ["diffusers", "diffusers-training", "memorization-mitigation", "iet-agc"]
 # What memmit eval measures: it samples without prompts, whatever the pipeline.
 EVAL_TASK = "unconditional-image-generation"
 # Not "*.bin": a pipeline component may legitimately hold pytorch_model.bin weights.
-IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "*.pt", "*.pkl", "*optimizer*.bin"]
+# memmit eval's samples.npy can be hundreds of MB and most_copied.png shows training images next to their copies:
+# both stay local; the reports and compare.png are uploaded.
+IGNORE_PATTERNS = ["checkpoints/*", "logs/*", "*.pt", "*.pkl", "*optimizer*.bin", "*samples.npy", "*most_copied.png"]
+COMPARE_FIGURE = "memmit/eval/compare.png"  # written by --evaluate; the card shows it when present
 SECRET_KEYS = ("hub_token",)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 CITATION = """\
@@ -203,8 +206,22 @@ def _public_config(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in SECRET_KEYS}
 
 
+def _eval_data_line(reports: dict[str, dict], dataset: Optional[str]) -> str:
+    """What the reports measured: on which images, with how many samples."""
+    first = next(iter(reports.values()))
+    pixel, settings = first["pixel"], first.get("settings", {})
+    steps = f", {settings['num_inference_steps']} DDIM steps" if "num_inference_steps" in settings else ""
+    seed = f", seed {settings['seed']}" if "seed" in settings else ""
+    prompts = ", prompts drawn from the training captions" if settings.get("caption_column") else ""
+    # Hand-made or older reports may lack the training set's counts.
+    train = (f"{pixel['num_train']} training images ({pixel['num_distinct_train']} distinct)"
+             if "num_distinct_train" in pixel else "training images")
+    return (f"Each pipeline drew {pixel['num_samples']} samples{steps}{seed}{prompts}, compared with the {train} "
+            f"of {_describe_source(dataset, 'dataset')}.")
+
+
 def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
-               reports: Optional[dict[str, dict]], repo_id: str) -> str:
+               reports: Optional[dict[str, dict]], repo_id: str, figure: bool = False) -> str:
     lines = [
         f"# {repo_id.split('/')[-1]}", "",
         f"{_describe_source(base_model, 'pipeline')} fine-tuned on {_describe_source(dataset, 'dataset')} with "
@@ -216,7 +233,9 @@ def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
         lines += ["## Memorization before and after", "",
                   "Samples from each pipeline compared with the training images by `memmit eval` "
                   "(a sample counts as memorized when its nearest training image is much closer than the "
-                  "second nearest).", "", *_results_table(reports), ""]
+                  "second nearest).", "", _eval_data_line(reports, dataset), "", *_results_table(reports), ""]
+        if figure:
+            lines += [f"![memorized samples, {' and '.join(reports)}]({COMPARE_FIGURE})", ""]
     if cfg.get("export") == "lora":  # a LoRA of the whole change, applied to the original pipeline
         load = [f'pipe = DiffusionPipeline.from_pretrained("{_hub_id(base_model) or "BASE_MODEL"}")',
                 f'pipe.load_lora_weights("{repo_id}")']
@@ -245,7 +264,9 @@ def write_model_card(output_dir: str | Path, cfg_dict: dict, base_model: Optiona
         model_name=repo_id.split("/")[-1] if eval_reports else None,
         eval_results=_eval_results(eval_reports, dataset) if eval_reports else None,
     )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{_card_body(cfg_dict, base_model, dataset, eval_reports, repo_id)}")
+    figure = bool(eval_reports) and (Path(output_dir) / COMPARE_FIGURE).is_file()
+    body = _card_body(cfg_dict, base_model, dataset, eval_reports, repo_id, figure)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = Path(output_dir) / "README.md"
     card.save(path)
     return path
