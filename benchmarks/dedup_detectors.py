@@ -50,7 +50,7 @@ def main() -> None:
                     start = time.perf_counter()
                     clusters = load_detector(kind, t, RESOLUTION, 1).clusters(images)
                     precision, recall, false = pair_scores(clusters, sources)
-                    mark = " (default)" if t == DEFAULT_THRESHOLDS[kind] else ""
+                    mark = "".join(f" ({use} default)" for use, d in DEFAULT_THRESHOLDS.items() if d[kind] == t)
                     print(f"| {digits} | {style} | {kind} | {t:g}{mark} | {precision:.3f} | {recall:.3f} | {false} | "
                           f"{len(clusters)} | {time.perf_counter() - start:.1f} |", flush=True)
 

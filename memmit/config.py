@@ -61,7 +61,7 @@ class ModelDataConfig:
 
     # Near duplicates: one detector for training-time dedup and for the eval's clusters
     dedup_features: str = opt("pixels", "Near-duplicate detector: pixels (blurred, normalised, best of +-1 px shifts) | phash (perceptual hash) | a TorchScript file, transformers model directory or Hub id (embeddings, cosine).")
-    dedup_threshold: Optional[float] = opt(None, "Near duplicates are closer than this, in the detector's units: pixels RMS in [0, 2], phash Hamming bits of 64, embeddings 1 - cosine; default: the detector's measured threshold.")
+    dedup_threshold: Optional[float] = opt(None, "Near duplicates are closer than this, in the detector's units: pixels RMS in [0, 2], phash Hamming bits of 64, embeddings 1 - cosine; default: the detector's measured threshold, stricter for training (pixels 0.15, phash 4, embeddings 0.05) than for the eval's families (0.3, 10, 0.1).")
 
     def __post_init__(self) -> None:
         self.validate()

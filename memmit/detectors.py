@@ -31,8 +31,12 @@ MAX_SHIFT = 1
 BLUR = (torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)[:, None] * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
         / 16).view(1, 1, 3, 3)
 HASH_BITS = 64
-# Measured defaults (EFFICACY.md): each separates web-style copies of a digit from distinct digits.
-DEFAULT_THRESHOLDS = {"pixels": 0.3, "phash": 10.0, "embedding": 0.05}
+# Measured defaults (EFFICACY.md), one per use. Training drops what it merges, so it merges only what is
+# surely one image (a false merge drops a distinct image: quality fell); the eval only stops counting a
+# family's members as each other's neighbours, so it merges whole families of variants (missing one
+# leaves it blind to their copies; a false merge makes the criterion slightly stricter).
+DEFAULT_THRESHOLDS = {"dedup": {"pixels": 0.15, "phash": 4.0, "embedding": 0.05},
+                      "eval": {"pixels": 0.3, "phash": 10.0, "embedding": 0.1}}
 THRESHOLD_RANGES = {"pixels": (0.0, 2.0), "phash": (0.0, float(HASH_BITS)), "embedding": (0.0, 2.0)}
 EMBED_BATCH = 64
 
@@ -140,12 +144,13 @@ def check_detector_options(features: str, threshold: Optional[float]) -> None:
 
 
 def load_detector(features: str, threshold: Optional[float], resolution: int, channels: int,
-                  device: Optional[torch.device] = None) -> Detector:
-    """The detector `--dedup_features` names, with `--dedup_threshold` or its measured default; a model
-    that does not load, or fails on images of this size, is a ValueError naming the option."""
+                  device: Optional[torch.device] = None, use: str = "dedup") -> Detector:
+    """The detector `--dedup_features` names, with `--dedup_threshold` or its measured default for `use`
+    ("dedup": training; "eval": memmit eval's families); a model that does not load, or fails on images of
+    this size, is a ValueError naming the option."""
     check_detector_options(features, threshold)
     kind = detector_kind(features)
-    threshold = DEFAULT_THRESHOLDS[kind] if threshold is None else float(threshold)
+    threshold = DEFAULT_THRESHOLDS[use][kind] if threshold is None else float(threshold)
     if kind == "pixels":
         return PixelDetector(threshold, resolution, channels)
     if kind == "phash":

@@ -302,7 +302,8 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepar
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
         raise ValueError("the training set needs at least two distinct images at this resolution")
     device = default_device()
-    detector = load_detector(config.dedup_features, config.dedup_threshold, task.resolution, task.channels, device)
+    detector = load_detector(config.dedup_features, config.dedup_threshold, task.resolution, task.channels, device,
+                             use="eval")
     clusters = duplicate_clusters(ds, config.image_column, detector, show_progress)
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(path, device, probe, role) if path else None

@@ -61,7 +61,7 @@ def test_pixel_detector_is_blind_to_brightness_contrast_and_one_pixel_moves():
     d = detector.distance(feats[:1].expand(4, -1), feats[1:])
     assert d[0] < 1e-6  # a one-pixel move: aligned exactly (rolled pixels wrap, cropped out at the overlap)
     assert d[1] < 0.05 and d[2] < 0.05  # brightness and contrast: normalised away (up to 8-bit clipping)
-    assert d[3] > DEFAULT_THRESHOLDS["pixels"]
+    assert d[3] > DEFAULT_THRESHOLDS["eval"]["pixels"]
 
 
 def test_phash_sees_a_reencoded_copy_and_not_another_digit():
@@ -74,7 +74,7 @@ def test_phash_sees_a_reencoded_copy_and_not_another_digit():
 
 def test_the_default_detector_finds_a_family_of_variants_as_one_cluster(family_set):
     images, family, _ = family_set
-    clusters = load_detector("pixels", None, 16, 1).clusters(images)
+    clusters = load_detector("pixels", None, 16, 1, use="eval").clusters(images)
     found = max(clusters, key=lambda c: len(set(c) & set(family)))
     assert set(found) == set(family), clusters
 
@@ -84,7 +84,7 @@ def test_a_copy_of_one_member_of_a_family_is_memorized_and_a_fresh_digit_is_not(
     their second neighbour is a sibling variant. With the family as one cluster, it is another digit."""
     images, family, held_out = family_set
     train = as_tensor(images)
-    clusters = load_detector("pixels", None, 16, 1).clusters(images)
+    clusters = load_detector("pixels", None, 16, 1, use="eval").clusters(images)
     source = images[family[0]]
     new_variants = [reencoded(source, 40), ImageEnhance.Brightness(reencoded(source, 70)).enhance(1.05)]
     samples = torch.cat([as_tensor(new_variants + [held_out]), train[3:4]])
@@ -107,7 +107,7 @@ def test_an_embedding_model_as_detector(tmp_path):
     torch.jit.script(Tiny()).save(str(path))
     images, _ = mnist_images(6)
     detector = load_detector(str(path), None, 16, 1)
-    assert detector.describe() == {"features": str(path), "kind": "embedding", "threshold": DEFAULT_THRESHOLDS["embedding"]}
+    assert detector.describe() == {"features": str(path), "kind": "embedding", "threshold": DEFAULT_THRESHOLDS["dedup"]["embedding"]}
     assert detector.clusters(images + [images[2].copy(), images[4].copy()]) == [[2, 6], [4, 7]]
 
 
@@ -146,10 +146,16 @@ def test_eval_and_training_use_the_same_detector_and_the_report_lists_families(t
     out = tmp_path / "eval"
     assert main(["eval", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", str(data),
                  "--output_dir", str(out), "--num_samples", "4", "--num_inference_steps", "2", "--k", "5"]) == 0
+    default = json.loads((out / "report.json").read_text())["pixel"]["clusters"]["detector"]
+    assert main(["eval", "--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", str(data),
+                 "--output_dir", str(out), "--num_samples", "4", "--num_inference_steps", "2", "--k", "5",
+                 "--dedup_threshold", "0.2"]) == 0
     printed = capsys.readouterr().out
-    assert "counting only byte-identical copies as one" in printed and "near-duplicate clusters (pixels < 0.3)" in printed
+    assert "counting only byte-identical copies as one" in printed and "near-duplicate clusters (pixels < 0.2)" in printed
+    # The eval's default merges whole families of variants; training's, only what is surely one image.
+    assert default == {"features": "pixels", "kind": "pixels", "threshold": 0.3}
     clusters = json.loads((out / "report.json").read_text())["pixel"]["clusters"]
-    assert clusters["detector"] == {"features": "pixels", "kind": "pixels", "threshold": 0.3}
+    assert clusters["detector"] == {"features": "pixels", "kind": "pixels", "threshold": 0.2}
 
     from memmit.config import parse_args
     from memmit.split import build_split
@@ -158,7 +164,8 @@ def test_eval_and_training_use_the_same_detector_and_the_report_lists_families(t
     from accelerate import PartialState
 
     PartialState()  # the split logs through accelerate, as in training
-    cfg = parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", str(data)])
+    cfg = parse_args(["--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name", str(data),
+                      "--dedup_threshold", "0.2"])
     split = build_split(datasets.load_from_disk(str(data)), cfg, load(cfg.dedup_features, cfg.dedup_threshold, 16, 1),
                         show_progress=False)
     assert [c["ids"] for c in split.duplicates["clusters"]] == clusters["groups"]
