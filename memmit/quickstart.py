@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     compare_main([r["report"] for r in rows] + ["--labels", *runs, "--output", str(out / "compare.png")])
     table = format_table(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nmemorization = share of {args.num_samples} samples whose nearest/second-nearest distinct training "
-          "image distance ratio is < 1/3\n" + table)
+    print(f"\nmemorization = share of {args.num_samples} samples whose distance to the nearest training image is "
+          "< 1/3 of that to the nearest outside its near-duplicate family\n" + table)
     print(f"\npictures: {out / 'compare.png'} and {out / 'eval'}/*/most_copied.png")
     return 0
 
