@@ -89,3 +89,30 @@ def check_resume(path: Path, saved_config: dict, saved_shards: list[list[int]], 
         raise ValueError(f"cannot resume from {path}: it was made with another shard split (the data, "
                          "max_train_samples or duplicate detection changed); resume needs the same data")
     return {k: pair for k, pair in changed.items() if k in free}
+
+
+def run_state(model, shards: dict, counts, position: dict, step: int, nonfinite_run: int, split: list[list[int]],
+              config: dict) -> tuple[dict, dict]:
+    """What a checkpoint holds: the part every process shares (θ̄, position, split, exclusions, the settings
+    resume checks) and this process's (its shards' streams, banks and optimizer states, its counts, its RNG,
+    and the live weights when a shard is in the middle of its turn)."""
+    shared = {"model": model.state_dict(), "position": position, "step": step, "shards": split,
+              "excluded": counts.excluded, "config": config}
+    process = {"shards": {k: s.state_dict() for k, s in shards.items()}, "counts": counts.state_dict(),
+               "torch_rng": torch.get_rng_state(), "nonfinite_run": nonfinite_run}
+    if any(s.is_open for s in shards.values()):
+        process["live_weights"] = model.live_state()
+    return shared, process
+
+
+def restore_run(shared: dict, process: dict, model, shards: dict, counts) -> tuple[dict, int, int]:
+    """The inverse of run_state; returns (position, step, nonfinite_run) for the loop."""
+    model.load_state_dict(shared["model"])
+    counts.excluded = shared["excluded"]
+    counts.load_state_dict(process["counts"])
+    for k, state in process["shards"].items():
+        shards[k].load_state_dict(state)
+    torch.set_rng_state(process["torch_rng"])
+    if "live_weights" in process:
+        model.load_live_state(process["live_weights"])
+    return shared["position"], shared["step"], process["nonfinite_run"]

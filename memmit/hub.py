@@ -44,8 +44,6 @@ class PushError(RuntimeError):
     """An upload that failed; its message holds the command that retries it."""
 
 
-# ---- settings checks ---------------------------------------------------------------------------
-
 
 def hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; the variable may have been set since.
@@ -98,8 +96,6 @@ def create_repo_early(repo_id: str, token: Optional[str], private: bool) -> str:
                          "and that the repo name is valid.") from exc
     return url.repo_id
 
-
-# ---- model card --------------------------------------------------------------------------------
 
 
 def _hub_id(name: Optional[str]) -> Optional[str]:
@@ -271,8 +267,6 @@ def write_model_card(output_dir: str | Path, cfg_dict: dict, base_model: Optiona
     card.save(path)
     return path
 
-
-# ---- upload ------------------------------------------------------------------------------------
 
 
 def files_to_upload(output_dir: str | Path) -> list[str]:

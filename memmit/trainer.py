@@ -310,12 +310,8 @@ class Trainer:
             (meta / "duplicates.json").write_text(json.dumps(self.split.duplicates, indent=2))
 
     def save_checkpoint(self) -> None:
-        shared = {"model": self.model.state_dict(), "position": asdict(self.position), "step": self.global_step,
-                  "shards": self.split.shards, "excluded": self.counts.excluded, "config": self.cfg.to_dict()}
-        process = {"shards": {k: s.state_dict() for k, s in self.shards.items()}, "counts": self.counts.state_dict(),
-                   "torch_rng": torch.get_rng_state(), "nonfinite_run": self.nonfinite_run}
-        if any(s.is_open for s in self.shards.values()):
-            process["live_weights"] = self.model.live_state()
+        shared, process = ckpt.run_state(self.model, self.shards, self.counts, asdict(self.position), self.global_step,
+                                         self.nonfinite_run, self.split.shards, self.cfg.to_dict())
         path = ckpt.save(self.accelerator, self.out / "checkpoints", self.global_step, shared, process,
                          self.cfg.checkpoints_total_limit)
         self.last_checkpoint_step = self.global_step
@@ -340,15 +336,7 @@ class Trainer:
         self.resumed_changes = ckpt.check_resume(path, shared["config"], shared["shards"], now,
                                                  set(self.cfg.to_dict()) - set(self.cfg.arithmetic_options()),
                                                  self.split.shards)
-        self.model.load_state_dict(shared["model"])
-        self.position, self.global_step = Position(**shared["position"]), shared["step"]
-        self.last_checkpoint_step = self.global_step
-        self.counts.excluded = shared["excluded"]
-        self.counts.load_state_dict(process["counts"])
-        for k, state in process["shards"].items():
-            self.shards[k].load_state_dict(state)
-        torch.set_rng_state(process["torch_rng"])
-        self.nonfinite_run = process["nonfinite_run"]
-        if "live_weights" in process:
-            self.model.load_live_state(process["live_weights"])
+        position, self.global_step, self.nonfinite_run = ckpt.restore_run(shared, process, self.model, self.shards,
+                                                                          self.counts)
+        self.position, self.last_checkpoint_step = Position(**position), self.global_step
         logger.info("resumed from %s at %s", path, self.position, main_process_only=True)
