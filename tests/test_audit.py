@@ -177,6 +177,23 @@ def test_push_uploads_the_card_and_figure_but_no_samples(hub, tiny_pipeline, dig
     assert "](memmit/eval/compare.png)" in card.text
 
 
+def assert_close_nested(a, b) -> None:
+    """Equal structures; floats equal to a relative 1e-5, everything else exactly."""
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_close_nested(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_close_nested(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    else:
+        assert a == b
+
+
 def test_two_processes_evaluate_on_the_main_one(tiny_pipeline, digits_dir, tmp_path):
     from test_multiprocess import finish, launch
 
@@ -185,5 +202,7 @@ def test_two_processes_evaluate_on_the_main_one(tiny_pipeline, digits_dir, tmp_p
                         *map(str, EVAL)))
     assert log.count("before evaluation written") == 1 and log.count("after evaluation written") == 1
     single = eval_report(out, digits_dir, tmp_path / "after")
-    assert json.loads((out / "memmit" / "eval" / "after" / "report.json").read_text())["pixel"] == single["pixel"]
+    # Another process, maybe with another thread count: the same samples, distances equal up to float rounding.
+    assert_close_nested(json.loads((out / "memmit" / "eval" / "after" / "report.json").read_text())["pixel"],
+                        single["pixel"])
     assert "memorized fraction" in (out / "README.md").read_text()
