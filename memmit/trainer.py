@@ -205,7 +205,7 @@ class Trainer:
         samples of all its micro-batches. Returns log values."""
         cfg, acc, model = self.cfg, self.accelerator, self.model
         gen = shard.stream.generator
-        kept, seen, nonfinite, loss_sum = 0, 0, 0, 0.0
+        kept, seen, skipped, nonfinite, loss_sum = 0, 0, 0, 0, 0.0
         for _ in range(micro_batches_in_window(cfg, len(shard.ids), window)):
             ids = shard.stream.next_batch(cfg.train_batch_size)
             batch = self.task.batch(self.dataset[ids], gen)
@@ -216,6 +216,7 @@ class Trainer:
             finite = torch.isfinite(out.losses.detach()).cpu()
             self.counts.record(ids, keep, finite)
             seen, nonfinite = seen + len(ids), nonfinite + int((~finite).sum())
+            skipped += int((~keep & finite).sum())
             # A micro-batch with a non-finite loss stays out of the gradient whole: masked or not, backpropagating
             # through that sample puts NaN (0 * NaN) into every weight's gradient.
             if keep.any() and finite.all():
@@ -240,8 +241,7 @@ class Trainer:
         lr = shard.lr_scheduler.get_last_lr()[0]
         shard.lr_scheduler.step()
         self._watch_nonfinite(nonfinite, shard)
-        agc_skipped = seen - kept - nonfinite
-        return {"loss": loss_sum / kept if kept else float("nan"), "skip_fraction": agc_skipped / seen, "lr": lr,
+        return {"loss": loss_sum / kept if kept else float("nan"), "skip_fraction": skipped / seen, "lr": lr,
                 "nonfinite": nonfinite}
 
     def _watch_nonfinite(self, nonfinite: int, shard: Shard) -> None:
