@@ -88,6 +88,19 @@ def find_duplicate_clusters(features: Tensor, threshold: float = DEFAULT_THRESHO
     return sorted(clusters, key=lambda ids: (-len(ids), ids[0]))
 
 
+def merge_overlapping(groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The union of groups that share a member, sorted as find_duplicate_clusters sorts clusters."""
+    owner: dict[int, int] = {}
+    merged: dict[int, set[int]] = {}
+    for g, group in enumerate(groups):
+        targets = {owner[i] for i in group if i in owner}
+        members = set(group).union(*(merged.pop(t) for t in targets))
+        merged[g] = members
+        for i in members:
+            owner[i] = g
+    return sorted((sorted(m) for m in merged.values()), key=lambda ids: (-len(ids), ids[0]))
+
+
 def _units(num_samples: int, clusters: Sequence[Sequence[int]]) -> list[list[int]]:
     """Each cluster as one unit, each other sample as its own; checks ids are valid and disjoint."""
     seen = [False] * num_samples

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from .data import ImageTransform, convert_mode
-from .dedup import find_duplicate_clusters
+from .dedup import find_duplicate_clusters, merge_overlapping
 
 BUILT_IN = ("pixels", "phash")
 PIXELS_RESOLUTION = 32  # duplicates are found on small crops: cheap, and blind to resampling noise
@@ -58,9 +58,17 @@ class Detector:
 
     search_metric = "l2"  # the nearest_neighbours metric that ranks candidates like `distance`
 
-    def clusters(self, images: Iterable[Image.Image]) -> list[list[int]]:
-        return find_duplicate_clusters(self.features(images), self.threshold, self.distance,
-                                       search_metric=self.search_metric)
+    def clusters(self, images: Iterable[Image.Image], family_size: int = 0,
+                 family_threshold: Optional[float] = None) -> list[list[int]]:
+        """Clusters within the threshold; with `family_size`, also every family of at least that many images
+        within `family_threshold` (a looser one: many variants of one image are copies, where two
+        look-alike distinct images are not many)."""
+        feats = self.features(images)
+        clusters = find_duplicate_clusters(feats, self.threshold, self.distance, search_metric=self.search_metric)
+        if not family_size:
+            return clusters
+        families = find_duplicate_clusters(feats, family_threshold, self.distance, search_metric=self.search_metric)
+        return merge_overlapping(clusters + [f for f in families if len(f) >= family_size])
 
     def describe(self) -> dict:
         return {"features": self.name, "kind": self.kind, "threshold": self.threshold}
@@ -141,6 +149,11 @@ def check_detector_options(features: str, threshold: Optional[float]) -> None:
     if not low <= threshold <= high:
         raise ValueError(f"dedup_threshold {threshold} is outside [{low:g}, {high:g}], the range of "
                          f"dedup_features={features!r} distances")
+
+
+def eval_threshold(features: str, threshold: Optional[float]) -> float:
+    """The threshold memmit eval's families use: --dedup_threshold, else the eval default."""
+    return DEFAULT_THRESHOLDS["eval"][detector_kind(features)] if threshold is None else float(threshold)
 
 
 def load_detector(features: str, threshold: Optional[float], resolution: int, channels: int,

@@ -11,7 +11,7 @@ from accelerate.logging import get_logger
 from .config import MemmitConfig
 from .data import iter_images, source_names, split_shards
 from .dedup import cluster_report, keep_one, split_with_clusters
-from .detectors import Detector
+from .detectors import Detector, eval_threshold
 
 logger = get_logger(__name__)
 
@@ -22,10 +22,11 @@ class Split:
     duplicates: Optional[dict] = None  # the cluster report (memmit/duplicates.json) when dedup ran
 
 
-def duplicate_clusters(ds: datasets.Dataset, image_column: str, detector: Detector,
-                       show_progress: bool = True) -> list[list[int]]:
+def duplicate_clusters(ds: datasets.Dataset, image_column: str, detector: Detector, show_progress: bool = True,
+                       family_size: int = 0, family_threshold: Optional[float] = None) -> list[list[int]]:
     """Exact and near-duplicate clusters of the dataset's images (every image decoded once)."""
-    return detector.clusters(iter_images(ds, image_column, "finding duplicates", show_progress))
+    return detector.clusters(iter_images(ds, image_column, "finding duplicates", show_progress), family_size,
+                             family_threshold)
 
 
 def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, show_progress: bool = True) -> Split:
@@ -35,8 +36,11 @@ def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, sho
     labels = ds[cfg.label_column] if cfg.shard_strategy == "stratified" else None
     if cfg.dedup == "none":
         return Split(split_shards(n, cfg.num_shards, cfg.shard_strategy, cfg.seed, labels))
-    clusters = duplicate_clusters(ds, cfg.image_column, detector, show_progress)
-    report = {"detector": detector.describe(), **cluster_report(clusters, source_names(ds, cfg.image_column))}
+    family_threshold = eval_threshold(cfg.dedup_features, cfg.dedup_threshold)
+    clusters = duplicate_clusters(ds, cfg.image_column, detector, show_progress, cfg.dedup_family_size,
+                                  family_threshold)
+    detected = {**detector.describe(), "family_size": cfg.dedup_family_size, "family_threshold": family_threshold}
+    report = {"detector": detected, **cluster_report(clusters, source_names(ds, cfg.image_column))}
     logger.info("%d duplicate clusters holding %d samples (dedup=%s)", report["num_clusters"],
                 report["num_samples_in_clusters"], cfg.dedup, main_process_only=True)
     if cfg.dedup == "same_shard":
