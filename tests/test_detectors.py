@@ -169,3 +169,31 @@ def test_eval_and_training_use_the_same_detector_and_the_report_lists_families(t
     split = build_split(datasets.load_from_disk(str(data)), cfg, load(cfg.dedup_features, cfg.dedup_threshold, 16, 1),
                         show_progress=False)
     assert [c["ids"] for c in split.duplicates["clusters"]] == clusters["groups"]
+
+
+def test_merge_overlapping_unites_groups_that_share_a_member():
+    from memmit.dedup import merge_overlapping
+
+    assert merge_overlapping([[1, 2], [5, 6], [2, 3], [7, 8, 9], [3, 5]]) == [[1, 2, 3, 5, 6], [7, 8, 9]]
+    assert merge_overlapping([]) == []
+
+
+def test_training_merges_large_families_at_the_looser_threshold_and_not_look_alike_pairs():
+    """Web-style copies of one digit are farther apart than training's strict threshold allows; at the eval's
+    looser one they form a family, as do a few look-alike distinct digits. Only the large family is merged."""
+    from memmit.quickstart import web_copy
+
+    x, _ = digit_arrays("mnist")
+    distinct = [digit_image(a) for a in x[:20]]
+    rng = np.random.RandomState(0)
+    copies = [web_copy(x[20], rng) for _ in range(12)]
+    images = distinct + copies
+    detector = load_detector("pixels", None, 16, 1)
+    loose = load_detector("pixels", DEFAULT_THRESHOLDS["eval"]["pixels"], 16, 1).clusters(images)
+    strict = detector.clusters(images)
+    assert not any(set(c) >= set(range(20, 32)) for c in strict)  # strict alone splits the family
+    assert any(len(c) < 8 and max(c) < 20 for c in loose)  # look-alike distinct digits pair up when loose
+    merged = detector.clusters(images, family_size=8, family_threshold=DEFAULT_THRESHOLDS["eval"]["pixels"])
+    family = [c for c in merged if set(c) & set(range(20, 32))]
+    assert len(family) == 1 and len(set(family[0]) & set(range(20, 32))) >= 8
+    assert all(max(c) >= 20 for c in merged)  # no group of distinct digits alone
