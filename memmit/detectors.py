@@ -48,6 +48,7 @@ class Detector:
     name: str  # "pixels", "phash", or the embedding model's path or Hub id
     kind: str  # "pixels", "phash" or "embedding"
     threshold: float
+    search_metric = "l2"  # the nearest_neighbours metric that ranks candidates like `distance`
 
     def features(self, images: Iterable[Image.Image]) -> Tensor:
         raise NotImplementedError
@@ -55,8 +56,6 @@ class Detector:
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         """Distances of paired feature rows [P, D], [P, D] -> [P] (float64)."""
         raise NotImplementedError
-
-    search_metric = "l2"  # the nearest_neighbours metric that ranks candidates like `distance`
 
     def clusters(self, images: Iterable[Image.Image], family_size: int = 0,
                  family_threshold: Optional[float] = None) -> list[list[int]]:
