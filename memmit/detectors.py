@@ -150,9 +150,9 @@ def check_detector_options(features: str, threshold: Optional[float]) -> None:
                          f"dedup_features={features!r} distances")
 
 
-def eval_threshold(features: str, threshold: Optional[float]) -> float:
-    """The threshold memmit eval's families use: --dedup_threshold, else the eval default."""
-    return DEFAULT_THRESHOLDS["eval"][detector_kind(features)] if threshold is None else float(threshold)
+def threshold_for(features: str, threshold: Optional[float], use: str) -> float:
+    """--dedup_threshold, else the measured default of `features` for `use` ("dedup" or "eval")."""
+    return DEFAULT_THRESHOLDS[use][detector_kind(features)] if threshold is None else float(threshold)
 
 
 def load_detector(features: str, threshold: Optional[float], resolution: int, channels: int,
@@ -162,7 +162,7 @@ def load_detector(features: str, threshold: Optional[float], resolution: int, ch
     this size, is a ValueError naming the option."""
     check_detector_options(features, threshold)
     kind = detector_kind(features)
-    threshold = DEFAULT_THRESHOLDS[use][kind] if threshold is None else float(threshold)
+    threshold = threshold_for(features, threshold, use)
     if kind == "pixels":
         return PixelDetector(threshold, resolution, channels)
     if kind == "phash":

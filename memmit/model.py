@@ -54,10 +54,11 @@ class LiveModel:
         if ema_shadow is not None:
             self.ema_average.add(ema_shadow, weight)
 
-    def finish_round(self, all_reduce: Optional[Callable[[torch.Tensor], None]]) -> None:
-        self.theta.finish_round(all_reduce)
+    def finish_round(self, reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> None:
+        """θ̄ <- the round's weighted sum (over every process's shards, through `reduce_sum`)."""
+        self.theta.finish_round(reduce_sum)
         if self.ema_average is not None:
-            self.ema_average.finish_round(all_reduce)
+            self.ema_average.finish_round(reduce_sum)
 
     def load_result(self) -> None:
         """θ̄ (or the averaged EMA) into the live UNet, adapters zeroed."""

@@ -11,7 +11,7 @@ from accelerate.logging import get_logger
 from .config import MemmitConfig
 from .data import iter_images, source_names, split_shards
 from .dedup import cluster_report, keep_one, split_with_clusters
-from .detectors import Detector, eval_threshold
+from .detectors import Detector, threshold_for
 
 logger = get_logger(__name__)
 
@@ -36,7 +36,7 @@ def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, sho
     labels = ds[cfg.label_column] if cfg.shard_strategy == "stratified" else None
     if cfg.dedup == "none":
         return Split(split_shards(n, cfg.num_shards, cfg.shard_strategy, cfg.seed, labels))
-    family_threshold = eval_threshold(cfg.dedup_features, cfg.dedup_threshold)
+    family_threshold = threshold_for(cfg.dedup_features, cfg.dedup_threshold, "eval")
     clusters = duplicate_clusters(ds, cfg.image_column, detector, show_progress, cfg.dedup_family_size,
                                   family_threshold)
     detected = {**detector.describe(), "family_size": cfg.dedup_family_size, "family_threshold": family_threshold}
