@@ -197,3 +197,32 @@ def test_training_merges_large_families_at_the_looser_threshold_and_not_look_ali
     family = [c for c in merged if set(c) & set(range(20, 32))]
     assert len(family) == 1 and len(set(family[0]) & set(range(20, 32))) >= 8
     assert all(max(c) >= 20 for c in merged)  # no group of distinct digits alone
+
+
+def test_the_training_split_merges_large_families_only_when_asked(tmp_path):
+    """--dedup_family_size reaches the split: 8 trains once on the family of web copies, 0 keeps most of them."""
+    from accelerate import PartialState
+
+    from memmit.config import parse_args
+    from memmit.quickstart import web_copy
+    from memmit.split import build_split
+
+    x, _ = digit_arrays("mnist")
+    rng = np.random.RandomState(0)
+    images = [digit_image(a) for a in x[:20]] + [web_copy(x[20], rng) for _ in range(12)]
+    data = tmp_path / "data"
+    datasets.Dataset.from_dict({"image": images}).save_to_disk(str(data))
+    ds = datasets.load_from_disk(str(data))
+    PartialState()  # the split logs through accelerate, as in training
+    trained = {}
+    for size in (0, 8):
+        cfg = parse_args(["--pretrained_model_name_or_path", "unused", "--dataset_name", str(data),
+                          "--dedup_family_size", str(size)])
+        split = build_split(ds, cfg, load_detector(cfg.dedup_features, cfg.dedup_threshold, 16, 1),
+                            show_progress=False)
+        trained[size] = {i for shard in split.shards for i in shard}
+        assert split.duplicates["detector"]["family_size"] == size
+    copies = set(range(20, 32))
+    # Strict pairs alone link 2 of the 12 copies; the family (9 of them at 0.3) trains once, 3 copies stay apart.
+    assert len(trained[0] & copies) == 11 and len(trained[8] & copies) == 4
+    assert trained[0] >= set(range(20)) and trained[8] >= set(range(20))  # no distinct digit dropped

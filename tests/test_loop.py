@@ -4,9 +4,7 @@ changed settings, non-finite losses, overwrite, and logs that reach the trackers
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 import torch
 from diffusers import DDPMPipeline
 
@@ -16,13 +14,7 @@ from memmit.data import ImageTransform, load_train_dataset
 from memmit.trainer import Trainer
 
 from conftest import save_pipeline
-from test_train import args, reset_accelerator, unet_weights
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator():
-    yield
-    reset_accelerator()
+from test_train import args, fresh_accelerator, reset_accelerator, unet_weights  # noqa: F401 (autouse fixture)
 
 
 def hand_agc_run(pipe_dir: str, data_dir: str, bank_start: float, agc_lambda: float, batch: int, accumulation: int,

@@ -236,6 +236,9 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
         (base + data + ["--lora_rank", "2", "--lora_target_modules", "to_x"], "match no module"),
         (base + data + ["--export", "lora"], "needs a pipeline that loads LoRA weights"),
         (base + data + ["--lora_rank", "2", "--use_ema"], "use_ema is not supported with lora_rank"),
+        (base + data + ["--dedup_family_size", "1"], "dedup_family_size must be 0 (off) or >= 2, got 1"),
+        (base + data + ["--dedup_threshold", "3"], "dedup_threshold 3.0 is outside [0, 2]"),
+        (base + data + ["--dedup_features", str(tmp_path / "sscd.pt")], "does not exist"),
         (base + ["--train_data_dir", str(unlisted)],
          f"train_data_dir {str(unlisted)!r}: 6 image file(s) not listed in metadata.jsonl, which datasets would leave "
          "out of training: img2.png, img3.png, img4.png, img5.png, img6.png and 1 more"),
