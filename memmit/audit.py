@@ -14,13 +14,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 import memmit
 
-from .config import MemmitConfig
-from .evaluate import Prepared, compare_rows, draw_compare, format_compare, prepare_evaluation, run_evaluation
+from .config import EvalConfig, MemmitConfig
+from .evaluate import (Prepared, compare_rows, draw_compare, format_compare, prepare_evaluation, run_evaluation,
+                       sample_on_processes)
 
 logger = logging.getLogger(__name__)
 
@@ -75,35 +79,50 @@ def _saved_report(directory: Path, key: str) -> dict | None:
     return report if report.get("fingerprint") == key else None
 
 
-def evaluate_once(p: Prepared, label: str, key: str, show_progress: bool = True) -> dict:
-    """run_evaluation, unless config.output_dir already holds the report of fingerprint `key`."""
-    out = Path(p.config.output_dir)
-    if (report := _saved_report(out, key)) is not None:
-        logger.info("memmit: reusing the %s evaluation in %s (same weights, data and settings)", label, out)
+def evaluate_once(p: Optional[Prepared], config: EvalConfig, label: str, key: Optional[str],
+                  state: PartialState, show_progress: bool = True) -> Optional[dict]:
+    """Every process calls this (the main one with its Prepared and fingerprint `key`): the report in
+    p.config.output_dir when it was made from `key`, else a new one, sampled on every process."""
+    report = _saved_report(Path(p.config.output_dir), key) if p is not None else None
+    if broadcast_object_list([report is not None])[0]:
+        logger.info("memmit: reusing the %s evaluation in %s (same weights, data and settings)", label,
+                    p.config.output_dir if p is not None else "the main process's output")
         return report
-    report = run_evaluation(p, show_progress, fingerprint=key)
-    logger.info("memmit: %s evaluation written to %s", label, out)
+    samples = sample_on_processes(p, config, state, show_progress)
+    if p is None:
+        return None
+    report = run_evaluation(p, show_progress, samples, fingerprint=key)
+    logger.info("memmit: %s evaluation written to %s", label, p.config.output_dir)
     return report
 
 
-def evaluate_before(p: Prepared, show_progress: bool = True) -> Path:
-    """The input pipeline's report, in the cache (computed there unless already present); returns its folder."""
-    key = fingerprint(p)
-    p.config = dataclasses.replace(p.config, output_dir=str(cache_root() / "eval" / key))
+def evaluate_before(p: Optional[Prepared], config: EvalConfig, state: PartialState,
+                    show_progress: bool = True) -> Optional[Path]:
+    """The input pipeline's report, in the cache (computed there unless already present); returns its folder on
+    the main process, which passes its Prepared (the others pass None and sample their share)."""
+    key = fingerprint(p) if p is not None else None
+    if p is not None:
+        p.config = dataclasses.replace(p.config, output_dir=str(cache_root() / "eval" / key))
     # Sampling must not move the global RNGs training draws from (dropout), or --evaluate would change the result.
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        evaluate_once(p, "before", key, show_progress)
-    return Path(p.config.output_dir)
+        evaluate_once(p, config, "before", key, state, show_progress)
+    return Path(p.config.output_dir) if p is not None else None
 
 
-def evaluate_after(cfg: MemmitConfig, before: Path, show_progress: bool = True) -> dict[str, dict]:
-    """Copy the before report into output_dir, evaluate the exported pipeline, draw the comparison."""
+def evaluate_after(cfg: MemmitConfig, before: Optional[Path], state: PartialState,
+                   show_progress: bool = True) -> Optional[dict[str, dict]]:
+    """Every process calls this once the exported pipeline is on disk (`before` is the main process's "before"
+    folder): the main one copies it into output_dir, evaluates the export and draws the comparison."""
     out = eval_dir(cfg.output_dir)
+    config = cfg.eval_config(out / "after", before=False)
+    if not state.is_main_process:
+        evaluate_once(None, config, "after", None, state, show_progress)
+        return None
     shutil.rmtree(out / "before", ignore_errors=True)  # a killed run's copy may come from other settings
     shutil.copytree(before, out / "before")
-    after = prepare_evaluation(cfg.eval_config(out / "after", before=False), show_progress)
+    after = prepare_evaluation(config, show_progress)
     reports = {"before": json.loads((out / "before" / "report.json").read_text()),
-               "after": evaluate_once(after, "after", fingerprint(after), show_progress)}
+               "after": evaluate_once(after, config, "after", fingerprint(after), state, show_progress)}
     draw_compare(compare_rows(list(reports.values()), list(reports)), out / "compare.png")
     return reports
 

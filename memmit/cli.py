@@ -27,6 +27,8 @@ class Plan:
 def prepare(cfg) -> Plan:
     """Everything before training: bad input (the Hub settings and repo, the evaluation's) raises ValueError here;
     with --evaluate, the input pipeline is evaluated (or its cached report found) before training starts."""
+    from accelerate import PartialState
+
     from .audit import evaluate_before
     from .evaluate import prepare_evaluation
     from .hub import check_hub_settings, create_repo_early
@@ -35,18 +37,21 @@ def prepare(cfg) -> Plan:
     repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
     trainer = Trainer(cfg)
     acc = trainer.accelerator
-    before = (prepare_evaluation(cfg.eval_config(cfg.output_dir, before=True), acc.is_local_main_process)
-              if cfg.evaluate and acc.is_main_process else None)
+    before_config = cfg.eval_config(cfg.output_dir, before=True) if cfg.evaluate else None
+    before = (prepare_evaluation(before_config, acc.is_local_main_process)
+              if before_config and acc.is_main_process else None)
     # Every input is valid: a bad token or repo name fails now, in seconds, not after training.
     if repo_id and acc.is_main_process:
         repo_id = create_repo_early(repo_id, cfg.hub_token, cfg.hub_private_repo)
-    before_dir = evaluate_before(before, acc.is_local_main_process) if before is not None else None
+    before_dir = evaluate_before(before, before_config, PartialState(), acc.is_local_main_process) if before_config else None
     acc.wait_for_everyone()
     return Plan(trainer, repo_id, before_dir)
 
 
 def finish(plan: Plan) -> Path:
     """Train, export the result, evaluate it (--evaluate), write its model card, push it when asked."""
+    from accelerate import PartialState
+
     from .audit import comparison_table, eval_dir, evaluate_after
     from .export import export_result
     from .hub import push, write_model_card
@@ -54,10 +59,11 @@ def finish(plan: Plan) -> Path:
     trainer, repo_id = plan.trainer, plan.repo_id
     cfg, acc = trainer.cfg, trainer.accelerator
     trainer.train()
-    reports = None
     if acc.is_main_process:
         export_result(trainer.task, trainer.model, cfg, trainer.out)
-        reports = evaluate_after(cfg, plan.before, acc.is_local_main_process) if plan.before else None
+    acc.wait_for_everyone()  # every process samples its share of the exported pipeline's evaluation
+    reports = evaluate_after(cfg, plan.before, PartialState(), acc.is_local_main_process) if cfg.evaluate else None
+    if acc.is_main_process:
         write_model_card(trainer.out, cfg.to_dict(), cfg.pretrained_model_name_or_path,
                          cfg.dataset_name or cfg.train_data_dir, eval_reports=reports, repo_id=repo_id)
     acc.wait_for_everyone()

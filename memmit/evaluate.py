@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Callable, Optional
 
 import datasets
 import diffusers
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -34,6 +37,8 @@ from .metrics import (cluster_labels, cluster_memorization_report, default_devic
                       first_occurrence, frechet_distance, memorization_report)
 from .split import duplicate_clusters
 from .tasks import DenoisingTask, UnconditionalTask, load_task
+
+logger = logging.getLogger(__name__)
 
 MOST_COPIED = 10  # training images listed in the report
 FIGURE_PAIRS = 16  # sample / nearest-training-image pairs drawn in most_copied.png
@@ -53,21 +58,32 @@ def from_uint8(images: np.ndarray) -> Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def sample_generators(seed: int, indices: range) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by (seed, sample index): an image depends neither on the device nor
+    on which process renders its batch."""
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]))
+            for i in indices]
+
+
 def sample_images(task: DenoisingTask, num_samples: int, num_inference_steps: int, batch_size: int,
                   seed: int, device: torch.device, show_progress: bool = True,
-                  prompts: Optional[list[str]] = None) -> np.ndarray:
-    """DDIM samples as uint8 [N, H, W, C]; one CPU generator, so the images do not depend on the device.
-    A text-to-image task renders `prompts[i]` for sample i."""
+                  prompts: Optional[list[str]] = None, state: Optional[PartialState] = None) -> np.ndarray:
+    """DDIM samples as uint8 [N, H, W, C]; a text-to-image task renders `prompts[i]` for sample i.
+
+    Batches are cut at multiples of batch_size whatever the process count; with a distributed `state`, process p
+    renders batches p, p + P, ... and every process receives all of them in order, the images one process makes."""
     task.prepare(device, torch.float32)  # frozen parts (VAE, text encoder) to the device, if any
     unet = task.unet.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not show_progress):
-        n = min(batch_size, num_samples - start)
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    mine = []
+    for start in tqdm(range(0, num_samples, batch_size)[rank::world], desc="sampling", disable=not show_progress):
+        indices = range(start, min(start + batch_size, num_samples))
         if prompts is not None:
-            task.validation_prompts = prompts[start:start + n]  # the task renders its validation prompts
-        batches.append(to_uint8(task.sample(unet, n, num_inference_steps, generator)))
-    return np.concatenate(batches)
+            task.validation_prompts = prompts[indices.start:indices.stop]  # the task renders its validation prompts
+        images = task.sample(unet, len(indices), num_inference_steps, sample_generators(seed, indices))
+        mine.append((start, to_uint8(images)))
+    batches = gather_object(mine) if world > 1 else mine
+    return np.concatenate([images for _, images in sorted(batches, key=lambda batch: batch[0])])
 
 
 def sample_prompts(captions: list, num_samples: int, seed: int, column: str) -> list[str]:
@@ -322,8 +338,7 @@ def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np
     and most_copied.png to config.output_dir; `fingerprint` (memmit.audit's) is recorded to reuse the report."""
     c = p.config
     if samples is None:
-        samples = sample_images(p.task, c.num_samples, c.num_inference_steps, c.batch_size, c.seed,
-                                p.device, show_progress, p.prompts)
+        samples = sample_on_processes(p, c, None, show_progress)
     scores = score_samples(from_uint8(samples), p.train, p.sources, clusters=p.clusters, detector=p.detector,
                            k=c.k, threshold=c.threshold,
                            feature_extractor=p.feature_extractor, quality_extractor=p.quality_extractor,
@@ -358,25 +373,52 @@ def rescore(report_dir: str | Path, show_progress: bool = False) -> dict:
                           samples=np.load(report_dir / "samples.npy"))
 
 
-def evaluate(config: EvalConfig, show_progress: bool = True) -> dict:
+def sample_on_processes(p: Optional[Prepared], config: EvalConfig, state: Optional[PartialState],
+                        show_progress: bool = True) -> np.ndarray:
+    """Every process calls this, the main one with its Prepared (the others with None): each renders its share of
+    the samples, on its own device, from the main process's prompts; every process returns all the samples."""
+    if state is None or state.num_processes == 1:
+        c = p.config
+        return sample_images(p.task, c.num_samples, c.num_inference_steps, c.batch_size, c.seed, p.device,
+                             show_progress, p.prompts)
+    prompts = broadcast_object_list([p.prompts if p is not None else None])[0]
+    task = p.task if p is not None else _load_eval_task(config)  # only the main process loads data and extractors
+    batches = len(range(0, config.num_samples, config.batch_size)[state.process_index::state.num_processes])
+    logger.info("memmit: process %d of %d samples %d of the %d batches", state.process_index, state.num_processes,
+                batches, math.ceil(config.num_samples / config.batch_size))
+    return sample_images(task, config.num_samples, config.num_inference_steps, config.batch_size, config.seed,
+                         state.device, show_progress, prompts, state)
+
+
+def evaluate(config: EvalConfig, show_progress: bool = True,
+             state: Optional[PartialState] = None) -> Optional[dict]:
     """Sample `config.num_samples` images from the pipeline and report how many copy the training set.
 
-    Writes report.json, samples.npy and most_copied.png to `config.output_dir` and returns the report.
+    Writes report.json, samples.npy and most_copied.png to `config.output_dir` and returns the report. With a
+    distributed `state`, every process samples its share and the main process scores, writes and returns it.
     """
-    return run_evaluation(prepare_evaluation(config, show_progress), show_progress)
+    main = state is None or state.is_main_process
+    p = prepare_evaluation(config, show_progress) if main else None
+    samples = sample_on_processes(p, config, state, show_progress)
+    return run_evaluation(p, show_progress, samples) if main else None
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    """`memmit eval`: bad input exits 2 with one message, before sampling."""
+    """`memmit eval`, also under `accelerate launch` (sampling split across the processes): bad input exits 2 with
+    one message, before sampling."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_args(argv, EvalConfig, prog="memmit eval")
-        prepared = prepare_evaluation(config)
+        # Under `accelerate launch`, its processes; ACCELERATE_USE_CPU asks for gloo processes on CPUs, as Accelerator does.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        # Only the main process loads and checks; the others wait for its prompts, and the launcher stops them.
+        report = evaluate(config, state.is_local_main_process, state)
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
-    report = run_evaluation(prepared)
-    print(format_report(report))
-    print(f"memmit: report written to {Path(config.output_dir) / 'report.json'}")
+    if report is not None:
+        print(format_report(report))
+        print(f"memmit: report written to {Path(config.output_dir) / 'report.json'}")
     return 0
 
 

@@ -164,7 +164,7 @@ class UnconditionalTask(DenoisingTask):
 
     @torch.no_grad()
     def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
-               generator: torch.Generator) -> torch.Tensor:
+               generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Images in [0, 1], NCHW on the CPU, sampled with DDIM from this task's scheduler config."""
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(self.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
@@ -255,7 +255,7 @@ class TextToImageTask(DenoisingTask):
 
     @torch.no_grad()
     def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
-               generator: torch.Generator) -> torch.Tensor:
+               generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Images in [0, 1], NCHW on the CPU: DDIM from the training scheduler's config, cycling over
         validation_prompts (else the default prompts, else the empty prompt)."""
         pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,

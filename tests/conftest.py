@@ -11,8 +11,23 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
+
+
+def reset_accelerator() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator():
+    """Accelerator state is a process-wide singleton (`memmit eval` and training both set it): every test starts
+    from none."""
+    yield
+    reset_accelerator()
 
 
 def make_unet(channels: int = 1, size: int = 16) -> UNet2DModel:

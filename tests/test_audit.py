@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from huggingface_hub import ModelCard
 
 from memmit.audit import evaluate_before
@@ -18,7 +21,9 @@ from memmit.evaluate import prepare_evaluation
 
 from test_evaluate import encoder_file  # noqa: F401 (a fixture: the TorchScript extractor)
 from test_hub import REPO, TOKEN, hub  # noqa: F401 (a fixture: the fake Hub)
-from test_train import args, fresh_accelerator, reset_accelerator, run_script, unet_weights  # noqa: F401 (fresh_accelerator: autouse)
+from conftest import reset_accelerator
+from test_multiprocess import ROOT, accelerate_launch, finish, launch, launch_env
+from test_train import args, run_script, unet_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 
@@ -107,8 +112,8 @@ def test_bad_eval_options_fail_before_training(tiny_pipeline, digits_dir, tmp_pa
 def test_cache_reuses_the_input_pipelines_report_for_the_same_settings_only(tiny_pipeline, digits_dir, tmp_path,
                                                                             cache, caplog):
     def before(name: str, *extra) -> Path:
-        cfg = parse_args(flags(tiny_pipeline, digits_dir, tmp_path / name, *extra))
-        return evaluate_before(prepare_evaluation(cfg.eval_config(cfg.output_dir, before=True), False), False)
+        config = parse_args(flags(tiny_pipeline, digits_dir, tmp_path / name, *extra)).eval_config(tmp_path, before=True)
+        return evaluate_before(prepare_evaluation(config, False), config, PartialState(), False)
 
     first = before("a")
     assert first.parent == cache / "eval"
@@ -194,15 +199,32 @@ def assert_close_nested(a, b) -> None:
         assert a == b
 
 
-def test_two_processes_evaluate_on_the_main_one(tiny_pipeline, digits_dir, tmp_path):
-    from test_multiprocess import finish, launch
-
+def test_two_processes_split_the_evaluation_and_equal_one(tiny_pipeline, digits_dir, tmp_path):
     out = tmp_path / "two"
     log = finish(launch(2, tiny_pipeline, digits_dir, out, "--num_rounds", "1", "--local_epochs", "1",
                         *map(str, EVAL)))
     assert log.count("before evaluation written") == 1 and log.count("after evaluation written") == 1
-    single = eval_report(out, digits_dir, tmp_path / "after")
-    # Another process, maybe with another thread count: the same samples, distances equal up to float rounding.
-    assert_close_nested(json.loads((out / "memmit" / "eval" / "after" / "report.json").read_text())["pixel"],
-                        single["pixel"])
+    # 6 samples in batches of 4: each process renders one batch, of the two before and the two after.
+    assert log.count("process 1 of 2 samples 1 of the 2 batches") == 2
+    evals = out / "memmit" / "eval"
+    for label, pipe in (("before", tiny_pipeline), ("after", out)):
+        single = eval_report(pipe, digits_dir, tmp_path / f"single-{label}")
+        assert np.array_equal(np.load(evals / label / "samples.npy"), np.load(tmp_path / f"single-{label}" / "samples.npy"))
+        # Another process, maybe with another thread count: distances equal up to float rounding.
+        assert_close_nested(json.loads((evals / label / "report.json").read_text())["pixel"], single["pixel"])
     assert "memorized fraction" in (out / "README.md").read_text()
+
+
+def test_memmit_eval_under_accelerate_launch_equals_one_process(tiny_sd_pipeline, captioned_digits_dir, tmp_path):
+    """Text-to-image: the second process renders the main one's prompts for its share of the samples."""
+    flags = ["--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
+             "--caption_column", "captions", "--num_samples", "5", "--num_inference_steps", "2", "--batch_size", "2",
+             "--seed", "4"]
+    proc = subprocess.run([*accelerate_launch(2), "--module", "memmit.cli", "eval", *flags, "--output_dir",
+                           str(tmp_path / "two")], env=launch_env(), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "process 1 of 2 samples 1 of the 3 batches" in proc.stderr
+    assert proc.stdout.count("report written to") == 1  # only the main process writes and prints
+    assert main(["eval", *flags, "--output_dir", str(tmp_path / "one")]) == 0
+    for name in ("samples.npy", "prompts.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()

@@ -14,7 +14,7 @@ from memmit.cli import train_main
 from memmit.config import check_mixed_precision
 from memmit.data import check_captions, load_train_dataset
 
-from test_train import ROOT, args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
+from test_train import ROOT, args
 
 
 def assert_refused(flags: list, message: str, out, capsys) -> str:

@@ -14,7 +14,8 @@ from memmit.data import ImageTransform, load_train_dataset
 from memmit.trainer import Trainer
 
 from conftest import save_pipeline
-from test_train import args, fresh_accelerator, reset_accelerator, unet_weights  # noqa: F401 (autouse fixture)
+from conftest import reset_accelerator
+from test_train import args, unet_weights
 
 
 def hand_agc_run(pipe_dir: str, data_dir: str, bank_start: float, agc_lambda: float, batch: int, accumulation: int,

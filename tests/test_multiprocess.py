@@ -18,18 +18,24 @@ COMMON = ["--num_shards", "4", "--num_rounds", "2", "--local_epochs", "2", "--ag
           "--train_batch_size", "4", "--report_to", "none", "--num_validation_images", "0"]
 
 
+def launch_env(**extra: str) -> dict:
+    """gloo processes on the CPU, one thread each, offline."""
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", **extra)
+
+
+def accelerate_launch(num_processes: int) -> list[str]:
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes),
+           "--main_process_port", str(29500 + os.getpid() % 1000)]
+    return cmd + ["--multi_gpu"] if num_processes > 1 else cmd
+
+
 def launch(num_processes: int, pipe: str, data: str, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true", **(env or {}))
-    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", str(num_processes),
-                  "--main_process_port", str(29500 + os.getpid() % 1000)]
-    if num_processes > 1:
-        accelerate.append("--multi_gpu")
-    cmd = accelerate + [str(ROOT / "train_memmit.py"), "--pretrained_model_name_or_path", pipe,
-                        "--dataset_name", data, "--output_dir", str(out), *COMMON, *extra]
+    cmd = accelerate_launch(num_processes) + [str(ROOT / "train_memmit.py"), "--pretrained_model_name_or_path", pipe,
+                                              "--dataset_name", data, "--output_dir", str(out), *COMMON, *extra]
     # A session of its own, so the launcher and both workers can be killed together.
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, env=launch_env(**(env or {})), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen) -> str:

@@ -17,7 +17,7 @@ from memmit.tasks import TextToImageTask, load_task
 from memmit.cli import run
 
 from conftest import save_sd_pipeline
-from test_train import args, fresh_accelerator  # noqa: F401  (the autouse accelerator reset applies here too)
+from test_train import args
 
 
 def weights(root, part: str) -> dict:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers import DDPMPipeline, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
@@ -23,22 +22,9 @@ from memmit.data import ImageTransform, load_train_dataset
 from memmit.cli import run
 from memmit.trainer import Trainer
 
-from conftest import save_pipeline
+from conftest import reset_accelerator, save_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def reset_accelerator() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator():
-    """Accelerator state is a process-wide singleton: every test starts from none."""
-    yield
-    reset_accelerator()
 
 
 def args(pipe, data, out, *extra) -> list[str]:
@@ -267,14 +253,14 @@ def test_every_bad_input_fails_before_training(tmp_path, tiny_pipeline, digits_d
             assert not (out / "checkpoints").exists() and not (out / "memmit").exists(), flags
         else:
             assert not out.exists(), (flags, sorted(p.name for p in out.iterdir()))
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerator()
 
 
 def test_overwrite_output_dir_replaces_a_finished_run(tiny_pipeline, digits_dir, tmp_path):
     out = tmp_path / "out"
     flags = args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1)
     run(parse_args(flags))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerator()
     run(parse_args(flags + ["--overwrite_output_dir", "--num_shards", "3"]))
     assert DDPMPipeline.from_pretrained(out) is not None
     assert '"2"' in (out / "memmit" / "shards.json").read_text()
@@ -364,7 +350,7 @@ def test_ema_result_is_the_averaged_ema(tiny_pipeline, digits_dir, tmp_path):
     results = {}
     for name, extra in {"none": [], "ema0": ["--use_ema", "--ema_decay", 0.0],
                         "ema99": ["--use_ema", "--ema_decay", 0.99]}.items():
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerator()
         run(parse_args(args(tiny_pipeline, digits_dir, tmp_path / name, *flags, *extra)))
         results[name] = unet_weights(tmp_path / name)
     before = load_file(Path(tiny_pipeline) / "unet" / "diffusion_pytorch_model.safetensors")
