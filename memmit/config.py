@@ -146,6 +146,7 @@ class MemmitConfig(ModelDataConfig):
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2, at least one shard per process). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
     dedup: str = opt("keep_one", "Near-duplicate training images: keep_one (train on one copy; see EFFICACY.md) | same_shard (all copies in one shard) | none (the paper).", choices=("none", "keep_one", "same_shard"))
+    dedup_captions: str = opt("ignore", "Text-to-image with dedup keep_one: ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost).", choices=("ignore", "merge"))
     dedup_family_size: int = opt(8, "Training also merges every near-duplicate family of at least this many images found at the eval's looser threshold (dedup_threshold or the eval default): many variants of one image are copies, two look-alike images are not; 0 turns it off.")
     aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
     num_rounds: int = opt(2, "Number of rounds; each ends by averaging the shard models.")
@@ -164,6 +165,11 @@ class MemmitConfig(ModelDataConfig):
     caption_dropout: float = opt(0.0, "Probability of training on the empty prompt (for classifier-free guidance).")
     snr_gamma: Optional[float] = opt(None, "Min-SNR loss weighting gamma (e.g. 5.0); AGC still reads the unweighted loss.")
     validation_prompts: Optional[list[str]] = opt(None, "Prompts rendered into the logs at each round's end (default: a few training captions).", resume="free")
+    # Caption-side mitigations (Somepalli et al. 2023), per sample; see memmit/captions.py and EFFICACY.md
+    caption_replace_prob: float = opt(0.0, "Random caption replacement: probability that a training caption becomes as many random words of the training captions' vocabulary.")
+    caption_insert_prob: float = opt(0.0, "Random word insertion: probability of inserting one random vocabulary word at a random position of a training caption.")
+    caption_repeat_prob: float = opt(0.0, "Caption word repetition: probability of repeating one of a training caption's words at a random position.")
+    text_embedding_noise: float = opt(0.0, "Gaussian noise injection: standard deviation of noise added to the text encoder's output in training.")
 
     # LoRA
     lora_rank: Optional[int] = opt(None, "Train a LoRA adapter of this rank per shard instead of the full UNet.")
@@ -227,7 +233,9 @@ class MemmitConfig(ModelDataConfig):
         need(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")
         need(self.local_steps is None or self.local_steps >= 1, f"local_steps must be >= 1, got {self.local_steps}")
         need(self.agc_lambda is None or self.agc_lambda >= 0, f"agc_lambda must be >= 0, got {self.agc_lambda}")
-        need(0 <= self.caption_dropout <= 1, f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        for name in ("caption_dropout", "caption_replace_prob", "caption_insert_prob", "caption_repeat_prob"):
+            need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        need(self.text_embedding_noise >= 0, f"text_embedding_noise must be >= 0, got {self.text_embedding_noise}")
         need(self.snr_gamma is None or self.snr_gamma > 0, f"snr_gamma must be > 0, got {self.snr_gamma}")
         need(self.lora_rank is None or self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.lora_rank is None or not self.use_ema, "use_ema is not supported with lora_rank (adapters restart every turn)")
@@ -248,6 +256,9 @@ class MemmitConfig(ModelDataConfig):
         need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         need(self.num_validation_images >= 0, f"num_validation_images must be >= 0, got {self.num_validation_images}")
+        need(self.dedup_captions == "ignore" or (self.dedup == "keep_one" and self.caption_column is not None),
+             f"dedup_captions={self.dedup_captions} merges the captions of the copies dedup=keep_one drops, so it "
+             f"needs --dedup keep_one (got {self.dedup}) and a --caption_column")
         need(self.dedup_family_size == 0 or self.dedup_family_size >= 2,
              f"dedup_family_size must be 0 (off) or >= 2, got {self.dedup_family_size}")
         need(self.dedup != "same_shard" or self.shard_strategy == "random",

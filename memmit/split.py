@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import datasets
@@ -20,6 +20,14 @@ logger = get_logger(__name__)
 class Split:
     shards: list[list[int]]
     duplicates: Optional[dict] = None  # the cluster report (memmit/duplicates.json) when dedup ran
+    captions: dict[int, list[str]] = field(default_factory=dict)  # dedup_captions=merge: a kept copy's captions
+
+    def rows(self, ds: datasets.Dataset, ids: list[int], caption_column: Optional[str]) -> dict:
+        """The dataset rows of `ids`, a kept copy's caption value replaced by its cluster's captions."""
+        rows = ds[ids]
+        if self.captions:
+            rows[caption_column] = [self.captions.get(i, value) for i, value in zip(ids, rows[caption_column])]
+        return rows
 
 
 def duplicate_clusters(ds: datasets.Dataset, image_column: str, detector: Detector, show_progress: bool = True,
@@ -48,4 +56,19 @@ def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, sho
     kept = keep_one(n, clusters)
     local = split_shards(len(kept), cfg.num_shards, cfg.shard_strategy, cfg.seed,
                          [labels[i] for i in kept] if labels is not None else None)
-    return Split([[kept[j] for j in shard] for shard in local], report)
+    captions = cluster_captions(ds[cfg.caption_column], clusters) if cfg.dedup_captions == "merge" else {}
+    if captions:
+        report["kept_copies_with_merged_captions"] = len(captions)
+    return Split([[kept[j] for j in shard] for shard in local], report, captions)
+
+
+def cluster_captions(values: list, clusters: list[list[int]]) -> dict[int, list[str]]:
+    """For each cluster whose members hold more than one distinct caption: its kept id (the smallest, as
+    keep_one keeps) -> those captions, in order of first appearance (a list-valued row gives all of its own)."""
+    merged = {}
+    for cluster in clusters:
+        captions = list(dict.fromkeys(caption for i in sorted(cluster) for caption in
+                                      (values[i] if isinstance(values[i], (list, tuple)) else [values[i]])))
+        if len(captions) > 1:
+            merged[min(cluster)] = captions
+    return merged

@@ -19,6 +19,7 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DiffusionPipeline, StableDif
                        UNet2DModel)
 from diffusers.training_utils import compute_snr
 
+from .captions import CAPTION_OPTIONS, CaptionNoise, caption_vocabulary
 from .data import ImageTransform, pick_caption
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -185,7 +186,9 @@ class TextToImageTask(DenoisingTask):
     def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
                  center_crop: bool = False, random_flip: bool = False, image_column: str = "image",
                  caption_column: Optional[str] = None, caption_dropout: float = 0.0,
-                 snr_gamma: Optional[float] = None, validation_prompts: Optional[list[str]] = None):
+                 snr_gamma: Optional[float] = None, validation_prompts: Optional[list[str]] = None,
+                 caption_replace_prob: float = 0.0, caption_insert_prob: float = 0.0, caption_repeat_prob: float = 0.0,
+                 text_embedding_noise: float = 0.0):
         _check_text_to_image_parts(pipeline)
         if caption_column is None:
             raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column with "
@@ -200,6 +203,8 @@ class TextToImageTask(DenoisingTask):
         self.caption_column = caption_column
         self.extra_columns = (caption_column,)
         self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
+        self.caption_noise = CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob)
+        self.text_embedding_noise = text_embedding_noise
         self.validation_prompts = validation_prompts
         self.default_prompts: list[str] = []
         self.tokenizer = pipeline.tokenizer
@@ -212,11 +217,14 @@ class TextToImageTask(DenoisingTask):
         self.text_encoder = _frozen_copy(self.pipeline.text_encoder, device, weight_dtype)
         self.weight_dtype = weight_dtype
 
-    def set_default_prompts(self, captions: Sequence) -> None:
-        """Prompts for the round-end samples when no validation_prompts are given: the first few
-        non-empty training captions (raw caption-column values; a list contributes its first)."""
-        prompts = [pick_caption(value, "first", self.caption_column) for value in captions]
+    def use_training_captions(self, captions: Sequence) -> None:
+        """The caption column's values: the round-end samples render the first few non-empty ones when no
+        validation_prompts are given (a list contributes its first), and random caption replacement and word
+        insertion draw from their words."""
+        prompts = [pick_caption(value, "first", self.caption_column) for value in captions[:4 * NUM_DEFAULT_PROMPTS]]
         self.default_prompts = [p for p in prompts if p][:NUM_DEFAULT_PROMPTS]
+        if self.caption_noise.replace_prob or self.caption_noise.insert_prob:
+            self.caption_noise.vocabulary = caption_vocabulary(captions, self.caption_column)
 
     def batch(self, rows: dict, generator: torch.Generator) -> dict:
         """Pixels and caption token ids for dataset rows; crops, flips, caption choice and dropout
@@ -226,11 +234,13 @@ class TextToImageTask(DenoisingTask):
         return {"pixels": pixels, "input_ids": self.tokenize(prompts)}
 
     def _training_prompt(self, value, generator: torch.Generator) -> str:
-        """A row's prompt: empty with probability caption_dropout, else its caption (one of a list at random)."""
+        """A row's prompt: empty with probability caption_dropout, else its caption (one of a list at random)
+        passed through the caption rules that are on."""
         # Draw the dropout coin only when dropout is on, so caption_dropout=0 leaves the random stream as is.
         if self.caption_dropout and float(torch.rand((), generator=generator)) < self.caption_dropout:
             return ""
-        return pick_caption(value, generator, self.caption_column)
+        caption = pick_caption(value, generator, self.caption_column)
+        return self.caption_noise(caption, generator) if self.caption_noise.active else caption
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -240,13 +250,16 @@ class TextToImageTask(DenoisingTask):
                         device: torch.device) -> LossOutput:
         """Unreduced fp32 loss per sample on VAE latents, its timestep, and min-SNR weights if snr_gamma is set.
 
-        The latent sample is drawn from the shard's generator before the noise and the timesteps.
+        The latent sample is drawn from the shard's generator before the noise and the timesteps, and so is the
+        text-embedding noise (text_embedding_noise > 0), between them.
         """
         with torch.no_grad():
             posterior = self.vae.encode(batch["pixels"].to(device, self.weight_dtype)).latent_dist
             latents = posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
             # fp32 inputs keep the fp32 UNet working where autocast is off (a caller outside accelerate's autocast).
             text = self.text_encoder(batch["input_ids"].to(device))[0].float()
+            if self.text_embedding_noise:  # Somepalli et al.'s GNI: the same caption never conditions alike twice
+                text = text + self.text_embedding_noise * torch.randn(text.shape, generator=generator).to(device)
         out = self.denoising_loss(unet, latents, generator, device, encoder_hidden_states=text)
         if self.snr_gamma is not None:
             out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,
@@ -300,11 +313,14 @@ def load_task(cfg) -> DenoisingTask:
     """The task for the pipeline `cfg.pretrained_model_name_or_path` points to."""
     pipeline = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     image_options = ("resolution", "center_crop", "random_flip", "image_column")
+    text_options = ("caption_dropout", "snr_gamma", "validation_prompts", *CAPTION_OPTIONS)
     if isinstance(pipeline.unet, UNet2DModel):
+        if given := [name for name in text_options if getattr(cfg, name, None)]:
+            raise ValueError(f"{', '.join(given)}: text-to-image options, and {type(pipeline).__name__} is "
+                             "unconditional (it has no text to caption)")
         return UnconditionalTask(pipeline, **_options(cfg, image_options))
     if isinstance(pipeline.unet, UNet2DConditionModel):
-        return TextToImageTask(pipeline, **_options(cfg, image_options + (
-            "caption_column", "caption_dropout", "snr_gamma", "validation_prompts")))
+        return TextToImageTask(pipeline, **_options(cfg, image_options + ("caption_column",) + text_options))
     raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(pipeline.unet).__name__} is not supported yet "
                      "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline, and Stable Diffusion "
                      "1.x/2.x with a UNet2DConditionModel)")

@@ -108,10 +108,8 @@ class Trainer:
                                  f"each process trains whole shards, so pass --num_shards {acc.num_processes} "
                                  "(or a multiple)")
             self.split = build_split(self.dataset, cfg, self.detector, acc.is_local_main_process)
-        if cfg.caption_column is not None and hasattr(self.task, "set_default_prompts"):
-            # The round-end grid renders a few training captions unless validation_prompts are given;
-            # selecting the column reads only the captions, not the images.
-            self.task.set_default_prompts(self.dataset.select(range(min(n, 16)))[cfg.caption_column])
+        if cfg.caption_column is not None and hasattr(self.task, "use_training_captions"):
+            self.task.use_training_captions(self.dataset[cfg.caption_column])  # the column alone: no image decoded
 
         self.model = LiveModel(self.task.unet, cfg, acc.device)
         self.task.prepare(acc.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision,
@@ -208,7 +206,7 @@ class Trainer:
         kept, seen, skipped, nonfinite, loss_sum = 0, 0, 0, 0, 0.0
         for _ in range(micro_batches_in_window(cfg, len(shard.ids), window)):
             ids = shard.stream.next_batch(cfg.train_batch_size)
-            batch = self.task.batch(self.dataset[ids], gen)
+            batch = self.task.batch(self.split.rows(self.dataset, ids, cfg.caption_column), gen)
             with acc.autocast():
                 out = self.task.per_sample_loss(model.unet, batch, gen, acc.device)
             keep = shard.bank.keep_mask(out.losses, out.timesteps, cfg.agc_lambda)

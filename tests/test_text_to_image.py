@@ -126,13 +126,17 @@ def test_conditional_pipelines_this_task_cannot_train_are_refused(tiny_sd_pipeli
         TextToImageTask(pipe, caption_column="text")
 
 
-def reference_loss(pipe_dir: str, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample loss, timesteps and SNR written out from the schedule's alphas_cumprod, on a fresh load."""
+def reference_loss(pipe_dir: str, batch: dict, seed: int,
+                   text_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample loss, timesteps and SNR written out from the schedule's alphas_cumprod, on a fresh load;
+    `text_noise`: Gaussian noise of that std on the text embeddings, drawn after the latents (GNI)."""
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
     gen = seeded(seed)
     with torch.no_grad():
         latents = pipe.vae.encode(batch["pixels"]).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
         text = pipe.text_encoder(batch["input_ids"])[0]
+        if text_noise:
+            text = text + text_noise * torch.randn(text.shape, generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
         alpha_bar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -167,6 +171,18 @@ def test_loss_target_and_min_snr_weights_match_a_written_out_computation(caption
     assert (snr > gamma).any() and (snr < gamma).any(), "the draw should exercise both sides of the clamp"
 
 
+def test_text_embedding_noise_matches_a_written_out_computation(tiny_sd_pipeline, captioned_digits_dir):
+    noisy = make_task(tiny_sd_pipeline, captioned_digits_dir, "--text_embedding_noise", 0.5)
+    batch = noisy.batch(rows(captioned_digits_dir, 8), seeded(1))
+    with torch.no_grad():
+        out = noisy.per_sample_loss(noisy.unet, batch, seeded(2), torch.device("cpu"))
+    loss, t, _ = reference_loss(tiny_sd_pipeline, batch, seed=2, text_noise=0.5)
+    assert torch.equal(out.timesteps, t)
+    torch.testing.assert_close(out.losses, loss)
+    clean, _, _ = reference_loss(tiny_sd_pipeline, batch, seed=2)
+    assert not torch.allclose(out.losses, clean)
+
+
 def test_bf16_runs_frozen_parts_in_bf16_and_keeps_the_unet_and_the_saved_parts_fp32(tiny_sd_pipeline,
                                                                                      captioned_digits_dir):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--mixed_precision", "bf16")
@@ -190,5 +206,5 @@ def test_bf16_runs_frozen_parts_in_bf16_and_keeps_the_unet_and_the_saved_parts_f
 
 def test_default_prompts_are_the_first_non_empty_training_captions(tiny_sd_pipeline, captioned_digits_dir):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir)
-    task.set_default_prompts(["", None, ["a one", "a 1"], [], "a two", "a three", "a four", "a five"])
+    task.use_training_captions(["", None, ["a one", "a 1"], [], "a two", "a three", "a four", "a five"])
     assert task.default_prompts == ["a one", "a two", "a three", "a four"]

@@ -1,0 +1,69 @@
+"""Caption-side mitigations of text-to-image memorization (Somepalli et al., "Understanding and Mitigating
+Copying in Diffusion Models", NeurIPS 2023): what the literature measures IET-AGC against.
+
+Each is a per-sample rule drawn from the shard's generator, applied to the caption a row trains with (after
+caption dropout and the pick among a row's captions). A rule whose probability is 0 draws nothing, so turning
+one off leaves every other random draw of the run as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .data import pick_caption
+
+# The options, with the names users pass; an unconditional pipeline refuses them.
+CAPTION_OPTIONS = ("caption_replace_prob", "caption_insert_prob", "caption_repeat_prob", "text_embedding_noise")
+
+
+def caption_vocabulary(captions: Sequence, column: str) -> list[str]:
+    """Every word of the training captions (a list-valued row contributes all its captions), sorted: the words
+    random replacement and insertion draw from, so they stay inside the tokenizer's and the data's language."""
+    words = set()
+    for value in captions:
+        for caption in (value if isinstance(value, (list, tuple)) else [value]):
+            words.update(pick_caption(caption, "first", column).split())
+    return sorted(words)
+
+
+def _draw(n: int, generator: torch.Generator) -> int:
+    return int(torch.randint(n, (), generator=generator))
+
+
+def _coin(p: float, generator: torch.Generator) -> bool:
+    return float(torch.rand((), generator=generator)) < p
+
+
+@dataclass
+class CaptionNoise:
+    """Somepalli et al.'s caption rules, in this order, each with its own probability per sample:
+    - random caption replacement (RC): the caption becomes as many words drawn from the vocabulary;
+    - random word insertion (RT, addition): one vocabulary word inserted at a random position;
+    - caption word repetition (CWR): one of the caption's own words inserted again at a random position.
+    Gaussian noise on the text embeddings (GNI, `text_embedding_noise`) acts on the encoder's output instead."""
+
+    replace_prob: float = 0.0
+    insert_prob: float = 0.0
+    repeat_prob: float = 0.0
+    vocabulary: list[str] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.replace_prob or self.insert_prob or self.repeat_prob)
+
+    def __call__(self, caption: str, generator: torch.Generator) -> str:
+        words = caption.split()
+        if not words:  # the empty prompt (dropout) stays empty: it trains the unconditional branch
+            return caption
+        if self.replace_prob and _coin(self.replace_prob, generator):
+            words = [self.vocabulary[_draw(len(self.vocabulary), generator)] for _ in words]
+        if self.insert_prob and _coin(self.insert_prob, generator):
+            word = self.vocabulary[_draw(len(self.vocabulary), generator)]
+            words.insert(_draw(len(words) + 1, generator), word)
+        if self.repeat_prob and _coin(self.repeat_prob, generator):
+            word = words[_draw(len(words), generator)]
+            words.insert(_draw(len(words) + 1, generator), word)
+        return " ".join(words)
