@@ -66,6 +66,9 @@ class ModelDataConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def needs_dataset(self) -> bool:
+        return True
+
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""
         for f in dataclasses.fields(self):
@@ -73,8 +76,12 @@ class ModelDataConfig:
             value = getattr(self, f.name)
             need(not f.metadata.get("required") or value is not None, f"{f.name} is required")
             need(choices is None or value in choices, f"{f.name}={value!r} is not one of {list(choices or [])}")
-        need((self.dataset_name is None) != (self.train_data_dir is None),
-             "give exactly one of dataset_name or train_data_dir")
+        if self.needs_dataset():
+            need((self.dataset_name is None) != (self.train_data_dir is None),
+                 "give exactly one of dataset_name or train_data_dir")
+        else:
+            need(self.dataset_name is None or self.train_data_dir is None,
+                 "give at most one of dataset_name or train_data_dir")
         if self.dedup_threshold is not None:
             from .detectors import check_detector_options  # torch: only when there is a threshold to check
 
@@ -103,6 +110,12 @@ class EvalConfig(ModelDataConfig):
     threshold: float = opt(1 / 3, "A sample is memorized when d1/d2 < threshold (1/3: Yoon et al.).")
     k: int = opt(50, "Neighbours for the neighbourhood-normalised score.")
 
+    # Memorized-prompt detection (Wen et al. 2024): no sampling, no training images needed
+    detect_prompts: bool = opt(False, "Text-to-image: instead of sampling, score prompts by how far their noise prediction departs from the unconditional one in the first sampling steps (Wen et al., ICLR 2024); writes detect_prompts.json, ranked.")
+    prompts_file: Optional[str] = opt(None, "--detect_prompts: a text file of prompts, one per line (then no dataset is needed); default: the distinct training captions, with the ROC AUC against those duplicated in the data.")
+    detect_steps: int = opt(5, "--detect_prompts: first sampling steps averaged (of num_inference_steps).")
+    detect_seeds: int = opt(4, "--detect_prompts: starting noises averaged per prompt.")
+
     # Output
     output_dir: Optional[str] = opt(None, "Where report.json, samples.npy and most_copied.png go.", required=True)
 
@@ -117,6 +130,14 @@ class EvalConfig(ModelDataConfig):
         need(self.max_train_samples is None or self.max_train_samples >= 2,
              f"max_train_samples must be >= 2, got {self.max_train_samples}")
         need(self.resolution is None or self.resolution >= 8, f"resolution must be >= 8, got {self.resolution}")
+        need(self.detect_steps >= 1 and (not self.detect_prompts or self.detect_steps <= self.num_inference_steps),
+             f"detect_steps must be between 1 and num_inference_steps={self.num_inference_steps}, got {self.detect_steps}")
+        need(self.detect_seeds >= 1, f"detect_seeds must be >= 1, got {self.detect_seeds}")
+        need(self.prompts_file is None or self.detect_prompts, "prompts_file is read by --detect_prompts only")
+
+    def needs_dataset(self) -> bool:
+        """--detect_prompts on a prompts file audits the model alone."""
+        return not (self.detect_prompts and self.prompts_file)
 
 
 # The EvalConfig options `--evaluate` exposes as eval_<name>; the rest come from the training options.

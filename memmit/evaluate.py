@@ -296,9 +296,11 @@ class Prepared:
     prompts: Optional[list[str]] = None  # text-to-image: one training caption per sample
 
 
-def _load_eval_task(config: EvalConfig) -> DenoisingTask:
+def load_eval_task(config: EvalConfig) -> DenoisingTask:
     # Samples are compared with whole training images: centre crops, no flips.
-    task = load_task(SimpleNamespace(**dataclasses.asdict(config), center_crop=True, random_flip=False))
+    # --detect_prompts brings its own prompts, or says itself that it needs the captions.
+    task = load_task(SimpleNamespace(**dataclasses.asdict(config), center_crop=True, random_flip=False),
+                     captions=not config.detect_prompts)
     if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders any height and width asked for
         return task
     # DDIMPipeline samples at the UNet's configured sample_size; a convolutional UNet runs at any multiple.
@@ -308,7 +310,7 @@ def _load_eval_task(config: EvalConfig) -> DenoisingTask:
 
 def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepared:
     """Load model, data and extractors; every bad input raises ValueError here, before sampling."""
-    task = _load_eval_task(config)
+    task = load_eval_task(config)
     ds = load_train_dataset(config.dataset_name, config.train_data_dir, config.image_column,
                             max_train_samples=config.max_train_samples,
                             dataset_config_name=config.dataset_config_name, extra_columns=task.extra_columns)
@@ -382,7 +384,7 @@ def sample_on_processes(p: Optional[Prepared], config: EvalConfig, state: Option
         return sample_images(p.task, c.num_samples, c.num_inference_steps, c.batch_size, c.seed, p.device,
                              show_progress, p.prompts)
     prompts = broadcast_object_list([p.prompts if p is not None else None])[0]
-    task = p.task if p is not None else _load_eval_task(config)  # only the main process loads data and extractors
+    task = p.task if p is not None else load_eval_task(config)  # only the main process loads data and extractors
     batches = len(range(0, config.num_samples, config.batch_size)[state.process_index::state.num_processes])
     logger.info("memmit: process %d of %d samples %d of the %d batches", state.process_index, state.num_processes,
                 batches, math.ceil(config.num_samples / config.batch_size))
@@ -406,17 +408,25 @@ def evaluate(config: EvalConfig, show_progress: bool = True,
 def eval_main(argv: list[str] | None = None) -> int:
     """`memmit eval`, also under `accelerate launch` (sampling split across the processes): bad input exits 2 with
     one message, before sampling."""
+    from .detect import detect_prompts, format_detection
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_args(argv, EvalConfig, prog="memmit eval")
-        # Under `accelerate launch`, its processes; ACCELERATE_USE_CPU asks for gloo processes on CPUs, as Accelerator does.
-        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-        # Only the main process loads and checks; the others wait for its prompts, and the launcher stops them.
-        report = evaluate(config, state.is_local_main_process, state)
+        if config.detect_prompts:  # one process: a few UNet steps per prompt
+            report = detect_prompts(config)
+        else:
+            # Under `accelerate launch`, its processes (ACCELERATE_USE_CPU: gloo processes on CPUs, as for training).
+            state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+            # Only the main process loads and checks; the others wait for its prompts, and the launcher stops them.
+            report = evaluate(config, state.is_local_main_process, state)
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
-    if report is not None:
+    if config.detect_prompts:
+        print(format_detection(report))
+        print(f"memmit: ranking written to {Path(config.output_dir) / 'detect_prompts.json'}")
+    elif report is not None:
         print(format_report(report))
         print(f"memmit: report written to {Path(config.output_dir) / 'report.json'}")
     return 0

@@ -190,18 +190,15 @@ class TextToImageTask(DenoisingTask):
                  caption_replace_prob: float = 0.0, caption_insert_prob: float = 0.0, caption_repeat_prob: float = 0.0,
                  text_embedding_noise: float = 0.0):
         _check_text_to_image_parts(pipeline)
-        if caption_column is None:
-            raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column with "
-                             f"the dataset column of captions to train {type(pipeline).__name__})")
         vae = pipeline.vae
-        vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         resolution = resolution or _side(pipeline.unet.config.sample_size) * vae_scale_factor
         # The UNet2DConditionModel takes latents of any size; the VAE and StableDiffusionPipeline do not.
         check_resolution(resolution, math.lcm(vae_scale_factor, 8), f"its VAE downsamples the image by "
                          f"{vae_scale_factor} and StableDiffusionPipeline renders only multiples of 8")
         super().__init__(pipeline, resolution, int(vae.config.in_channels), center_crop, random_flip, image_column)
         self.caption_column = caption_column
-        self.extra_columns = (caption_column,)
+        self.extra_columns = (caption_column,) if caption_column else ()
         self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
         self.caption_noise = CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob)
         self.text_embedding_noise = text_embedding_noise
@@ -309,8 +306,9 @@ def _options(cfg, names: tuple[str, ...]) -> dict:
     return {name: getattr(cfg, name) for name in names if hasattr(cfg, name)}
 
 
-def load_task(cfg) -> DenoisingTask:
-    """The task for the pipeline `cfg.pretrained_model_name_or_path` points to."""
+def load_task(cfg, captions: bool = True) -> DenoisingTask:
+    """The task for the pipeline `cfg.pretrained_model_name_or_path` points to; a text-to-image one needs
+    `cfg.caption_column` unless `captions` is False (prompts that come from elsewhere)."""
     pipeline = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     image_options = ("resolution", "center_crop", "random_flip", "image_column")
     text_options = ("caption_dropout", "snr_gamma", "validation_prompts", *CAPTION_OPTIONS)
@@ -320,6 +318,9 @@ def load_task(cfg) -> DenoisingTask:
                              "unconditional (it has no text to caption)")
         return UnconditionalTask(pipeline, **_options(cfg, image_options))
     if isinstance(pipeline.unet, UNet2DConditionModel):
+        if captions and getattr(cfg, "caption_column", None) is None:
+            raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column with "
+                             f"the dataset column of captions to train {type(pipeline).__name__})")
         return TextToImageTask(pipeline, **_options(cfg, image_options + ("caption_column",) + text_options))
     raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(pipeline.unet).__name__} is not supported yet "
                      "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline, and Stable Diffusion "
