@@ -107,6 +107,8 @@ class EvalConfig(ModelDataConfig):
     # Metrics
     feature_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir: also report cosine similarity of embeddings.")
     quality_extractor: Optional[str] = opt(None, "TorchScript file or transformers model dir for the Frechet distance; unset: torchmetrics' Inception FID, if it loads.")
+    alignment_classifier: Optional[str] = opt(None, "Text-to-image: a TorchScript image classifier (class logits); prompt alignment = share of samples it assigns to the class their prompt names (see class_names).")
+    class_names: Optional[list[str]] = opt(None, "The alignment classifier's classes, in output order; a prompt names class c when c's name is one of its words (prompts naming none or several are not counted).")
     threshold: float = opt(1 / 3, "A sample is memorized when d1/d2 < threshold (1/3: Yoon et al.).")
     k: int = opt(50, "Neighbours for the neighbourhood-normalised score.")
 
@@ -133,6 +135,10 @@ class EvalConfig(ModelDataConfig):
         need(self.detect_steps >= 1 and (not self.detect_prompts or self.detect_steps <= self.num_inference_steps),
              f"detect_steps must be between 1 and num_inference_steps={self.num_inference_steps}, got {self.detect_steps}")
         need(self.detect_seeds >= 1, f"detect_seeds must be >= 1, got {self.detect_seeds}")
+        need((self.alignment_classifier is None) == (self.class_names is None),
+             "alignment_classifier and class_names go together: the classifier's outputs are the named classes")
+        need(self.alignment_classifier is None or self.caption_column is not None,
+             "alignment_classifier scores prompts, so it needs a caption_column (a text-to-image evaluation)")
         need(self.prompts_file is None or self.detect_prompts, "prompts_file is read by --detect_prompts only")
 
     def needs_dataset(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence, Union
 
@@ -186,6 +187,12 @@ def check_images(ds: datasets.Dataset, image_column: str, show_progress: bool = 
     """Decode every image once, so an unreadable file fails before training, by name."""
     for _ in iter_images(ds, image_column, "checking images", show_progress):
         pass
+
+
+def caption_counts(values: Sequence, column: str) -> Counter:
+    """How often each caption occurs in a caption column (a list-valued row counts each of its captions)."""
+    return Counter(pick_caption(caption, "first", column) for value in values
+                   for caption in (value if isinstance(value, (list, tuple)) else [value]))
 
 
 def pick_caption(value, choice: Union[torch.Generator, Literal["first"]], column: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +22,7 @@ from torchmetrics.functional.classification import binary_auroc
 from tqdm.auto import tqdm
 
 from .config import EvalConfig
-from .data import check_captions, load_train_dataset, pick_caption
+from .data import caption_counts, check_captions, load_train_dataset
 from .evaluate import load_eval_task, sample_generators
 from .metrics import default_device
 from .tasks import TextToImageTask
@@ -86,8 +85,7 @@ def training_prompts(config: EvalConfig, task: TextToImageTask) -> tuple[list[st
                             max_train_samples=config.max_train_samples,
                             dataset_config_name=config.dataset_config_name, extra_columns=task.extra_columns)
     check_captions(ds, config.caption_column, config.image_column)
-    counts = Counter(pick_caption(caption, "first", config.caption_column) for value in ds[config.caption_column]
-                     for caption in (value if isinstance(value, (list, tuple)) else [value]))
+    counts = caption_counts(ds[config.caption_column], config.caption_column)
     return list(counts), [n > 1 for n in counts.values()]
 
 
@@ -122,7 +120,8 @@ def detect_prompts(config: EvalConfig, show_progress: bool = True) -> dict:
 def format_detection(report: dict) -> str:
     lines = [f"prompts by memorization score (Wen et al. 2024), highest first; {len(report['prompts'])} scored"]
     if "roc_auc_duplicated" in report:
-        lines.append(f"ROC AUC against the captions duplicated in the training data: {report['roc_auc_duplicated']:.3f}")
+        lines.append(f"ROC AUC against the captions duplicated in the training data: "
+                     f"{report['roc_auc_duplicated']:.3f}")
     for row in report["prompts"][:TOP_PRINTED]:
         mark = " (duplicated)" if row.get("duplicated") else ""
         lines.append(f"{row['score']:10.4f}  {row['prompt']}{mark}")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import memmit
 
 from .config import EvalConfig, parse_args
-from .data import check_captions, iter_images, load_train_dataset, pick_caption, source_names
+from .data import caption_counts, check_captions, iter_images, load_train_dataset, pick_caption, source_names
 from .detectors import load_detector
 from .features import Extractor, load_extractor
 from .metrics import (cluster_labels, cluster_memorization_report, default_device, exact_clusters,
@@ -251,6 +251,10 @@ def _describe_family(top: Optional[dict]) -> str:
             f"{top['count']} sample{'s' if top['count'] != 1 else ''}")
 
 
+def _pct(fraction: Optional[float]) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def format_report(report: dict) -> str:
     """The main numbers as a plain-text table."""
     pixel, features, quality = report["pixel"], report["features"], report["quality"]
@@ -274,6 +278,13 @@ def format_report(report: dict) -> str:
         cos = features["cosine"]
         rows.append((f"cosine ({features['extractor']['kind']}) mean / p95 / >0.5",
                      f"{cos['mean']:.3f} / {cos['p95']:.3f} / {100 * cos['frac_above_0_5']:.1f}%"))
+    for name, group in ((name, report["prompts"][name]) for name in ("duplicated", "other") if "prompts" in report):
+        rows.append((f"  for {name} captions as prompts ({group['num_samples']} samples)",
+                     _pct(group["fraction_memorized_ratio"])))
+    if "alignment" in report.get("prompts", {}):
+        aligned = report["prompts"]["alignment"]
+        rows.append((f"prompt alignment ({aligned['num_samples_naming_one_class']} samples naming a class)",
+                     _pct(aligned["fraction_aligned"])))
     rows.append((f"Frechet distance ({quality['extractor']['kind']})",
                  f"{quality['frechet_distance']:.3f}" if quality["available"] else f"unavailable: {quality['reason']}"))
     width = max(len(name) for name, _ in rows)
@@ -294,6 +305,8 @@ class Prepared:
     clusters: list[list[int]]  # near-duplicate families of training ids, by the training-time detector
     detector: dict
     prompts: Optional[list[str]] = None  # text-to-image: one training caption per sample
+    duplicated_captions: frozenset[str] = frozenset()  # captions occurring more than once in the training data
+    alignment_classifier: Optional[Extractor] = None
 
 
 def load_eval_task(config: EvalConfig) -> DenoisingTask:
@@ -326,12 +339,47 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepar
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(path, device, probe, role) if path else None
                   for role, path in (("feature_extractor", config.feature_extractor),
-                                     ("quality_extractor", config.quality_extractor))}
-    prompts = (sample_prompts(ds[config.caption_column], config.num_samples, config.seed, config.caption_column)
-               if config.caption_column else None)
+                                     ("quality_extractor", config.quality_extractor),
+                                     ("alignment_classifier", config.alignment_classifier))}
+    classes = extractors["alignment_classifier"](probe, 2).shape[1] if config.alignment_classifier else None
+    if classes is not None and classes != len(config.class_names):
+        raise ValueError(f"alignment_classifier {config.alignment_classifier!r} scores {classes} classes, and "
+                         f"class_names names {len(config.class_names)}")
+    prompts, duplicated = None, frozenset()
+    if config.caption_column:
+        prompts = sample_prompts(ds[config.caption_column], config.num_samples, config.seed, config.caption_column)
+        duplicated = frozenset(caption for caption, n in caption_counts(ds[config.caption_column],
+                                                                        config.caption_column).items() if n > 1)
     return Prepared(config, task, train, source_names(ds, config.image_column),
                     extractors["feature_extractor"], extractors["quality_extractor"], device, clusters,
-                    detector.describe(), prompts)
+                    detector.describe(), prompts, duplicated, extractors["alignment_classifier"])
+
+
+def named_class(prompt: str, class_names: list[str]) -> Optional[int]:
+    """The class a prompt names: the one class name among its words (case and punctuation aside), else None."""
+    words = {word.strip(".,;:!?\"'()").lower() for word in prompt.split()}
+    named = [c for c, name in enumerate(class_names) if name.lower() in words]
+    return named[0] if len(named) == 1 else None
+
+
+def prompt_report(p: Prepared, memorized: list[bool], samples01: Tensor) -> dict:
+    """Memorization apart for prompts that are duplicated training captions and for the rest (known without
+    ground truth), and, with an alignment classifier, the share of samples showing the class their prompt names."""
+    groups = {"duplicated": [i for i, q in enumerate(p.prompts) if q in p.duplicated_captions]}
+    groups["other"] = [i for i, q in enumerate(p.prompts) if q not in p.duplicated_captions]
+    report = {"definition": "duplicated: the prompt occurs as a caption more than once in the training data",
+              **{name: {"num_samples": len(ids),
+                        "fraction_memorized_ratio": sum(memorized[i] for i in ids) / len(ids) if ids else None}
+                 for name, ids in groups.items()}}
+    if p.alignment_classifier is not None:
+        named = [named_class(q, p.config.class_names) for q in p.prompts]
+        ids = [i for i, c in enumerate(named) if c is not None]
+        predicted = p.alignment_classifier(samples01[ids], p.config.batch_size).argmax(1).tolist() if ids else []
+        report["alignment"] = {"classifier": p.alignment_classifier.info, "class_names": p.config.class_names,
+                               "num_samples_naming_one_class": len(ids),
+                               "fraction_aligned": (sum(predicted[j] == named[i] for j, i in enumerate(ids)) / len(ids)
+                                                    if ids else None)}
+    return report
 
 
 def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np.ndarray] = None,
@@ -352,6 +400,8 @@ def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np
                            "memmit": memmit.__version__},
               **({"fingerprint": fingerprint} if fingerprint else {}),
               **scores,
+              **({"prompts": prompt_report(p, scores["pixel"]["per_sample"]["memorized"],
+                                           (from_uint8(samples) + 1) / 2)} if p.prompts is not None else {}),
               "files": {"samples": "samples.npy", "figure": "most_copied.png",
                         **({"prompts": "prompts.json"} if p.prompts is not None else {})}}
     out = Path(c.output_dir)
@@ -453,14 +503,20 @@ def compare_rows(reports: list[dict], labels: list[str]) -> list[dict]:
                      "memorized_pct": 100 * r["pixel"]["fraction_memorized_ratio"],
                      "mq_pct": 100 * r["pixel"]["fraction_memorized_by_score"][MQ_THRESHOLD],
                      "top_count": r["pixel"]["most_copied"][0]["count"] if r["pixel"]["most_copied"] else 0,
-                     "quality": quality.get("frechet_distance") if quality.get("available") else None})
+                     "quality": quality.get("frechet_distance") if quality.get("available") else None,
+                     "duplicated_prompts": r.get("prompts", {}).get("duplicated", {}).get("fraction_memorized_ratio"),
+                     "aligned": r.get("prompts", {}).get("alignment", {}).get("fraction_aligned")})
     return rows
 
 
 def format_compare(rows: list[dict]) -> str:
-    header = ("report", "memorized %", f"MQ<{MQ_THRESHOLD} %", "top copies", "Frechet dist.")
+    # Text-to-image columns only where some report has them.
+    extra = [(key, name) for key, name in (("duplicated_prompts", "dup. prompts mem."), ("aligned", "aligned"))
+             if any(r[key] is not None for r in rows)]
+    header = ("report", "memorized %", f"MQ<{MQ_THRESHOLD} %", "top copies", "Frechet dist.", *(n for _, n in extra))
     cells = [header] + [(r["label"], f"{r['memorized_pct']:.1f}", f"{r['mq_pct']:.1f}", str(r["top_count"]),
-                         "-" if r["quality"] is None else f"{r['quality']:.3f}") for r in rows]
+                         "-" if r["quality"] is None else f"{r['quality']:.3f}", *(_pct(r[key]) for key, _ in extra))
+                        for r in rows]
     widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
                      for row in cells)

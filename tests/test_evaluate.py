@@ -17,8 +17,8 @@ from memmit.cli import main
 from memmit.config import EvalConfig
 from memmit.data import load_train_dataset, source_names
 from memmit.features import load_extractor
-from memmit.evaluate import (evaluate, format_report, from_uint8, load_train_images, rescore,
-                             score_samples, to_uint8)
+from memmit.evaluate import (compare_rows, evaluate, format_compare, format_report, from_uint8, load_train_images,
+                             rescore, score_samples, to_uint8)
 from memmit.tasks import UnconditionalTask, load_pipeline
 
 # The brief's extractor format is TorchScript, which torch 2.13 marks deprecated.
@@ -295,3 +295,73 @@ def test_eval_text_to_image_with_seeded_training_captions(tiny_sd_pipeline, capt
     captions = {c for row in datasets.load_from_disk(captioned_digits_dir)["captions"] for c in row}
     assert len(prompts) == 4 and set(prompts) <= captions and report["files"]["prompts"] == "prompts.json"
     assert rescore(out)["pixel"] == report["pixel"]  # prompts and samples saved: the report is recomputable
+
+
+class TinyClassifier(torch.nn.Module):
+    """10 class logits from 3-channel images: a fixed random linear map of 4x4-pooled pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(48, 10)
+        torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_text_to_image_eval_reports_duplicated_prompts_apart_and_alignment(tiny_sd_pipeline, tmp_path, capsys):
+    import datasets
+
+    from conftest import mnist_images
+
+    images, _ = mnist_images(12)
+    captions = [f"a handwritten {DIGIT_WORDS[i % 10]}, sample {i}" for i in range(12)]
+    captions[5] = captions[6] = "a handwritten one or seven"  # names two classes: not counted for alignment
+    data = tmp_path / "data"
+    # The first two digits with their captions three more times each: duplicated captions.
+    datasets.Dataset.from_dict({"image": images + images[:2] * 3, "text": captions + captions[:2] * 3}).save_to_disk(data)
+    classifier = tmp_path / "classifier.pt"
+    torch.jit.script(TinyClassifier()).save(str(classifier))
+    out = tmp_path / "out"
+    assert main(["eval", "--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", str(data),
+                 "--caption_column", "text", "--num_samples", "40", "--num_inference_steps", "2", "--batch_size", "8",
+                 "--k", "5", "--alignment_classifier", str(classifier), "--class_names", *DIGIT_WORDS,
+                 "--output_dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    prompts = json.loads((out / "prompts.json").read_text())
+    memorized = report["pixel"]["per_sample"]["memorized"]
+    duplicated = {captions[0], captions[1], captions[5]}  # rows 5 and 6 share theirs too
+    for name, ids in (("duplicated", [i for i, q in enumerate(prompts) if q in duplicated]),
+                      ("other", [i for i, q in enumerate(prompts) if q not in duplicated])):
+        assert report["prompts"][name]["num_samples"] == len(ids) > 0
+        assert report["prompts"][name]["fraction_memorized_ratio"] == pytest.approx(
+            sum(memorized[i] for i in ids) / len(ids))
+    # Alignment written out: the classifier on the saved samples, against the digit word of each prompt.
+    named = {q: next((c for c, w in enumerate(DIGIT_WORDS) if f" {w}," in q), None) for q in prompts}
+    counted = [i for i, q in enumerate(prompts) if named[q] is not None]
+    with torch.no_grad():
+        logits = torch.jit.load(str(classifier))(torch.from_numpy(np.load(out / "samples.npy")).permute(0, 3, 1, 2)
+                                                 .float() / 255)
+    aligned = report["prompts"]["alignment"]
+    assert aligned["num_samples_naming_one_class"] == len(counted) < len(prompts)
+    assert aligned["fraction_aligned"] == pytest.approx(
+        sum(int(logits[i].argmax()) == named[prompts[i]] for i in counted) / len(counted))
+    printed = capsys.readouterr().out
+    assert "for duplicated captions as prompts" in printed and "prompt alignment" in printed
+    assert "dup. prompts mem." in format_compare(compare_rows([report], ["sd"]))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--class_names", "a", "b"], "alignment_classifier and class_names go together"),
+    (["--alignment_classifier", "CLASSIFIER", "--class_names", "a", "b"], "scores 10 classes, and class_names names 2"),
+])
+def test_bad_alignment_options_are_named(tiny_sd_pipeline, captioned_digits_dir, tmp_path, capsys, extra, message):
+    classifier = tmp_path / "classifier.pt"
+    torch.jit.script(TinyClassifier()).save(str(classifier))
+    extra = [str(classifier) if a == "CLASSIFIER" else a for a in extra]
+    assert main(["eval", "--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
+                 "--caption_column", "text", "--output_dir", str(tmp_path / "out"), *extra]) == 2
+    assert message in capsys.readouterr().err
