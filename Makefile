@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv test test-slow quickstart clean
+.PHONY: venv test test-slow quickstart quickstart-t2i clean
 
 venv: $(VENV)/.installed
 
@@ -29,5 +29,9 @@ test-slow: venv
 quickstart: venv
 	$(PY) -m memmit.quickstart
 
+# The text-to-image testbed: a latent Stable Diffusion pipeline built and pretrained offline (memmit/testbed.py).
+quickstart-t2i: venv
+	$(PY) -m memmit.quickstart --task text-to-image
+
 clean:
-	rm -rf $(VENV) quickstart-output
+	rm -rf $(VENV) quickstart-output quickstart-t2i-output

@@ -134,6 +134,11 @@ def features_file(data: Path) -> Path:
     return data.with_name(f"{data.name}-features.pt")
 
 
+def classifier_file(features: Path) -> Path:
+    """The whole digit classifier (logits over 0-9) beside its features: the text-to-image prompt alignment."""
+    return features.with_name(features.name.replace("-features.pt", "-classifier.pt"))
+
+
 def held_out_digits(data: Path, source: str):
     """The set's digits that are not in the training data: ([N, 1, 16, 16] in [0, 1], labels)."""
     import torch
@@ -169,11 +174,12 @@ def held_out_frechet(samples: np.ndarray, extractor, reference) -> float:
 def build_digit_features(path: Path, data: Path, source: str = "mnist", epochs: int | None = None,
                          seed: int = 0) -> Path:
     """A small CNN trained on digits of the same set outside the training set; its penultimate layer, as
-    TorchScript, gives features for a Frechet distance between samples and training digits. Cached.
-    By default it sees about 15,000 digits (3 epochs of MNIST's held-out 4,736)."""
+    TorchScript, gives features for a Frechet distance between samples and training digits (the whole
+    classifier goes to classifier_file(path)). Cached. By default it sees about 15,000 digits (3 epochs of
+    MNIST's held-out 4,736)."""
     import torch
 
-    if path.is_file():
+    if path.is_file() and classifier_file(path).is_file():
         return path
     images, labels = held_out_digits(data, source)
     epochs = epochs or max(3, round(15000 / len(images)))
@@ -196,6 +202,7 @@ def build_digit_features(path: Path, data: Path, source: str = "mnist", epochs: 
     print(f"digit classifier: {accuracy:.1%} accuracy on {len(images)} held-out digits (training fit)")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.script(features.eval()).save(str(path))
+    torch.jit.script(classifier.eval()).save(str(classifier_file(path)))
     return path
 
 
@@ -341,7 +348,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     silence_torchvision_fallback()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="quickstart-output")
+    parser.add_argument("--output_dir", default=None,
+                        help="default: quickstart-output (text-to-image: quickstart-t2i-output)")
     parser.add_argument("--digits", default="mnist", choices=DIGIT_SETS, help="which real digit set to use")
     parser.add_argument("--pretrain_steps", type=int, default=2000)
     parser.add_argument("--num_unique", type=int, default=256)
@@ -349,7 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_rounds", type=int, default=None, help="override the recipe's rounds (tests)")
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--task", default="unconditional", choices=("unconditional", "text-to-image"),
+                        help="text-to-image: the latent Stable Diffusion testbed (memmit/testbed.py)")
+    parser.add_argument("--vae_steps", type=int, default=1500, help="text-to-image: the testbed VAE's training steps")
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = "quickstart-t2i-output" if args.task == "text-to-image" else "quickstart-output"
+    if args.task == "text-to-image":
+        from . import testbed
+
+        return testbed.main(args)
     out = Path(args.output_dir)
     data = build_dataset(data_dir(out, args.digits, args.num_unique, args.copies), args.digits,
                          num_unique=args.num_unique, copies=args.copies)

@@ -90,3 +90,39 @@ def test_shifted_copies_are_the_digit_moved_by_at_most_the_shift(tmp_path):
             assert (0, 0) in found
         moves.update(found)
     assert len(moves) > 3  # the copies really move, in several directions
+
+
+def test_text_to_image_testbed_reduced(tmp_path, capsys, monkeypatch):
+    import datasets
+    from diffusers import StableDiffusionPipeline
+
+    from memmit.testbed import DIGIT_WORDS
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "t2i"
+    assert main(["--task", "text-to-image", "--output_dir", str(out), "--pretrain_steps", "4", "--num_unique", "16",
+                 "--copies", "4", "--vae_steps", "10", "--num_rounds", "1", "--num_samples", "8",
+                 "--num_inference_steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    ds = datasets.load_from_disk(str(out / "data-t2i-u16-r4"))
+    # Unique digits have captions of their own; each duplicated digit's 4 copies share one.
+    by_digit = {}
+    for digit, text, label in zip(ds["digit_id"], ds["text"], ds["label"]):
+        by_digit.setdefault(digit, set()).add(text)
+        assert text.startswith(f"a handwritten {DIGIT_WORDS[label]}, ")
+    assert len(by_digit) == 24 and all(len(texts) == 1 for texts in by_digit.values())
+    assert len(set(ds["text"])) == 24
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pretrained-data-t2i-u16-r4-4steps")
+    assert all(len(pipe.tokenizer.tokenize(word)) == 1 for text in ds["text"] for word in text.replace(",", "").split())
+    image = pipe(ds["text"][0], num_inference_steps=2, height=16, width=16, output_type="np").images
+    assert image.shape == (1, 16, 16, 1)
+    assert json.loads((out / "init-data-t2i-u16-r4" / "vae.json").read_text())["psnr_held_out_db"] > 0
+    for label in ("pretrained", "memmit", "paper", "plain"):
+        report = json.loads((out / "eval" / label / "report.json").read_text())
+        prompts = report["prompts"]
+        assert prompts["duplicated"]["num_samples"] + prompts["other"]["num_samples"] == 8
+        assert prompts["alignment"]["num_samples_naming_one_class"] == 8
+        assert any(line.startswith(label) for line in printed.splitlines())
+    dup = json.loads((out / "memmit" / "memmit" / "duplicates.json").read_text())
+    assert dup["num_clusters"] == 8 and dup["largest_cluster"] == 4
+    Image.open(out / "compare.png").verify()
