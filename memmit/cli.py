@@ -43,7 +43,8 @@ def prepare(cfg) -> Plan:
     # Every input is valid: a bad token or repo name fails now, in seconds, not after training.
     if repo_id and acc.is_main_process:
         repo_id = create_repo_early(repo_id, cfg.hub_token, cfg.hub_private_repo)
-    before_dir = evaluate_before(before, before_config, PartialState(), acc.is_local_main_process) if before_config else None
+    before_dir = (evaluate_before(before, before_config, PartialState(), acc.is_local_main_process)
+                  if before_config else None)
     acc.wait_for_everyone()
     return Plan(trainer, repo_id, before_dir)
 

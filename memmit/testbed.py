@@ -178,7 +178,8 @@ def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int =
 
 
 def pretrain(out: Path, data: Path, init: Path, steps: int) -> Path:
-    """Memorize: a plain loop (memmit with K = 1, AGC and dedup off) from the random UNet. Cached."""
+    """Memorize: a plain loop (memmit with K = 1, AGC and dedup off) from the random UNet, with Stable
+    Diffusion's 10 % of empty prompts so that classifier-free guidance has an unconditional branch. Cached."""
     target = out / f"pretrained-{data.name}-{steps}steps"
     if (target / "model_index.json").is_file():
         print(f"using the cached pretrained pipeline {target}")
@@ -188,7 +189,7 @@ def pretrain(out: Path, data: Path, init: Path, steps: int) -> Path:
             "--agc_lambda", 0, "--dedup", "none", "--num_rounds", 1, "--local_steps", steps,
             "--learning_rate", 1e-3, "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 200,
             "--max_grad_norm", "null", "--checkpointing_steps", 1000, "--num_validation_images", 0,
-            "--report_to", "none", "--seed", 0], accelerate=False)
+            "--caption_dropout", 0.1, "--report_to", "none", "--seed", 0], accelerate=False)
     return target
 
 

@@ -1,0 +1,109 @@
+"""Text-to-image efficacy: every arm on the testbed (memmit/testbed.py), measured with `memmit eval`.
+
+Arms share the testbed's cached data and pretrained StableDiffusionPipeline and configs/t2i-testbed.yaml's
+budget (384 optimizer steps of 32 samples); each runs with every seed given. Prompts are training captions;
+memorization is reported for duplicated-caption prompts (by the eval, and by ground truth: d2 outside the true
+family of copies) and for the rest; quality is the Fréchet distance in a digit classifier's features against the
+distinct training digits and against held-out digits; alignment is the share of samples the classifier reads as
+the prompt's digit. Prints a markdown table for EFFICACY.md. Usage:
+    python benchmarks/efficacy_t2i.py [--output_dir efficacy-t2i-output] [--seeds 0 1] [--arms plain memmit ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from efficacy import truth_deduplicated
+from memmit.quickstart import ground_truth, held_out_features, held_out_frechet
+from memmit.testbed import ARMS as RECIPE_ARMS
+from memmit.testbed import evaluate_run, fine_tune, prepare
+
+AGC_OFF = ("--agc_lambda", 0, "--dedup", "none")
+# Somepalli et al. 2023's settings: RC and CWR with probability 0.4, RT 0.1, GNI sigma 0.1.
+CAPTION_RULES = {"replace": ("--caption_replace_prob", 0.4), "insert": ("--caption_insert_prob", 0.1),
+                 "repeat": ("--caption_repeat_prob", 0.4), "gni": ("--text_embedding_noise", 0.1)}
+ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
+        **{name: AGC_OFF + rule for name, rule in CAPTION_RULES.items()},
+        **{f"{name}_agc": ("--dedup", "none") + rule for name, rule in CAPTION_RULES.items()},
+        **{f"memmit_{name}": rule for name, rule in CAPTION_RULES.items()}}
+TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source digit (ground truth)
+
+
+def duplicated_truth(samples: np.ndarray, prompts: list[str], duplicated: set[str], train, families) -> float:
+    """Ground-truth memorized share among the samples whose prompt is a duplicated caption."""
+    from memmit.evaluate import from_uint8
+    from memmit.metrics import cluster_memorization_report
+
+    ids = [i for i, q in enumerate(prompts) if q in duplicated]
+    rep = cluster_memorization_report(from_uint8(samples[ids]).flatten(1), train.flatten(1), families)
+    return rep["summary"]["fraction_memorized_ratio"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--digits", default="mnist", choices=("mnist", "sklearn_digits"))
+    parser.add_argument("--output_dir", default=None, help="default: efficacy-t2i-output[-DIGITS]")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--arms", nargs="+", default=["plain", "paper", "memmit", TRUTH_ORACLE],
+                        choices=list(ARMS) + [TRUTH_ORACLE])
+    parser.add_argument("--pretrain_steps", type=int, default=3000)
+    parser.add_argument("--num_samples", type=int, default=256)
+    parser.add_argument("--table_only", action="store_true", help="train nothing: rescore saved reports")
+    args = parser.parse_args()
+    out = Path(args.output_dir or "efficacy-t2i-output" + ("" if args.digits == "mnist" else f"-{args.digits}"))
+    data, features, pretrained = prepare(out, args.digits, args.pretrain_steps)
+    ds = datasets.load_from_disk(str(data))
+    duplicated = {t for t, dup in zip(ds["text"], ds["is_duplicate"]) if dup}
+    train, families = ground_truth(ds)
+    extractor, held_out = held_out_features(features, data, args.digits)
+
+    def measure(label: str, path: Path) -> dict:
+        report_dir = out / "eval" / label
+        report = (json.loads((report_dir / "report.json").read_text()) if args.table_only
+                  else evaluate_run(path, report_dir, data, features, args.num_samples, 50))
+        samples = np.load(report_dir / "samples.npy")
+        prompts = json.loads((report_dir / "prompts.json").read_text())
+        p = report["prompts"]
+        return {"dup_eval": p["duplicated"]["fraction_memorized_ratio"],
+                "dup_truth": duplicated_truth(samples, prompts, duplicated, train, families),
+                "other_eval": p["other"]["fraction_memorized_ratio"],
+                "frechet": report["quality"]["frechet_distance"],
+                "frechet_held_out": held_out_frechet(samples, extractor, held_out),
+                "aligned": p["alignment"]["fraction_aligned"]}
+
+    results = {"pretrained": [measure("pretrained", pretrained)]}
+    for arm in args.arms:
+        rows = []
+        for seed in args.seeds:
+            name = f"{arm}-seed{seed}"
+            if arm == TRUTH_ORACLE:
+                path = out / name if args.table_only else fine_tune(out, truth_deduplicated(data), pretrained, name,
+                                                                     *AGC_OFF, "--seed", seed)
+            else:
+                path = out / name if args.table_only else fine_tune(out, data, pretrained, name, *ARMS[arm],
+                                                                     "--seed", seed)
+            rows.append(measure(name, path))
+        results[arm] = rows
+    (out / "efficacy.json").write_text(json.dumps(results, indent=2))
+    plain = statistics.mean(r["dup_truth"] for r in results["plain"]) if "plain" in results else None
+    print("| arm | dup. prompts memorized, truth % | vs plain | dup. prompts, eval % | other prompts, eval % | "
+          "Fréchet, distinct training | Fréchet, held-out | aligned % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arm, rows in results.items():
+        def col(key, scale=100.0):
+            values = [r[key] * scale for r in rows]
+            return f"{statistics.mean(values):.1f} ({'; '.join(f'{v:.1f}' for v in values)})"
+        mean_truth = statistics.mean(r["dup_truth"] for r in rows)
+        change = f"{mean_truth / plain - 1:+.0%}" if plain else "-"
+        print(f"| {arm} | {col('dup_truth')} | {change} | {col('dup_eval')} | {col('other_eval')} | "
+              f"{col('frechet', 1.0)} | {col('frechet_held_out', 1.0)} | {col('aligned')} |")
+
+
+if __name__ == "__main__":
+    main()
