@@ -31,7 +31,8 @@ CAPTION_RULES = {"replace": ("--caption_replace_prob", 0.4), "insert": ("--capti
 ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
         **{name: AGC_OFF + rule for name, rule in CAPTION_RULES.items()},
         **{f"{name}_agc": ("--dedup", "none") + rule for name, rule in CAPTION_RULES.items()},
-        **{f"memmit_{name}": rule for name, rule in CAPTION_RULES.items()}}
+        **{f"memmit_{name}": rule for name, rule in CAPTION_RULES.items()},
+        "memmit_empty": ("--dedup_captions", "empty")}
 TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source digit (ground truth)
 
 

@@ -173,7 +173,7 @@ class MemmitConfig(ModelDataConfig):
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2, at least one shard per process). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
     dedup: str = opt("keep_one", "Near-duplicate training images: keep_one (train on one copy; see EFFICACY.md) | same_shard (all copies in one shard) | none (the paper).", choices=("none", "keep_one", "same_shard"))
-    dedup_captions: str = opt("ignore", "Text-to-image with dedup keep_one: ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost).", choices=("ignore", "merge"))
+    dedup_captions: str = opt("ignore", "Text-to-image with dedup keep_one: ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost) | empty (a cluster whose copies share one caption trains its kept copy on the empty prompt: that caption no longer points at the image; merge for the other clusters).", choices=("ignore", "merge", "empty"))
     dedup_family_size: int = opt(8, "Training also merges every near-duplicate family of at least this many images found at the eval's looser threshold (dedup_threshold or the eval default): many variants of one image are copies, two look-alike images are not; 0 turns it off.")
     aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
     num_rounds: int = opt(2, "Number of rounds; each ends by averaging the shard models.")
@@ -284,7 +284,7 @@ class MemmitConfig(ModelDataConfig):
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         need(self.num_validation_images >= 0, f"num_validation_images must be >= 0, got {self.num_validation_images}")
         need(self.dedup_captions == "ignore" or (self.dedup == "keep_one" and self.caption_column is not None),
-             f"dedup_captions={self.dedup_captions} merges the captions of the copies dedup=keep_one drops, so it "
+             f"dedup_captions={self.dedup_captions} acts on the captions of the copies dedup=keep_one drops, so it "
              f"needs --dedup keep_one (got {self.dedup}) and a --caption_column")
         need(self.dedup_family_size == 0 or self.dedup_family_size >= 2,
              f"dedup_family_size must be 0 (off) or >= 2, got {self.dedup_family_size}")

@@ -20,7 +20,7 @@ logger = get_logger(__name__)
 class Split:
     shards: list[list[int]]
     duplicates: Optional[dict] = None  # the cluster report (memmit/duplicates.json) when dedup ran
-    captions: dict[int, list[str]] = field(default_factory=dict)  # dedup_captions=merge: a kept copy's captions
+    captions: dict[int, list[str]] = field(default_factory=dict)  # dedup_captions: a kept copy's captions
 
     def rows(self, ds: datasets.Dataset, ids: list[int], caption_column: Optional[str]) -> dict:
         """The dataset rows of `ids`, a kept copy's caption value replaced by its cluster's captions."""
@@ -56,19 +56,23 @@ def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, sho
     kept = keep_one(n, clusters)
     local = split_shards(len(kept), cfg.num_shards, cfg.shard_strategy, cfg.seed,
                          [labels[i] for i in kept] if labels is not None else None)
-    captions = cluster_captions(ds[cfg.caption_column], clusters) if cfg.dedup_captions == "merge" else {}
+    captions = (cluster_captions(ds[cfg.caption_column], clusters, shared_empty=cfg.dedup_captions == "empty")
+                if cfg.dedup_captions != "ignore" else {})
     if captions:
         report["kept_copies_with_merged_captions"] = len(captions)
     return Split([[kept[j] for j in shard] for shard in local], report, captions)
 
 
-def cluster_captions(values: list, clusters: list[list[int]]) -> dict[int, list[str]]:
+def cluster_captions(values: list, clusters: list[list[int]], shared_empty: bool = False) -> dict[int, list[str]]:
     """For each cluster whose members hold more than one distinct caption: its kept id (the smallest, as
-    keep_one keeps) -> those captions, in order of first appearance (a list-valued row gives all of its own)."""
+    keep_one keeps) -> those captions, in order of first appearance (a list-valued row gives all of its own).
+    With `shared_empty`, a cluster whose copies share one caption -> [""]: the empty prompt."""
     merged = {}
     for cluster in clusters:
         captions = list(dict.fromkeys(caption for i in sorted(cluster) for caption in
                                       (values[i] if isinstance(values[i], (list, tuple)) else [values[i]])))
         if len(captions) > 1:
             merged[min(cluster)] = captions
+        elif shared_empty:
+            merged[min(cluster)] = [""]
     return merged

@@ -119,6 +119,8 @@ def test_cluster_captions_are_every_distinct_caption_of_the_cluster_for_its_kept
 
     values = ["a", ["b", "a"], "c", "a", "d", "d"]
     assert cluster_captions(values, [[3, 0, 1], [4, 5], [2]]) == {0: ["a", "b"]}  # [4, 5] share one caption
+    # dedup_captions=empty: a cluster sharing one caption trains its kept copy on the empty prompt.
+    assert cluster_captions(values, [[3, 0, 1], [4, 5]], shared_empty=True) == {0: ["a", "b"], 4: [""]}
 
 
 def test_dedup_captions_merge_trains_the_kept_copy_with_its_clusters_captions(tiny_sd_pipeline, tmp_path):
@@ -145,4 +147,4 @@ def test_dedup_captions_merge_trains_the_kept_copy_with_its_clusters_captions(ti
 def test_dedup_captions_merge_needs_keep_one_and_captions(tiny_sd_pipeline, captioned_digits_dir, tmp_path, capsys):
     assert train_main(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path, "--caption_column", "text",
                            "--dedup_captions", "merge", "--dedup", "none")) == 2
-    assert "dedup_captions=merge merges the captions of the copies dedup=keep_one drops" in capsys.readouterr().err
+    assert "dedup_captions=merge acts on the captions of the copies dedup=keep_one drops" in capsys.readouterr().err
