@@ -32,7 +32,8 @@ ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
         **{name: AGC_OFF + rule for name, rule in CAPTION_RULES.items()},
         **{f"{name}_agc": ("--dedup", "none") + rule for name, rule in CAPTION_RULES.items()},
         **{f"memmit_{name}": rule for name, rule in CAPTION_RULES.items()},
-        "memmit_empty": ("--dedup_captions", "empty")}
+        "memmit_empty": ("--dedup_captions", "empty"),
+        "memmit_empty_replace": ("--dedup_captions", "empty") + CAPTION_RULES["replace"]}
 TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source digit (ground truth)
 
 
