@@ -22,18 +22,23 @@ import numpy as np
 from efficacy import truth_deduplicated
 from memmit.quickstart import ground_truth, held_out_features, held_out_frechet
 from memmit.testbed import ARMS as RECIPE_ARMS
+from memmit.testbed import NO_CAPTION_RULE
 from memmit.testbed import evaluate_run, fine_tune, prepare
 
-AGC_OFF = ("--agc_lambda", 0, "--dedup", "none")
+# configs/t2i-testbed.yaml (memmit's text-to-image default: K = 1, lambda = 0.8, dedup keep_one, random caption
+# replacement 0.4) is the base of every arm; NO_RULE turns its caption rule off.
+NO_RULE = tuple(NO_CAPTION_RULE)
+AGC_OFF = ("--agc_lambda", 0, "--dedup", "none") + NO_RULE
 # Somepalli et al. 2023's settings: RC and CWR with probability 0.4, RT 0.1, GNI sigma 0.1.
 CAPTION_RULES = {"replace": ("--caption_replace_prob", 0.4), "insert": ("--caption_insert_prob", 0.1),
                  "repeat": ("--caption_repeat_prob", 0.4), "gni": ("--text_embedding_noise", 0.1)}
 ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
+        "dedup_agc": NO_RULE,  # the text-to-image default until 2026-11-29: no caption rule
         **{name: AGC_OFF + rule for name, rule in CAPTION_RULES.items()},
-        **{f"{name}_agc": ("--dedup", "none") + rule for name, rule in CAPTION_RULES.items()},
-        **{f"memmit_{name}": rule for name, rule in CAPTION_RULES.items()},
-        "memmit_empty": ("--dedup_captions", "empty"),
-        "memmit_empty_replace": ("--dedup_captions", "empty") + CAPTION_RULES["replace"]}
+        **{f"{name}_agc": ("--dedup", "none") + NO_RULE + rule for name, rule in CAPTION_RULES.items()},
+        **{f"dedup_agc_{name}": NO_RULE + rule for name, rule in CAPTION_RULES.items() if name != "replace"},
+        "dedup_agc_empty": NO_RULE + ("--dedup_captions", "empty"),
+        "memmit_empty": ("--dedup_captions", "empty")}
 TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source digit (ground truth)
 
 

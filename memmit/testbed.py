@@ -227,10 +227,12 @@ SUMMARY_HEADER = f"{'model':<12}{'dup. captions':>16}{'other':>14}{'Frechet':>10
 
 
 # Arms at the testbed recipe's budget: memmit's text-to-image default, the paper's Stable Diffusion setting
-# (K = 4, lambda = 0.8, no dedup; 16 rounds of 6 steps per shard) and a plain fine-tune (K = 1, AGC and dedup off).
+# (K = 4, lambda = 0.8, no dedup, no caption rule; 16 rounds of 6 steps per shard) and a plain fine-tune (K = 1,
+# AGC, dedup and caption rules off).
+NO_CAPTION_RULE = ["--caption_replace_prob", 0]
 ARMS = {"memmit": [],
-        "paper": ["--num_shards", 4, "--local_steps", 6, "--agc_lambda", 0.8, "--dedup", "none"],
-        "plain": ["--agc_lambda", 0, "--dedup", "none"]}
+        "paper": ["--num_shards", 4, "--local_steps", 6, "--agc_lambda", 0.8, "--dedup", "none", *NO_CAPTION_RULE],
+        "plain": ["--agc_lambda", 0, "--dedup", "none", *NO_CAPTION_RULE]}
 
 
 def fine_tune(out: Path, data: Path, pretrained: Path, name: str, *extra) -> Path:
