@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=["plain", "paper", "memmit", TRUTH_ORACLE],
                         choices=list(ARMS) + [TRUTH_ORACLE])
-    parser.add_argument("--pretrain_steps", type=int, default=3000)
+    parser.add_argument("--pretrain_steps", type=int, default=1000)
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true", help="train nothing: rescore saved reports")
     args = parser.parse_args()
