@@ -244,12 +244,13 @@ def fine_tune(out: Path, data: Path, pretrained: Path, name: str, *extra) -> Pat
 
 def evaluate_run(path: Path, report_dir: Path, data: Path, features: Path, num_samples: int,
                  inference_steps: int) -> dict:
-    from .evaluate import eval_main
+    """`memmit eval` of one run with the testbed's options; writes to report_dir and returns the report."""
+    from .config import EvalConfig, parse_args
+    from .evaluate import evaluate
 
-    if eval_main(["--pretrained_model_name_or_path", str(path), "--output_dir", str(report_dir),
-                  *eval_flags(data, features, num_samples, inference_steps)]) != 0:
-        raise RuntimeError(f"memmit eval of {path} failed")
-    return json.loads((report_dir / "report.json").read_text())
+    return evaluate(parse_args(["--pretrained_model_name_or_path", str(path), "--output_dir", str(report_dir),
+                                *eval_flags(data, features, num_samples, inference_steps)], EvalConfig),
+                    show_progress=False)
 
 
 def main(args) -> int:
