@@ -39,6 +39,9 @@ ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
         **{f"dedup_agc_{name}": NO_RULE + rule for name, rule in CAPTION_RULES.items() if name != "replace"},
         "dedup_agc_empty": NO_RULE + ("--dedup_captions", "empty"),
         "memmit_empty": ("--dedup_captions", "empty")}
+# configs/sd15-lora.yaml's adapter (rank 16 on the attention projections), exported merged for the eval.
+LORA = ("--lora_rank", 16, "--lora_alpha", 16, "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0")
+ARMS.update({"plain_lora": tuple(RECIPE_ARMS["plain"]) + LORA, "memmit_lora": LORA})
 TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source digit (ground truth)
 
 
