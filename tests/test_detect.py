@@ -45,7 +45,8 @@ def test_one_step_score_is_the_written_out_guidance_gap(tiny_sd_pipeline, tmp_pa
             gap = pipe.unet(x, t, encoder_hidden_states=encode(prompt)).sample - \
                 pipe.unet(x, t, encoder_hidden_states=encode("")).sample
             assert float(scores[i]) == pytest.approx(float(gap.norm()), rel=1e-4), prompt
-    assert scores[1] == 0  # the empty prompt is the unconditional prediction itself
+    # The empty prompt is the unconditional prediction itself (up to float rounding between batch rows).
+    assert float(scores[1]) < 1e-5 < float(scores[[0, 2, 3, 4]].min())
 
 
 def test_scores_do_not_depend_on_the_batch_size_or_the_other_prompts(tiny_sd_pipeline, tmp_path):
@@ -58,7 +59,7 @@ def test_scores_do_not_depend_on_the_batch_size_or_the_other_prompts(tiny_sd_pip
     torch.testing.assert_close(scores(PROMPTS, 10), together)
     # Seeds are per (prompt position, noise): the same prompt at another position draws other noises.
     assert together[0] != together[4]
-    assert together[1] == 0 and (together[[0, 2, 3, 4]] > 0).all()
+    assert float(together[1]) < 1e-5 < float(together[[0, 2, 3, 4]].min())
 
 
 def captioned_with_duplicates(path) -> str:
