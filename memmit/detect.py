@@ -22,8 +22,8 @@ from torchmetrics.functional.classification import binary_auroc
 from tqdm.auto import tqdm
 
 from .config import EvalConfig
-from .data import caption_counts, check_captions, load_train_dataset
-from .evaluate import load_eval_task, sample_generators
+from .data import caption_counts
+from .evaluate import load_eval_dataset, load_eval_task, sample_generators
 from .metrics import default_device
 from .tasks import TextToImageTask
 
@@ -81,10 +81,7 @@ def training_prompts(config: EvalConfig, task: TextToImageTask) -> tuple[list[st
     if config.caption_column is None:
         raise ValueError("--detect_prompts scores --prompts_file's prompts, or the training captions: pass one of "
                          "prompts_file or caption_column")
-    ds = load_train_dataset(config.dataset_name, config.train_data_dir, config.image_column,
-                            max_train_samples=config.max_train_samples,
-                            dataset_config_name=config.dataset_config_name, extra_columns=task.extra_columns)
-    check_captions(ds, config.caption_column, config.image_column)
+    ds = load_eval_dataset(config, task)
     counts = caption_counts(ds[config.caption_column], config.caption_column)
     return list(counts), [n > 1 for n in counts.values()]
 

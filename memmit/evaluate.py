@@ -321,13 +321,19 @@ def load_eval_task(config: EvalConfig) -> DenoisingTask:
     return task
 
 
-def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepared:
-    """Load model, data and extractors; every bad input raises ValueError here, before sampling."""
-    task = load_eval_task(config)
+def load_eval_dataset(config: EvalConfig, task: DenoisingTask) -> datasets.Dataset:
+    """The training set the evaluation compares with (and draws prompts from), its captions checked."""
     ds = load_train_dataset(config.dataset_name, config.train_data_dir, config.image_column,
                             max_train_samples=config.max_train_samples,
                             dataset_config_name=config.dataset_config_name, extra_columns=task.extra_columns)
     check_captions(ds, task.caption_column, config.image_column)
+    return ds
+
+
+def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepared:
+    """Load model, data and extractors; every bad input raises ValueError here, before sampling."""
+    task = load_eval_task(config)
+    ds = load_eval_dataset(config, task)
     train = load_train_images(ds, config.image_column, task.transform, show_progress)
     # memorization_report would say so too, but only after sampling.
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
@@ -347,9 +353,9 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepar
                          f"class_names names {len(config.class_names)}")
     prompts, duplicated = None, frozenset()
     if config.caption_column:
-        prompts = sample_prompts(ds[config.caption_column], config.num_samples, config.seed, config.caption_column)
-        duplicated = frozenset(caption for caption, n in caption_counts(ds[config.caption_column],
-                                                                        config.caption_column).items() if n > 1)
+        captions = ds[config.caption_column]
+        prompts = sample_prompts(captions, config.num_samples, config.seed, config.caption_column)
+        duplicated = frozenset(c for c, n in caption_counts(captions, config.caption_column).items() if n > 1)
     return Prepared(config, task, train, source_names(ds, config.image_column),
                     extractors["feature_extractor"], extractors["quality_extractor"], device, clusters,
                     detector.describe(), prompts, duplicated, extractors["alignment_classifier"])
@@ -429,17 +435,17 @@ def sample_on_processes(p: Optional[Prepared], config: EvalConfig, state: Option
                         show_progress: bool = True) -> np.ndarray:
     """Every process calls this, the main one with its Prepared (the others with None): each renders its share of
     the samples, on its own device, from the main process's prompts; every process returns all the samples."""
-    if state is None or state.num_processes == 1:
-        c = p.config
-        return sample_images(p.task, c.num_samples, c.num_inference_steps, c.batch_size, c.seed, p.device,
-                             show_progress, p.prompts)
-    prompts = broadcast_object_list([p.prompts if p is not None else None])[0]
-    task = p.task if p is not None else load_eval_task(config)  # only the main process loads data and extractors
-    batches = len(range(0, config.num_samples, config.batch_size)[state.process_index::state.num_processes])
-    logger.info("memmit: process %d of %d samples %d of the %d batches", state.process_index, state.num_processes,
-                batches, math.ceil(config.num_samples / config.batch_size))
+    distributed = state is not None and state.num_processes > 1
+    # Only the main process loads data and extractors; the others load the pipeline and take its prompts.
+    prompts = broadcast_object_list([p.prompts if p is not None else None])[0] if distributed else p.prompts
+    task = p.task if p is not None else load_eval_task(config)
+    if distributed:
+        batches = len(range(0, config.num_samples, config.batch_size)[state.process_index::state.num_processes])
+        logger.info("memmit: process %d of %d samples %d of the %d batches", state.process_index,
+                    state.num_processes, batches, math.ceil(config.num_samples / config.batch_size))
     return sample_images(task, config.num_samples, config.num_inference_steps, config.batch_size, config.seed,
-                         state.device, show_progress, prompts, state)
+                         state.device if distributed else p.device, show_progress, prompts,
+                         state if distributed else None)
 
 
 def evaluate(config: EvalConfig, show_progress: bool = True,
@@ -505,13 +511,15 @@ def compare_rows(reports: list[dict], labels: list[str]) -> list[dict]:
                      "top_count": r["pixel"]["most_copied"][0]["count"] if r["pixel"]["most_copied"] else 0,
                      "quality": quality.get("frechet_distance") if quality.get("available") else None,
                      "duplicated_prompts": r.get("prompts", {}).get("duplicated", {}).get("fraction_memorized_ratio"),
+                     "other_prompts": r.get("prompts", {}).get("other", {}).get("fraction_memorized_ratio"),
                      "aligned": r.get("prompts", {}).get("alignment", {}).get("fraction_aligned")})
     return rows
 
 
 def format_compare(rows: list[dict]) -> str:
     # Text-to-image columns only where some report has them.
-    extra = [(key, name) for key, name in (("duplicated_prompts", "dup. prompts mem."), ("aligned", "aligned"))
+    extra = [(key, name) for key, name in (("duplicated_prompts", "dup. prompts mem."),
+                                           ("other_prompts", "other prompts mem."), ("aligned", "aligned"))
              if any(r[key] is not None for r in rows)]
     header = ("report", "memorized %", f"MQ<{MQ_THRESHOLD} %", "top copies", "Frechet dist.", *(n for _, n in extra))
     cells = [header] + [(r["label"], f"{r['memorized_pct']:.1f}", f"{r['mq_pct']:.1f}", str(r["top_count"]),

@@ -14,7 +14,6 @@ StableDiffusionPipeline, built and pretrained offline on captioned real digits, 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import datasets
@@ -214,18 +213,6 @@ def prepare(out: Path, source: str, pretrain_steps: int, num_unique: int = 256, 
     return data, features, pretrain(out, data, init, pretrain_steps)
 
 
-def summary_row(label: str, report: dict) -> str:
-    prompts = report["prompts"]
-    cell = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    return (f"{label:<12}{cell(prompts['duplicated']['fraction_memorized_ratio']):>16}"
-            f"{cell(prompts['other']['fraction_memorized_ratio']):>14}"
-            f"{report['quality'].get('frechet_distance', math.nan):>10.1f}"
-            f"{cell(prompts['alignment']['fraction_aligned']):>11}")
-
-
-SUMMARY_HEADER = f"{'model':<12}{'dup. captions':>16}{'other':>14}{'Frechet':>10}{'aligned':>11}"
-
-
 # Arms at the testbed recipe's budget: memmit's text-to-image default, the paper's Stable Diffusion setting
 # (K = 4, lambda = 0.8, no dedup, no caption rule; 16 rounds of 6 steps per shard) and a plain fine-tune (K = 1,
 # AGC, dedup and caption rules off).
@@ -266,10 +253,9 @@ def main(args) -> int:
     reports = {name: evaluate_run(path, out / "eval" / name, data, features, args.num_samples,
                                   args.num_inference_steps) for name, path in runs.items()}
     print(f"\nmemorized = share of {args.num_samples} samples (prompts: training captions) whose distance to the "
-          "nearest training image is < 1/3 of that to the nearest outside its near-duplicate family; "
-          "aligned = share the digit classifier reads as the prompt's digit\n" + SUMMARY_HEADER)
-    for name, report in reports.items():
-        print(summary_row(name, report))
+          "nearest training image is < 1/3 of that to the nearest outside its near-duplicate family, for all "
+          "prompts and apart for duplicated and other captions; aligned = share the digit classifier reads as the "
+          "prompt's digit")
     compare_main([str(out / "eval" / name / "report.json") for name in reports]
                  + ["--labels", *reports, "--output", str(out / "compare.png")])
     return 0

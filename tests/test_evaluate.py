@@ -351,7 +351,9 @@ def test_text_to_image_eval_reports_duplicated_prompts_apart_and_alignment(tiny_
         sum(int(logits[i].argmax()) == named[prompts[i]] for i in counted) / len(counted))
     printed = capsys.readouterr().out
     assert "for duplicated captions as prompts" in printed and "prompt alignment" in printed
-    assert "dup. prompts mem." in format_compare(compare_rows([report], ["sd"]))
+    table = format_compare(compare_rows([report], ["sd"]))
+    assert "dup. prompts mem." in table and "other prompts mem." in table
+    assert f"{100 * report['prompts']['other']['fraction_memorized_ratio']:.1f}%" in table.splitlines()[1]
 
 
 @pytest.mark.parametrize("extra, message", [
