@@ -168,6 +168,7 @@ class MemmitConfig(ModelDataConfig):
     resolution: Optional[int] = opt(None, "Training resolution; defaults to the UNet's sample_size.")
     center_crop: bool = opt(False, "Center-crop to the resolution (otherwise random crop).")
     random_flip: bool = opt(False, "Randomly flip images horizontally.")
+    dataloader_num_workers: int = opt(0, "Processes that decode and transform training images ahead of the loop (0: the main process does it). The result is the same for any number.", resume="free")
 
     # Method: Iterative Ensemble Training
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2, at least one shard per process). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
@@ -213,7 +214,7 @@ class MemmitConfig(ModelDataConfig):
     ema_decay: float = opt(0.9999, "Maximum EMA decay (diffusers' EMAModel warm-up applies).")
 
     # Optimisation
-    train_batch_size: int = opt(16, "Batch size per optimizer micro-step.")
+    train_batch_size: int = opt(16, "Batch size per optimizer micro-step, on each process (a shard trained by a group of G processes takes G x this).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.")
     learning_rate: float = opt(1e-4, "Peak learning rate.")
     lr_scheduler: str = opt("constant", "diffusers get_scheduler name.", choices=LR_SCHEDULERS)
@@ -273,6 +274,7 @@ class MemmitConfig(ModelDataConfig):
         need(self.agc_exclusion_min_visits >= 1, f"agc_exclusion_min_visits must be >= 1, got {self.agc_exclusion_min_visits}")
         need(0 <= self.agc_bank_decay < 1, f"agc_bank_decay must be in [0, 1), got {self.agc_bank_decay}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.dataloader_num_workers >= 0, f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
         need(self.train_batch_size >= 1, f"train_batch_size must be >= 1, got {self.train_batch_size}")
         need(self.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")

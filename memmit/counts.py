@@ -24,7 +24,7 @@ class SampleCounts:
         self.excluded: dict[int, dict] = {}
 
     def record(self, ids: list[int], keep: torch.Tensor, finite: torch.Tensor) -> None:
-        ids = np.asarray(ids)
+        ids = np.asarray(ids, dtype=np.int64)  # an empty share (a group member at an epoch end) too
         self.seen[ids] += 1
         self.skipped[ids[~keep.numpy() & finite.numpy()]] += 1
         self.nonfinite[ids[~finite.numpy()]] += 1

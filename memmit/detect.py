@@ -25,7 +25,7 @@ from .config import EvalConfig
 from .data import caption_counts
 from .evaluate import load_eval_dataset, load_eval_task, sample_generators
 from .metrics import default_device
-from .tasks import TextToImageTask
+from .tasks import TextToImageTask, tokenize
 
 GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default: the sampling whose first steps are scored
 TOP_PRINTED = 10
@@ -42,14 +42,14 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
     scheduler = DDIMScheduler.from_config(task.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps[:detect_steps]
-    empty = task.text_encoder(task.tokenize([""]).to(device))[0].float()
+    empty = task.text_encoder(tokenize(task.tokenizer, [""]).to(device))[0].float()
     latent_side = task.resolution // task.vae_scale_factor
     shape = (unet.config.in_channels, latent_side, latent_side)
     pairs = [(i, j) for i in range(len(prompts)) for j in range(num_seeds)]
     totals = torch.zeros(len(prompts))
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring prompts", disable=not show_progress):
         chunk = pairs[start:start + batch_size]
-        text = task.text_encoder(task.tokenize([prompts[i] for i, _ in chunk]).to(device))[0].float()
+        text = task.text_encoder(tokenize(task.tokenizer, [prompts[i] for i, _ in chunk]).to(device))[0].float()
         context = torch.cat([empty.expand_as(text), text])
         generators = sample_generators(seed, range(start, start + len(chunk)))
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)

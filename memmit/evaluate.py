@@ -32,6 +32,7 @@ import memmit
 from .config import EvalConfig, parse_args
 from .data import caption_counts, check_captions, iter_images, load_train_dataset, pick_caption, source_names
 from .detectors import load_detector
+from .draws import keyed_generator
 from .features import Extractor, load_extractor
 from .metrics import (cluster_labels, cluster_memorization_report, default_device, exact_clusters,
                       first_occurrence, frechet_distance, memorization_report)
@@ -61,8 +62,7 @@ def from_uint8(images: np.ndarray) -> Tensor:
 def sample_generators(seed: int, indices: range) -> list[torch.Generator]:
     """One CPU generator per sample, seeded by (seed, sample index): an image depends neither on the device nor
     on which process renders its batch."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]))
-            for i in indices]
+    return [keyed_generator(seed, i) for i in indices]
 
 
 def sample_images(task: DenoisingTask, num_samples: int, num_inference_steps: int, batch_size: int,
@@ -476,6 +476,9 @@ def eval_main(argv: list[str] | None = None) -> int:
             state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
             # Only the main process loads and checks; the others wait for its prompts, and the launcher stops them.
             report = evaluate(config, state.is_local_main_process, state)
+            # Left to the interpreter's exit, gloo's threads may abort a process ("terminate called without an
+            # active exception") that has finished its share while the main process still scores.
+            state.destroy_process_group()
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -17,25 +18,54 @@ from diffusers.training_utils import EMAModel
 
 from .agc import LossBank
 from .config import MemmitConfig
+from .draws import keyed_generator
 from .ensemble import FlatAverage
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Sample ids of one micro-batch of a shard, with their key: the epoch and each one's position in that
+    epoch's order. Sample i's random draws come from generators keyed by (seed, shard, epoch, position)."""
+
+    shard: int
+    epoch: int
+    ids: tuple[int, ...]
+    positions: tuple[int, ...]
+
+    def generators(self, seed: int, stream: int) -> list[torch.Generator]:
+        """Each sample's generator of one of its streams (draws.DATA or draws.NOISE)."""
+        return [keyed_generator(seed, self.shard, self.epoch, position, stream) for position in self.positions]
+
+    def part(self, index: int, size: int) -> "MicroBatch":
+        """Member `index`'s share of a shard group's micro-batch: `size` samples (fewer, or none, at an epoch's end)."""
+        cut = slice(index * size, (index + 1) * size)
+        return MicroBatch(self.shard, self.epoch, self.ids[cut], self.positions[cut])
 
 
 class ShardStream:
     """A shard's data order: a fresh seeded permutation each epoch; batches never cross epochs."""
 
-    def __init__(self, ids: list[int], seed: int):
+    def __init__(self, ids: list[int], seed: int, shard: int):
+        self.shard = shard
         self.ids = torch.tensor(ids, dtype=torch.long)
         self.generator = torch.Generator().manual_seed(seed)
         self.order = self.ids[torch.randperm(len(self.ids), generator=self.generator)]
-        self.cursor = 0
+        self.epoch, self.cursor = 0, 0
 
-    def next_batch(self, batch_size: int) -> list[int]:
+    def next_batch(self, batch_size: int) -> MicroBatch:
         if self.cursor >= len(self.order):
             self.order = self.ids[torch.randperm(len(self.ids), generator=self.generator)]
-            self.cursor = 0
+            self.epoch, self.cursor = self.epoch + 1, 0
         batch = self.order[self.cursor:self.cursor + batch_size]
+        positions = tuple(range(self.cursor, self.cursor + len(batch)))
         self.cursor += len(batch)
-        return batch.tolist()
+        return MicroBatch(self.shard, self.epoch, tuple(batch.tolist()), positions)
+
+    def peek(self, count: int, batch_size: int) -> list[MicroBatch]:
+        """The next `count` micro-batches, leaving this stream where it is (what data-loading workers prepare)."""
+        twin = ShardStream([], 0, self.shard)
+        twin.load_state_dict(self.state_dict())
+        return [twin.next_batch(batch_size) for _ in range(count)]
 
     def drop(self, ids: list[int]) -> None:
         """Leave `ids` out from now on: in the rest of this epoch and in every later one."""
@@ -46,27 +76,32 @@ class ShardStream:
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "ids": self.ids.clone(), "order": self.order.clone(),
-                "cursor": self.cursor}
+                "epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
+        if "epoch" not in state:
+            raise ValueError("the checkpoint was written by an older memmit, whose random draws were not per sample; "
+                             "start a new run (without --resume_from_checkpoint)")
         self.generator.set_state(state["generator"])
-        self.ids, self.order, self.cursor = state["ids"].clone(), state["order"].clone(), state["cursor"]
+        self.ids, self.order = state["ids"].clone(), state["order"].clone()
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
 
 
-def micro_batches_per_turn(cfg: MemmitConfig, shard_size: int) -> int:
+def micro_batches_per_turn(cfg: MemmitConfig, shard_size: int, batch_size: int) -> int:
+    """`batch_size`: a micro-batch of the whole shard group (train_batch_size x the processes training the shard)."""
     if cfg.local_steps is not None:
         return cfg.local_steps * cfg.gradient_accumulation_steps
-    return cfg.local_epochs * math.ceil(shard_size / cfg.train_batch_size)
+    return cfg.local_epochs * math.ceil(shard_size / batch_size)
 
 
-def windows_per_turn(cfg: MemmitConfig, shard_size: int) -> int:
+def windows_per_turn(cfg: MemmitConfig, shard_size: int, batch_size: int) -> int:
     """Optimizer-step windows in one turn (the last one may hold fewer micro-batches)."""
-    return math.ceil(micro_batches_per_turn(cfg, shard_size) / cfg.gradient_accumulation_steps)
+    return math.ceil(micro_batches_per_turn(cfg, shard_size, batch_size) / cfg.gradient_accumulation_steps)
 
 
-def micro_batches_in_window(cfg: MemmitConfig, shard_size: int, window: int) -> int:
+def micro_batches_in_window(cfg: MemmitConfig, shard_size: int, batch_size: int, window: int) -> int:
     return min(cfg.gradient_accumulation_steps,
-               micro_batches_per_turn(cfg, shard_size) - window * cfg.gradient_accumulation_steps)
+               micro_batches_per_turn(cfg, shard_size, batch_size) - window * cfg.gradient_accumulation_steps)
 
 
 def to_cpu(obj):
@@ -93,15 +128,16 @@ def adamw_class(use_8bit: bool) -> type:
 
 class Shard:
     """One shard's ids, stream, loss bank and persistent optimizer state; live objects while it trains.
+    `batch_size`: its micro-batch, over every process of its shard group.
 
     `restart_optimizer` (LoRA): the adapters restart every turn, so their optimizer moments do too;
     the schedule always goes on.
     """
 
     def __init__(self, index: int, ids: list[int], cfg: MemmitConfig, num_timesteps: int, device: torch.device,
-                 restart_optimizer: bool = False):
-        self.index, self.ids, self.cfg, self.device = index, ids, cfg, device
-        self.stream = ShardStream(ids, cfg.seed + 1000 + index)
+                 batch_size: int, restart_optimizer: bool = False):
+        self.index, self.ids, self.cfg, self.device, self.batch_size = index, ids, cfg, device, batch_size
+        self.stream = ShardStream(ids, cfg.seed + 1000 + index, index)
         self.bank = LossBank(num_timesteps, cfg.agc_bank_decay, cfg.agc_bank_init, cfg.agc_bank_bins)
         self.restart_optimizer = restart_optimizer
         self.optimizer_class = adamw_class(cfg.use_8bit_adam)
@@ -111,7 +147,7 @@ class Shard:
 
     @property
     def windows(self) -> int:
-        return windows_per_turn(self.cfg, len(self.ids))
+        return windows_per_turn(self.cfg, len(self.ids), self.batch_size)
 
     @property
     def is_open(self) -> bool:

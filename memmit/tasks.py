@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from diffusers.training_utils import compute_snr
 
 from .captions import CAPTION_OPTIONS, CaptionNoise, caption_vocabulary
 from .data import ImageTransform, pick_caption
+from .draws import per_sample_randint, per_sample_randn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 NUM_DEFAULT_PROMPTS = 4  # training captions rendered at each round's end when no validation_prompts are given
@@ -41,6 +42,46 @@ def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Op
         raise ValueError(f"pipeline {index.get('_class_name')} at {name_or_path!r} has no UNet; "
                          "memmit trains pipelines with a `unet` component")
     return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant)
+
+
+@dataclass
+class ImageInputs:
+    """Dataset rows -> the denoiser's inputs: each image transformed with random crop and flip drawn from its
+    sample's own generator. Holds no model, so a data-loading worker receives it cheaply."""
+
+    image_column: str
+    transform: ImageTransform
+
+    def __call__(self, rows: dict, generators: Sequence[torch.Generator]) -> dict:
+        return {"pixels": torch.stack([self.transform(img, g) for img, g in zip(rows[self.image_column], generators)])}
+
+
+@dataclass
+class CaptionedImageInputs(ImageInputs):
+    """ImageInputs and, per image, a tokenized prompt: empty with probability caption_dropout, else its caption
+    (one of a list at random) through the caption rules that are on; drawn after the image's crop and flip."""
+
+    caption_column: str = "text"
+    caption_dropout: float = 0.0
+    caption_noise: CaptionNoise = field(default_factory=CaptionNoise)
+    tokenizer: Any = None
+
+    def __call__(self, rows: dict, generators: Sequence[torch.Generator]) -> dict:
+        inputs = super().__call__(rows, generators)
+        prompts = [self.prompt(value, g) for value, g in zip(rows[self.caption_column], generators)]
+        return dict(inputs, input_ids=tokenize(self.tokenizer, prompts))
+
+    def prompt(self, value, generator: torch.Generator) -> str:
+        # Draw the dropout coin only when dropout is on, so caption_dropout=0 leaves the random stream as is.
+        if self.caption_dropout and float(torch.rand((), generator=generator)) < self.caption_dropout:
+            return ""
+        caption = pick_caption(value, generator, self.caption_column)
+        return self.caption_noise(caption, generator) if self.caption_noise.active else caption
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 @dataclass
@@ -101,20 +142,18 @@ class DenoisingTask:
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.resolution, self.channels = resolution, channels
         self.transform = ImageTransform(resolution, channels, center_crop, random_flip)
+        # Dataset rows -> model inputs, in the trainer or a data-loading worker.
+        self.inputs = ImageInputs(image_column, self.transform)
 
-    def pixels(self, rows: dict, generator: torch.Generator) -> torch.Tensor:
-        """The rows' images in [-1, 1] (random crops/flips drawn from the shard's generator)."""
-        return torch.stack([self.transform(img, generator) for img in rows[self.image_column]])
-
-    def denoising_loss(self, unet: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator,
+    def denoising_loss(self, unet: torch.nn.Module, x0: torch.Tensor, generators: Sequence[torch.Generator],
                        device: torch.device, **conditioning) -> LossOutput:
         """Unreduced fp32 loss per sample of denoising x0, and its timestep.
 
-        Randomness is drawn on the CPU from the shard's generator, noise first then timesteps,
-        so a run is reproducible on any device and resumable exactly.
+        Sample i's noise, then its timestep, come from generators[i] on the CPU (draws.py), so a run is
+        reproducible on any device and in any batch, and resumable exactly.
         """
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=generator)
+        noise = per_sample_randn(x0.shape[1:], generators)
+        timesteps = per_sample_randint(self.num_train_timesteps, generators)
         x0, noise, t = x0.to(device), noise.to(device), timesteps.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         pred = unet(noisy, t, **conditioning).sample
@@ -154,14 +193,10 @@ class UnconditionalTask(DenoisingTask):
     def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """Move frozen parts to the device in the mixed-precision dtype; an unconditional UNet has none."""
 
-    def batch(self, rows: dict, generator: torch.Generator) -> dict:
-        """Model inputs for dataset rows (random crops/flips drawn from the shard's generator)."""
-        return {"pixels": self.pixels(rows, generator)}
-
-    def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator,
+    def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generators: Sequence[torch.Generator],
                         device: torch.device) -> LossOutput:
         """Unreduced fp32 loss per sample and its timestep."""
-        return self.denoising_loss(unet, batch["pixels"], generator, device)
+        return self.denoising_loss(unet, batch["pixels"], generators, device)
 
     @torch.no_grad()
     def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
@@ -199,12 +234,14 @@ class TextToImageTask(DenoisingTask):
         super().__init__(pipeline, resolution, int(vae.config.in_channels), center_crop, random_flip, image_column)
         self.caption_column = caption_column
         self.extra_columns = (caption_column,) if caption_column else ()
-        self.caption_dropout, self.snr_gamma = caption_dropout, snr_gamma
-        self.caption_noise = CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob)
+        self.snr_gamma = snr_gamma
+        self.tokenizer = pipeline.tokenizer
+        self.inputs = CaptionedImageInputs(
+            image_column, self.transform, caption_column, caption_dropout,
+            CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob), self.tokenizer)
         self.text_embedding_noise = text_embedding_noise
         self.validation_prompts = validation_prompts
         self.default_prompts: list[str] = []
-        self.tokenizer = pipeline.tokenizer
         self.vae, self.text_encoder = vae, pipeline.text_encoder
         self.weight_dtype = torch.float32
 
@@ -220,44 +257,27 @@ class TextToImageTask(DenoisingTask):
         insertion draw from their words."""
         prompts = [pick_caption(value, "first", self.caption_column) for value in captions[:4 * NUM_DEFAULT_PROMPTS]]
         self.default_prompts = [p for p in prompts if p][:NUM_DEFAULT_PROMPTS]
-        if self.caption_noise.replace_prob or self.caption_noise.insert_prob:
-            self.caption_noise.vocabulary = caption_vocabulary(captions, self.caption_column)
+        noise = self.inputs.caption_noise
+        if noise.replace_prob or noise.insert_prob:
+            noise.vocabulary = caption_vocabulary(captions, self.caption_column)
 
-    def batch(self, rows: dict, generator: torch.Generator) -> dict:
-        """Pixels and caption token ids for dataset rows; crops, flips, caption choice and dropout
-        are drawn from the shard's generator, so a run is reproducible."""
-        pixels = self.pixels(rows, generator)
-        prompts = [self._training_prompt(value, generator) for value in rows[self.caption_column]]
-        return {"pixels": pixels, "input_ids": self.tokenize(prompts)}
-
-    def _training_prompt(self, value, generator: torch.Generator) -> str:
-        """A row's prompt: empty with probability caption_dropout, else its caption (one of a list at random)
-        passed through the caption rules that are on."""
-        # Draw the dropout coin only when dropout is on, so caption_dropout=0 leaves the random stream as is.
-        if self.caption_dropout and float(torch.rand((), generator=generator)) < self.caption_dropout:
-            return ""
-        caption = pick_caption(value, generator, self.caption_column)
-        return self.caption_noise(caption, generator) if self.caption_noise.active else caption
-
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
-
-    def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generator: torch.Generator,
+    def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generators: Sequence[torch.Generator],
                         device: torch.device) -> LossOutput:
         """Unreduced fp32 loss per sample on VAE latents, its timestep, and min-SNR weights if snr_gamma is set.
 
-        The latent sample is drawn from the shard's generator before the noise and the timesteps, and so is the
-        text-embedding noise (text_embedding_noise > 0), between them.
+        Sample i's latent is drawn from generators[i] before its noise and timestep, and so is its text-embedding
+        noise (text_embedding_noise > 0), between them.
         """
         with torch.no_grad():
             posterior = self.vae.encode(batch["pixels"].to(device, self.weight_dtype)).latent_dist
-            latents = posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
+            # DiagonalGaussianDistribution.sample's formula, with one generator per sample.
+            eps = per_sample_randn(posterior.mean.shape[1:], generators).to(device, posterior.mean.dtype)
+            latents = (posterior.mean + posterior.std * eps).float() * self.vae.config.scaling_factor
             # fp32 inputs keep the fp32 UNet working where autocast is off (a caller outside accelerate's autocast).
             text = self.text_encoder(batch["input_ids"].to(device))[0].float()
             if self.text_embedding_noise:  # Somepalli et al.'s GNI: the same caption never conditions alike twice
-                text = text + self.text_embedding_noise * torch.randn(text.shape, generator=generator).to(device)
-        out = self.denoising_loss(unet, latents, generator, device, encoder_hidden_states=text)
+                text = text + self.text_embedding_noise * per_sample_randn(text.shape[1:], generators).to(device)
+        out = self.denoising_loss(unet, latents, generators, device, encoder_hidden_states=text)
         if self.snr_gamma is not None:
             out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,
                                           self.prediction_type)

@@ -1,9 +1,9 @@
 """The memmit loop: rounds -> shard turns -> optimizer steps with AGC -> aggregation (DESIGN.md §1).
 
-Each process trains the shards k with k % num_processes == process_index, one after another, on one live
-model. Every process walks the same loop steps: a turn slot lasts as long as the longest shard trained in
-it, a process whose shard is done (or that has none) idles, so checkpoints and logs line up without
-asking the other processes.
+Each shard trainer (a process, or a group of processes training one shard data-parallel: group.py) trains the
+shards k with k % trainers == its index, one after another, on one live model. Every process walks the same loop
+steps: a turn slot lasts as long as the longest shard trained in it, a process whose shard is done (or that has
+none) idles, so checkpoints and logs line up without asking the other processes.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from .config import MemmitConfig, check_mixed_precision
 from .counts import SampleCounts, write_candidates
 from .data import check_captions, check_images, load_train_dataset, source_names
 from .detectors import load_detector
+from .draws import NOISE
 from .ensemble import shard_weights
 from .export import check_export
+from .group import ShardGroup
+from .loader import TurnInputs, turn_loader
 from .model import LiveModel
 from .shards import Shard, micro_batches_in_window, windows_per_turn
 from .split import build_split
@@ -86,6 +89,9 @@ class Trainer:
         )
         check_mixed_precision(cfg.mixed_precision, acc.device.type)
         set_seed(cfg.seed)
+        self.group = ShardGroup(cfg.num_shards, acc.num_processes, acc.process_index, acc.device)
+        # One micro-batch of a shard: train_batch_size on each process of its group, as in diffusers' examples.
+        self.batch_size = cfg.train_batch_size * self.group.size
         self.task = load_task(cfg)
         check_export(self.task, cfg)
         # Loaded before the data: a detector model that does not load fails in seconds.
@@ -103,10 +109,6 @@ class Trainer:
             n = len(self.dataset)
             if n < cfg.num_shards:
                 raise ValueError(f"the dataset has {n} samples, fewer than num_shards={cfg.num_shards}")
-            if cfg.num_shards < acc.num_processes:
-                raise ValueError(f"num_shards={cfg.num_shards} is smaller than the {acc.num_processes} processes: "
-                                 f"each process trains whole shards, so pass --num_shards {acc.num_processes} "
-                                 "(or a multiple)")
             self.split = build_split(self.dataset, cfg, self.detector, acc.is_local_main_process)
         if cfg.caption_column is not None and hasattr(self.task, "use_training_captions"):
             self.task.use_training_captions(self.dataset[cfg.caption_column])  # the column alone: no image decoded
@@ -116,17 +118,19 @@ class Trainer:
                                                                                          torch.float32))
         shards = self.split.shards
         self.weights = shard_weights([len(s) for s in shards], cfg.aggregation)
-        self.shards = {k: Shard(k, ids, cfg, self.task.num_train_timesteps, acc.device,
+        trainers = self.group.trainers
+        self.shards = {k: Shard(k, ids, cfg, self.task.num_train_timesteps, acc.device, self.batch_size,
                                 restart_optimizer=self.model.lora)
-                       for k, ids in enumerate(shards) if k % acc.num_processes == acc.process_index}
-        # Turn slot t trains shards t*P .. t*P+P-1 at once, one per process, for as long as the longest.
-        p = acc.num_processes
-        self.slot_windows = [max(windows_per_turn(cfg, len(s)) for s in shards[t * p:(t + 1) * p])
-                             for t in range(math.ceil(cfg.num_shards / p))]
-        if cfg.num_shards % p:
-            logger.warning(f"num_shards={cfg.num_shards} is not a multiple of the {p} processes: "
-                           f"{p - cfg.num_shards % p} process(es) idle for 1 of {len(self.slot_windows)} turns "
-                           f"every round (~{100 / len(self.slot_windows):.0f}% of their time)", main_process_only=True)
+                       for k, ids in enumerate(shards) if k % trainers == self.group.trainer}
+        # Turn slot t trains shards t*T .. t*T+T-1 at once, one per shard trainer, for as long as the longest.
+        self.slot_windows = [max(windows_per_turn(cfg, len(s), self.batch_size) for s in shards[t * trainers:
+                                                                                                (t + 1) * trainers])
+                             for t in range(math.ceil(cfg.num_shards / trainers))]
+        if cfg.num_shards % trainers:
+            logger.warning(f"num_shards={cfg.num_shards} is not a multiple of the {trainers} processes: "
+                           f"{trainers - cfg.num_shards % trainers} process(es) idle for 1 of {len(self.slot_windows)} "
+                           f"turns every round (~{100 / len(self.slot_windows):.0f}% of their time)",
+                           main_process_only=True)
         self.counts = SampleCounts(n)
         self.position, self.global_step, self.last_checkpoint_step = Position(), 0, 0
         self.nonfinite_run = 0
@@ -144,8 +148,7 @@ class Trainer:
 
     def shard_at(self, turn: int) -> Optional[Shard]:
         """This process's shard in turn slot `turn` (None: it idles)."""
-        k = turn * self.accelerator.num_processes + self.accelerator.process_index
-        return self.shards.get(k)
+        return self.shards.get(turn * self.group.trainers + self.group.trainer)
 
     def train(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -175,14 +178,16 @@ class Trainer:
             if first_window == 0:
                 self.model.start_turn(rnd, shard.index)
             shard.open(self.model.params, self.model.ema_average)
+            inputs = iter(self._inputs_loader(shard, first_window))
         windows = self.slot_windows[turn]
         for w in range(first_window, windows):
             logs = None
             if shard is not None and w < shard.windows:
-                logs = self._optimizer_step(shard, w)
+                logs = self._optimizer_step(shard, w, inputs)
                 if w + 1 == shard.windows:
-                    self.model.add_to_average(self.weights[shard.index],
-                                              shard.ema.shadow_params if shard.ema is not None else None)
+                    if self.group.leads:  # the group's members hold the same weights: one adds them
+                        self.model.add_to_average(self.weights[shard.index],
+                                                  shard.ema.shadow_params if shard.ema is not None else None)
                     shard.close()
             self.global_step += 1
             self.position = Position(rnd, turn, w + 1)
@@ -190,7 +195,8 @@ class Trainer:
             if logs is not None:
                 bar.set_postfix(round=rnd, shard=shard.index, loss=f"{logs['loss']:.4f}",
                                 skip=f"{100 * logs['skip_fraction']:.0f}%")
-            log_step(self.accelerator, shard.index if shard is not None else None, logs, self.global_step)
+            leads = shard is not None and self.group.leads
+            log_step(self.accelerator, shard.index if leads else None, logs if leads else None, self.global_step)
             if w + 1 < windows and self._checkpoint_due():
                 self.save_checkpoint()
         self.position = Position(rnd, turn + 1, 0)
@@ -198,32 +204,57 @@ class Trainer:
         if turn + 1 < len(self.slot_windows) and self._checkpoint_due():
             self.save_checkpoint()
 
-    def _optimizer_step(self, shard: Shard, window: int) -> dict:
+    def _inputs_loader(self, shard: Shard, first_window: int):
+        """This process's share of the shard's remaining micro-batches of the turn, made ahead in workers."""
+        cfg = self.cfg
+        count = sum(micro_batches_in_window(cfg, len(shard.ids), self.batch_size, w)
+                    for w in range(first_window, shard.windows))
+        batches = [b.part(self.group.rank, cfg.train_batch_size) for b in shard.stream.peek(count, self.batch_size)]
+        inputs = TurnInputs(self.dataset, self.split, cfg.caption_column, self.task.inputs, batches, cfg.seed,
+                            cfg.image_column)
+        return turn_loader(inputs, cfg.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+
+    def _optimizer_step(self, shard: Shard, window: int, inputs) -> dict:
         """One optimizer step's micro-batches with the AGC mask; the step's loss is the mean over the kept
-        samples of all its micro-batches. Returns log values."""
-        cfg, acc, model = self.cfg, self.accelerator, self.model
-        gen = shard.stream.generator
+        samples of all its micro-batches (of every process of the shard group). Returns log values."""
+        cfg, acc, model, group = self.cfg, self.accelerator, self.model, self.group
         kept, seen, skipped, nonfinite, loss_sum = 0, 0, 0, 0, 0.0
-        for _ in range(micro_batches_in_window(cfg, len(shard.ids), window)):
-            ids = shard.stream.next_batch(cfg.train_batch_size)
-            batch = self.task.batch(self.split.rows(self.dataset, ids, cfg.caption_column), gen)
-            with acc.autocast():
-                out = self.task.per_sample_loss(model.unet, batch, gen, acc.device)
-            keep = shard.bank.keep_mask(out.losses, out.timesteps, cfg.agc_lambda)
-            shard.bank.update(out.losses, out.timesteps)
-            finite = torch.isfinite(out.losses.detach()).cpu()
-            self.counts.record(ids, keep, finite)
-            seen, nonfinite = seen + len(ids), nonfinite + int((~finite).sum())
+        for _ in range(micro_batches_in_window(cfg, len(shard.ids), self.batch_size, window)):
+            whole = shard.stream.next_batch(self.batch_size)
+            shares = [whole.part(j, cfg.train_batch_size) for j in range(group.size)]
+            mine, batch = shares[group.rank], next(inputs)
+            if batch is not None:
+                with acc.autocast():
+                    out = self.task.per_sample_loss(model.unet, batch, mine.generators(cfg.seed, NOISE), acc.device)
+                weights = out.weights if out.weights is not None else torch.ones_like(out.losses)
+                # float64 holds fp32 losses and integer timesteps exactly: one collective for the three.
+                local = torch.stack([out.losses.detach().double(), out.timesteps.to(weights.device).double(),
+                                     weights.detach().double()], dim=1)
+            else:  # an empty share, at an epoch's end
+                local = torch.zeros((0, 3), dtype=torch.float64)
+            # The whole micro-batch, in the order one process would hold it: every member applies the same AGC
+            # mask and bank update, so all hold the same bank.
+            everyone = group.gather(local, [len(share.ids) for share in shares])
+            losses, timesteps, step_weights = everyone[:, 0].float(), everyone[:, 1].long(), everyone[:, 2].float()
+            keep = shard.bank.keep_mask(losses, timesteps, cfg.agc_lambda)
+            shard.bank.update(losses, timesteps)
+            finite = torch.isfinite(losses)
+            own = slice(group.rank * cfg.train_batch_size, group.rank * cfg.train_batch_size + len(mine.ids))
+            self.counts.record(list(mine.ids), keep[own], finite[own])
+            seen, nonfinite = seen + len(whole.ids), nonfinite + int((~finite).sum())
             skipped += int((~keep & finite).sum())
             # A micro-batch with a non-finite loss stays out of the gradient whole: masked or not, backpropagating
             # through that sample puts NaN (0 * NaN) into every weight's gradient.
             if keep.any() and finite.all():
-                # Summed now, divided by the window's kept count below: the gradient of the step's mean.
-                loss = kept_sum(out.losses, keep, out.weights)
-                shard.scaler.scale(loss).backward()
                 kept += int(keep.sum())
-                loss_sum += loss.item()
+                loss_sum += float((losses * step_weights)[keep].sum())
+                if keep[own].any():
+                    # Summed now, divided by the window's kept count below: the gradient of the step's mean.
+                    shard.scaler.scale(kept_sum(out.losses, keep[own], out.weights)).backward()
         if kept:
+            group.sum_gradients(model.params)
+            # A member whose shares kept nothing scaled no loss, and fp16's GradScaler sets its scale on first use.
+            shard.scaler.scale(torch.zeros((), device=acc.device))
             shard.scaler.unscale_(shard.optimizer)
             for p in model.params:
                 if p.grad is not None:

@@ -30,6 +30,13 @@ def fresh_accelerator():
     reset_accelerator()
 
 
+def noise_generator(seed: int, shard: int, epoch: int, position: int) -> torch.Generator:
+    """The generator of a training sample's noise and timestep, written out from the contract (draws.py): numpy's
+    SeedSequence of (seed, shard, epoch, position in the epoch's order, stream 1) seeds a CPU generator."""
+    state = np.random.SeedSequence([seed, shard, epoch, position, 1]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def make_unet(channels: int = 1, size: int = 16) -> UNet2DModel:
     torch.manual_seed(0)
     return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,

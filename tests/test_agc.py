@@ -103,19 +103,21 @@ def test_exclusion_mask_rule():
 
 
 def test_stream_drop_leaves_ids_out_of_this_epoch_and_later_ones():
-    stream = ShardStream(list(range(10, 30)), seed=3)
-    first = stream.next_batch(6)
+    stream = ShardStream(list(range(10, 30)), seed=3, shard=2)
+    first = stream.next_batch(6).ids
     rest_before = stream.order[stream.cursor:].tolist()
     gone = [rest_before[0], rest_before[5], first[0]]
     stream.drop(gone)
     rest = stream.next_batch(100)  # the batch stops at the epoch's end
-    assert rest == [i for i in rest_before if i not in gone]
-    for _ in range(3):
-        epoch = stream.next_batch(100)
-        assert sorted(epoch) == [i for i in range(10, 30) if i not in gone]
-    copy = ShardStream([0], seed=0)
+    assert list(rest.ids) == [i for i in rest_before if i not in gone]
+    assert (rest.shard, rest.epoch, rest.positions) == (2, 0, tuple(range(6, 6 + len(rest.ids))))
+    for epoch in range(1, 4):
+        batch = stream.next_batch(100)
+        assert sorted(batch.ids) == [i for i in range(10, 30) if i not in gone]
+        assert batch.epoch == epoch and batch.positions == tuple(range(len(batch.ids)))
+    copy = ShardStream([0], seed=0, shard=2)
     copy.load_state_dict(stream.state_dict())
-    assert copy.next_batch(100) == stream.next_batch(100)
+    assert copy.peek(3, 7) == [copy.next_batch(7) for _ in range(3)] == [stream.next_batch(7) for _ in range(3)]
 
 
 def test_binned_bank_shares_entries_among_consecutive_timesteps():

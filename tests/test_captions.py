@@ -79,7 +79,7 @@ def test_the_task_applies_the_rules_to_the_picked_caption(tiny_sd_pipeline, capt
     task.use_training_captions(data["text"])
     vocabulary = set(caption_vocabulary(data["text"], "text"))
     generator = seeded(0)
-    prompts = [task._training_prompt(value, generator) for value in data["text"]]
+    prompts = [task.inputs.prompt(value, generator) for value in data["text"]]
     for prompt, caption in zip(prompts, data["text"]):
         assert len(prompt.split()) == len(caption.split()) and set(prompt.split()) <= vocabulary
     assert prompts != data["text"]

@@ -13,14 +13,14 @@ from memmit.config import MemmitConfig, parse_args
 from memmit.data import ImageTransform, load_train_dataset
 from memmit.trainer import Trainer
 
-from conftest import save_pipeline
+from conftest import noise_generator, save_pipeline
 from conftest import reset_accelerator
 from test_train import args, unet_weights
 
 
 def hand_agc_run(pipe_dir: str, data_dir: str, bank_start: float, agc_lambda: float, batch: int, accumulation: int,
                  steps: int, lr: float, seed: int, reduction: str) -> tuple[dict, list[list[int]]]:
-    """K = 1 written out: the shard's draws (order, then per micro-batch noise and timesteps), the AGC rule
+    """K = 1 written out: the shard's draws (its order; each sample's noise then timestep from its own generator), the AGC rule
     on a bank that starts at `bank_start` everywhere, and one AdamW step per window on the concatenated
     window. reduction "window": mean over the window's kept samples; "micro": the mean of micro-batch means."""
     pipe = DDPMPipeline.from_pretrained(pipe_dir)
@@ -35,12 +35,13 @@ def hand_agc_run(pipe_dir: str, data_dir: str, bank_start: float, agc_lambda: fl
     for _ in range(steps):
         x0, noise, t = [], [], []
         for _ in range(accumulation):
-            x = torch.stack([transform(images[i]) for i in order[cursor:cursor + batch]])
+            x0.append(torch.stack([transform(images[i]) for i in order[cursor:cursor + batch]]))
+            for position in range(cursor, cursor + batch):  # all in epoch 0
+                sample = noise_generator(seed, 0, 0, position)
+                noise.append(torch.randn((1, 16, 16), generator=sample))
+                t.append(torch.randint(0, sched.config.num_train_timesteps, (), generator=sample))
             cursor += batch
-            x0.append(x)
-            noise.append(torch.randn(x.shape, generator=gen))
-            t.append(torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen))
-        x0, noise, t = torch.cat(x0), torch.cat(noise), torch.cat(t)
+        x0, noise, t = torch.cat(x0), torch.stack(noise), torch.stack(t)
         losses = (unet(sched.add_noise(x0, noise, t), t).sample - noise).pow(2).flatten(1).mean(1)
         keep = []
         for i, (loss, step) in enumerate(zip(losses.tolist(), t.tolist())):

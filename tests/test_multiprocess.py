@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--num_shards", "4", "--num_rounds", "2", "--local_epochs", "2", "--agc_lambda", "0.8",
-          "--agc_exclusion", "0.5", "--agc_exclusion_min_visits", "2",
+# AGC strict enough, on a bank of 10 entries, that 24 digits see exclusions after round 0.
+COMMON = ["--num_shards", "4", "--num_rounds", "2", "--local_epochs", "2", "--agc_lambda", "0.95",
+          "--agc_bank_bins", "10", "--agc_exclusion", "0.5", "--agc_exclusion_min_visits", "2",
           "--train_batch_size", "4", "--report_to", "none", "--num_validation_images", "0"]
 
 
@@ -115,9 +116,42 @@ def test_checkpoint_mid_turn_on_two_processes_resumes_exactly_and_every_process_
     assert {"shard_0/loss", "shard_1/loss", "shard_1/skip_fraction"} <= metrics, metrics
 
 
-def test_one_shard_on_two_processes_says_how_many_shards_to_ask_for(tiny_pipeline, digits_dir, tmp_path):
-    proc = launch(2, tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", "1")
+def test_one_shard_on_two_processes_equals_one_process_with_twice_the_batch(tiny_pipeline, digits_dir, tmp_path):
+    """K = 1 trained by a group of two processes, each taking half of every micro-batch (loaded in workers), is
+    one process with the whole micro-batch: the same AGC masks and bank, so the same skips and exclusions."""
+    extra = ["--num_shards", "1", "--local_epochs", "3"]
+    finish(launch(1, tiny_pipeline, digits_dir, tmp_path / "one", *extra, "--train_batch_size", "6"))
+    finish(launch(2, tiny_pipeline, digits_dir, tmp_path / "two", *extra, "--train_batch_size", "3",
+                  "--dataloader_num_workers", "1"))
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in one:
+        # The gradient is summed in another order (two halves, then an all-reduce).
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    candidates = (tmp_path / "one" / "memmit" / "candidates.csv").read_text()
+    assert candidates == (tmp_path / "two" / "memmit" / "candidates.csv").read_text()
+    assert any(int(row.split(",")[3]) for row in candidates.splitlines()[1:]), "AGC skipped nothing: nothing tested"
+    excluded = (tmp_path / "one" / "memmit" / "excluded.json").read_text()
+    assert '"round": 0' in excluded and excluded == (tmp_path / "two" / "memmit" / "excluded.json").read_text()
+
+
+def test_two_shards_on_four_processes_resume_exactly_from_mid_round(tiny_pipeline, digits_dir, tmp_path):
+    """Two groups of two; killed inside the first round's turn (with a data-loading worker each), resumed."""
+    extra = ["--num_shards", "2", "--train_batch_size", "2", "--dataloader_num_workers", "1", "--random_flip"]
+    finish(launch(4, tiny_pipeline, digits_dir, tmp_path / "ref", *extra, "--checkpointing_steps", "1000"))
+    out = tmp_path / "killed"
+    steps = kill_after_first_checkpoint(launch(4, tiny_pipeline, digits_dir, out, *extra, "--checkpointing_steps", "1"),
+                                        out)
+    assert steps and steps[-1] < 6, f"not killed inside the first round: {steps}"  # 12 samples a shard, 4 a step
+    log = finish(launch(4, tiny_pipeline, digits_dir, out, *extra, "--checkpointing_steps", "1",
+                        "--resume_from_checkpoint", "latest"))
+    assert "resumed from" in log
+    ref, resumed = weights(tmp_path / "ref"), weights(out)
+    assert all(torch.equal(resumed[k], ref[k]) for k in ref)
+
+
+def test_shards_that_cannot_share_the_processes_evenly_are_refused(tiny_pipeline, digits_dir, tmp_path):
+    proc = launch(3, tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", "2")
     log = proc.communicate()[0].decode()
     assert proc.returncode != 0
-    assert "num_shards=1 is smaller than the 2 processes" in log and "pass --num_shards 2" in log, log
+    assert "num_shards=2 does not divide the 3 processes" in log and "pass --num_shards 1 | 3" in log, log
     assert not (tmp_path / "out" / "model_index.json").exists()

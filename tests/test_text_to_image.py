@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from memmit.cli import train_main
 from memmit.config import parse_args
-from memmit.tasks import TextToImageTask, load_task
+from memmit.tasks import TextToImageTask, load_task, tokenize
 from memmit.cli import run
 
 from conftest import save_sd_pipeline
@@ -36,6 +36,11 @@ def rows(data, n: int = 6) -> dict:
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def generators(seed: int, n: int) -> list[torch.Generator]:
+    """One generator per sample, as the trainer gives the task (any distinct seeds do here)."""
+    return [seeded(1000 * seed + i) for i in range(n)]
 
 
 def test_end_to_end_exports_a_stable_diffusion_pipeline_that_generates(tiny_sd_pipeline, captioned_digits_dir,
@@ -68,11 +73,11 @@ def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_
                                                                          tmp_path):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--caption_column", "captions")
     data = rows(captioned_digits_dir)
-    choices = [task.batch(data, seeded(seed))["input_ids"] for seed in range(4)]
-    assert torch.equal(choices[0], task.batch(data, seeded(0))["input_ids"])
+    choices = [task.inputs(data, generators(seed, 6))["input_ids"] for seed in range(4)]
+    assert torch.equal(choices[0], task.inputs(data, generators(0, 6))["input_ids"])
     assert any(not torch.equal(choices[0], other) for other in choices[1:])
     for ids, captions in zip(choices[0], data["captions"]):
-        assert any(torch.equal(ids, option) for option in task.tokenize(captions))
+        assert any(torch.equal(ids, option) for option in tokenize(task.tokenizer, captions))
 
     out = tmp_path / "out"
     run(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "captions",
@@ -82,24 +87,24 @@ def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_
 
 def test_caption_dropout_one_trains_on_the_empty_prompt_only(tiny_sd_pipeline, captioned_digits_dir):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--caption_dropout", 1.0)
-    ids = task.batch(rows(captioned_digits_dir), seeded())["input_ids"]
-    assert torch.equal(ids, task.tokenize([""]).expand_as(ids))
+    ids = task.inputs(rows(captioned_digits_dir), generators(0, 6))["input_ids"]
+    assert torch.equal(ids, tokenize(task.tokenizer, [""]).expand_as(ids))
 
 
 def test_empty_or_missing_captions_are_the_empty_prompt_and_bad_ones_are_named(tiny_sd_pipeline, captioned_digits_dir):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir)
     data = rows(captioned_digits_dir, 3)
     data["text"] = ["", None, "a handwritten digit"]
-    batch = task.batch(data, seeded())
-    empty = task.tokenize([""])[0]
+    batch = task.inputs(data, generators(0, 3))
+    empty = tokenize(task.tokenizer, [""])[0]
     assert torch.equal(batch["input_ids"][0], empty) and torch.equal(batch["input_ids"][1], empty)
     assert not torch.equal(batch["input_ids"][2], empty)
-    out = task.per_sample_loss(task.unet, batch, seeded(), torch.device("cpu"))
+    out = task.per_sample_loss(task.unet, batch, generators(1, 3), torch.device("cpu"))
     assert out.losses.shape == (3,) and torch.isfinite(out.losses).all() and out.weights is None
 
     data["text"] = [7, "a", "b"]
     with pytest.raises(ValueError, match="caption_column 'text' holds 7 of type int"):
-        task.batch(data, seeded())
+        task.inputs(data, generators(0, 3))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -128,17 +133,21 @@ def test_conditional_pipelines_this_task_cannot_train_are_refused(tiny_sd_pipeli
 
 def reference_loss(pipe_dir: str, batch: dict, seed: int,
                    text_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample loss, timesteps and SNR written out from the schedule's alphas_cumprod, on a fresh load;
-    `text_noise`: Gaussian noise of that std on the text embeddings, drawn after the latents (GNI)."""
+    """Per-sample loss, timesteps and SNR written out from the schedule's alphas_cumprod, on a fresh load.
+    Sample i draws from its own generator: its latent, then (`text_noise`: GNI of that std) its text-embedding
+    noise, its noise, its timestep."""
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
-    gen = seeded(seed)
     with torch.no_grad():
-        latents = pipe.vae.encode(batch["pixels"]).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+        dist = pipe.vae.encode(batch["pixels"]).latent_dist
         text = pipe.text_encoder(batch["input_ids"])[0]
-        if text_noise:
-            text = text + text_noise * torch.randn(text.shape, generator=gen)
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+        latents, texts, noise, t = [], [], [], []
+        for i, gen in enumerate(generators(seed, len(text))):
+            latents.append(dist.mean[i] + dist.std[i] * torch.randn(dist.mean.shape[1:], generator=gen))
+            texts.append(text[i] + text_noise * torch.randn(text.shape[1:], generator=gen) if text_noise else text[i])
+            noise.append(torch.randn(dist.mean.shape[1:], generator=gen))
+            t.append(torch.randint(0, pipe.scheduler.config.num_train_timesteps, (), generator=gen))
+        latents, text = torch.stack(latents) * pipe.vae.config.scaling_factor, torch.stack(texts)
+        noise, t = torch.stack(noise), torch.stack(t)
         alpha_bar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
         if pipe.scheduler.config.prediction_type == "epsilon":
@@ -156,11 +165,11 @@ def test_loss_target_and_min_snr_weights_match_a_written_out_computation(caption
     gamma = 5.0
     plain, weighted = make_task(pipe_dir, captioned_digits_dir), make_task(pipe_dir, captioned_digits_dir,
                                                                            "--snr_gamma", gamma)
-    batch = plain.batch(rows(captioned_digits_dir, 8), seeded(1))
+    batch = plain.inputs(rows(captioned_digits_dir, 8), generators(1, 8))
     cpu = torch.device("cpu")
     with torch.no_grad():
-        out_plain = plain.per_sample_loss(plain.unet, batch, seeded(2), cpu)
-        out = weighted.per_sample_loss(plain.unet, batch, seeded(2), cpu)
+        out_plain = plain.per_sample_loss(plain.unet, batch, generators(2, 8), cpu)
+        out = weighted.per_sample_loss(plain.unet, batch, generators(2, 8), cpu)
     loss, t, snr = reference_loss(pipe_dir, batch, seed=2)
 
     assert torch.equal(out.timesteps, t) and out_plain.weights is None
@@ -173,9 +182,9 @@ def test_loss_target_and_min_snr_weights_match_a_written_out_computation(caption
 
 def test_text_embedding_noise_matches_a_written_out_computation(tiny_sd_pipeline, captioned_digits_dir):
     noisy = make_task(tiny_sd_pipeline, captioned_digits_dir, "--text_embedding_noise", 0.5)
-    batch = noisy.batch(rows(captioned_digits_dir, 8), seeded(1))
+    batch = noisy.inputs(rows(captioned_digits_dir, 8), generators(1, 8))
     with torch.no_grad():
-        out = noisy.per_sample_loss(noisy.unet, batch, seeded(2), torch.device("cpu"))
+        out = noisy.per_sample_loss(noisy.unet, batch, generators(2, 8), torch.device("cpu"))
     loss, t, _ = reference_loss(tiny_sd_pipeline, batch, seed=2, text_noise=0.5)
     assert torch.equal(out.timesteps, t)
     torch.testing.assert_close(out.losses, loss)
@@ -192,9 +201,9 @@ def test_bf16_runs_frozen_parts_in_bf16_and_keeps_the_unet_and_the_saved_parts_f
         assert not any(p.requires_grad for p in frozen.parameters())
     assert task.pipeline.vae.dtype == task.pipeline.text_encoder.dtype == torch.float32
 
-    batch = task.batch(rows(captioned_digits_dir, 4), seeded())
+    batch = task.inputs(rows(captioned_digits_dir, 4), generators(0, 4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = task.per_sample_loss(task.unet, batch, seeded(), torch.device("cpu"))
+        out = task.per_sample_loss(task.unet, batch, generators(1, 4), torch.device("cpu"))
     out.losses.mean().backward()
     assert out.losses.dtype == torch.float32
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in task.unet.parameters())

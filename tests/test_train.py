@@ -22,7 +22,7 @@ from memmit.data import ImageTransform, load_train_dataset
 from memmit.cli import run
 from memmit.trainer import Trainer
 
-from conftest import reset_accelerator, save_pipeline
+from conftest import noise_generator, reset_accelerator, save_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,9 @@ def unet_weights(out) -> dict:
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_end_to_end_export_reloads_and_generates(tiny_pipeline, digits_dir, tmp_path, num_shards):
     out = tmp_path / "out"
+    # 10 bank entries: each shard sees only a dozen timesteps of 50, and skips need an entry seen before.
     cfg = parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", num_shards, "--num_rounds", 2,
-                          "--agc_lambda", 0.9))
+                          "--agc_lambda", 0.9, "--agc_bank_bins", 10))
     run(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoints", "memmit", "model_index.json",
                                                     "scheduler", "unet"]
@@ -74,8 +75,8 @@ def test_one_shard_no_agc_equals_plain_finetuning(tiny_pipeline, digits_dir, tmp
     trainer = run(cfg)
     device = trainer.accelerator.device
 
-    # The plain loop: one AdamW, one schedule, mean-squared error on epsilon, the same random draws
-    # (data order, then per batch noise and timesteps) from one seeded generator.
+    # The plain loop: one AdamW, one schedule, mean-squared error on epsilon, the same random draws (the data
+    # order from one seeded generator, each sample's noise then timestep from its own).
     pipe = DDPMPipeline.from_pretrained(tiny_pipeline)
     unet, sched = pipe.unet.to(device).train(), pipe.scheduler
     ds = load_train_dataset(dataset_name=digits_dir)
@@ -84,12 +85,13 @@ def test_one_shard_no_agc_equals_plain_finetuning(tiny_pipeline, digits_dir, tmp
     steps = 2 * 6
     lr_sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=steps)
     gen = torch.Generator().manual_seed(cfg.seed + 1000)
-    for _ in range(2):
+    for epoch in range(2):
         order = torch.randperm(24, generator=gen).tolist()
         for b in range(6):
             x0 = torch.stack([transform(img) for img in ds[order[4 * b:4 * b + 4]]["image"]])
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, sched.config.num_train_timesteps, (4,), generator=gen)
+            samples = [noise_generator(cfg.seed, 0, epoch, position) for position in range(4 * b, 4 * b + 4)]
+            noise = torch.stack([torch.randn((1, 16, 16), generator=g) for g in samples])
+            t = torch.stack([torch.randint(0, sched.config.num_train_timesteps, (), generator=g) for g in samples])
             x0, noise, t = x0.to(device), noise.to(device), t.to(device)
             loss = torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
             loss.backward()

@@ -1,0 +1,58 @@
+"""Training inputs made ahead of the loop, in `torch.utils.data` workers (--dataloader_num_workers).
+
+A shard turn's micro-batches are known before it starts (the stream is deterministic), so the loader gets them
+as a list and decodes, transforms and tokenizes them in workers while the model trains; each sample's draws come
+from its own keyed generator, so the inputs are the same with 0 or N workers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import datasets
+from torch.utils.data import DataLoader, Dataset
+
+from .data import source_names
+from .draws import DATA
+from .shards import MicroBatch
+from .split import Split
+
+
+class TurnInputs(Dataset):
+    """Item i: the model inputs of micro-batch i (a dict of stacked tensors), or None for an empty share."""
+
+    def __init__(self, dataset: datasets.Dataset, split: Split, caption_column: Optional[str],
+                 make_inputs: Callable[[dict, list], dict], batches: Sequence[MicroBatch], seed: int,
+                 image_column: str):
+        self.dataset, self.split, self.caption_column = dataset, split, caption_column
+        self.make_inputs, self.batches, self.seed, self.image_column = make_inputs, batches, seed, image_column
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        batch = self.batches[i]
+        if not batch.ids:
+            return None
+        try:
+            return self._inputs(batch)
+        except Exception as exc:  # PIL and datasets raise many types for a bad file: find and name the sample
+            raise ValueError(f"cannot make the training inputs of {self._culprit(batch)}: {exc}") from exc
+
+    def _inputs(self, batch: MicroBatch) -> dict:
+        rows = self.split.rows(self.dataset, list(batch.ids), self.caption_column)
+        return self.make_inputs(rows, batch.generators(self.seed, DATA))
+
+    def _culprit(self, batch: MicroBatch) -> str:
+        for j, sample in enumerate(batch.ids):
+            try:
+                self._inputs(MicroBatch(batch.shard, batch.epoch, (sample,), (batch.positions[j],)))
+            except Exception:
+                name = source_names(self.dataset.select([sample]), self.image_column)[0]
+                return f"sample {sample}" + (f" ({name})" if not name.startswith("index ") else "")
+        return f"samples {list(batch.ids)}"
+
+
+def turn_loader(inputs: TurnInputs, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Items in order (the stream already ordered them), made `num_workers` at a time ahead of the loop."""
+    return DataLoader(inputs, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)

@@ -1,0 +1,56 @@
+"""Training inputs made in data-loading workers: the same weights with 0 or 2 workers, and a bad sample named."""
+
+from __future__ import annotations
+
+import io
+
+import datasets
+import pytest
+import torch
+
+from memmit.cli import run
+from memmit.config import parse_args
+from memmit.loader import TurnInputs, turn_loader
+from memmit.shards import MicroBatch
+from memmit.split import Split
+
+from conftest import mnist_images
+from test_text_to_image import make_task, weights
+from test_train import args
+
+
+def test_two_workers_give_the_weights_the_main_process_gives(tiny_sd_pipeline, captioned_digits_dir, tmp_path):
+    """Every data-side draw is on: random crops (24 px images at 16), flips, the pick among a row's captions,
+    dropout and caption replacement; two epochs per turn, so batches cross an epoch's end."""
+    common = ["--caption_column", "captions", "--num_shards", 2, "--num_rounds", 2, "--local_epochs", 2,
+              "--train_batch_size", 5, "--resolution", 16, "--random_flip", "--caption_dropout", 0.3,
+              "--caption_replace_prob", 0.5, "--agc_lambda", 0.9]
+    for workers in (0, 2):
+        run(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path / str(workers), *common,
+                            "--dataloader_num_workers", workers)))
+    main, workers = weights(tmp_path / "0", "unet"), weights(tmp_path / "2", "unet")
+    assert all(torch.equal(main[k], workers[k]) for k in main)
+    assert (tmp_path / "0" / "memmit" / "candidates.csv").read_text() == \
+        (tmp_path / "2" / "memmit" / "candidates.csv").read_text()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_sample_that_cannot_be_made_into_inputs_is_named(tiny_sd_pipeline, captioned_digits_dir, num_workers):
+    """A file that went bad after the checks before training (they decode every image once)."""
+    images, _ = mnist_images(4)
+    encoded = []
+    for img in images:
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    encoded[3] = {"bytes": b"not an image any more", "path": None}
+    ds = datasets.Dataset.from_dict({"image": encoded, "text": ["a one", "a two", "a three", "a four"]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "text": datasets.Value("string")}))
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir)
+    batches = [MicroBatch(0, 0, (0, 1), (0, 1)), MicroBatch(0, 0, (2, 3), (2, 3))]
+    inputs = TurnInputs(ds, Split([[0, 1, 2, 3]]), "text", task.inputs, batches, seed=0, image_column="image")
+    loader = iter(turn_loader(inputs, num_workers, pin_memory=False))
+    assert next(loader)["pixels"].shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"cannot make the training inputs of sample 3: "):
+        next(loader)
