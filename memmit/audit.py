@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,7 @@ from accelerate.utils import broadcast_object_list
 
 import memmit
 
+from .cache import cache_root, hash_tensor
 from .config import EvalConfig, MemmitConfig
 from .evaluate import (Prepared, compare_rows, draw_compare, format_compare, prepare_evaluation, run_evaluation,
                        sample_on_processes)
@@ -32,21 +32,8 @@ logger = logging.getLogger(__name__)
 LOCATION_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "output_dir")
 
 
-def cache_root() -> Path:
-    """$MEMMIT_CACHE, else $XDG_CACHE_HOME/memmit, else ~/.cache/memmit."""
-    if os.environ.get("MEMMIT_CACHE"):
-        return Path(os.environ["MEMMIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "memmit"
-
-
 def eval_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "memmit" / "eval"
-
-
-def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # as uint8: numpy has no bfloat16
 
 
 def fingerprint(p: Prepared) -> str:
@@ -56,7 +43,7 @@ def fingerprint(p: Prepared) -> str:
     for name, component in sorted(p.task.pipeline.components.items()):
         if isinstance(component, torch.nn.Module):
             for key, t in component.state_dict().items():
-                _hash_tensor(h, f"{name}.{key}", t)
+                hash_tensor(h, f"{name}.{key}", t)
         config = getattr(component, "config", None)
         if isinstance(config, dict):  # diffusers' ConfigMixin; "_name_or_path" and the like say where, not what
             h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True,
@@ -66,7 +53,7 @@ def fingerprint(p: Prepared) -> str:
     settings = {k: v for k, v in dataclasses.asdict(p.config).items() if k not in LOCATION_SETTINGS}
     h.update(json.dumps({"settings": settings, "sources": p.sources, "clusters": p.clusters, "prompts": p.prompts,
                          "device": p.device.type, "memmit": memmit.__version__}, sort_keys=True).encode())
-    _hash_tensor(h, "train", p.train)
+    hash_tensor(h, "train", p.train)
     return h.hexdigest()
 
 

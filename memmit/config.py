@@ -168,6 +168,7 @@ class MemmitConfig(ModelDataConfig):
     resolution: Optional[int] = opt(None, "Training resolution; defaults to the UNet's sample_size.")
     center_crop: bool = opt(False, "Center-crop to the resolution (otherwise random crop).")
     random_flip: bool = opt(False, "Randomly flip images horizontally.")
+    cache_latents: bool = opt(False, "Text-to-image: encode every training image with the VAE (and its mirror image, with --random_flip) and every training caption with the text encoder once, store them under $MEMMIT_CACHE/latents (default ~/.cache/memmit), and train from them; later runs with the same model, data and settings reuse them. Needs --center_crop.")
     dataloader_num_workers: int = opt(0, "Processes that decode and transform training images ahead of the loop (0: the main process does it). The result is the same for any number.", resume="free")
 
     # Method: Iterative Ensemble Training
@@ -274,6 +275,9 @@ class MemmitConfig(ModelDataConfig):
         need(self.agc_exclusion_min_visits >= 1, f"agc_exclusion_min_visits must be >= 1, got {self.agc_exclusion_min_visits}")
         need(0 <= self.agc_bank_decay < 1, f"agc_bank_decay must be in [0, 1), got {self.agc_bank_decay}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(not self.cache_latents or self.center_crop,
+             "--cache_latents needs --center_crop: a random crop differs at every step, and the cache holds one crop "
+             "per image (flips are cached both ways)")
         need(self.dataloader_num_workers >= 0, f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
         need(self.train_batch_size >= 1, f"train_batch_size must be >= 1, got {self.train_batch_size}")
         need(self.gradient_accumulation_steps >= 1, f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")

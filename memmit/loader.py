@@ -19,12 +19,15 @@ from .split import Split
 
 
 class TurnInputs(Dataset):
-    """Item i: the model inputs of micro-batch i (a dict of stacked tensors), or None for an empty share."""
+    """Item i: the model inputs of micro-batch i (a dict of stacked tensors), or None for an empty share.
+    `make_inputs(rows, generators, ids)` reads the dataset columns it names in `make_inputs.columns`."""
 
     def __init__(self, dataset: datasets.Dataset, split: Split, caption_column: Optional[str],
-                 make_inputs: Callable[[dict, list], dict], batches: Sequence[MicroBatch], seed: int,
+                 make_inputs: Callable[[dict, list, Sequence[int]], dict], batches: Sequence[MicroBatch], seed: int,
                  image_column: str):
-        self.dataset, self.split, self.caption_column = dataset, split, caption_column
+        # Only the columns the inputs read: cached latents (latents.py) need no image decoded.
+        self.dataset, self.rows_of = dataset, dataset.select_columns(list(make_inputs.columns))
+        self.split, self.caption_column = split, caption_column
         self.make_inputs, self.batches, self.seed, self.image_column = make_inputs, batches, seed, image_column
 
     def __len__(self) -> int:
@@ -40,8 +43,8 @@ class TurnInputs(Dataset):
             raise ValueError(f"cannot make the training inputs of {self._culprit(batch)}: {exc}") from exc
 
     def _inputs(self, batch: MicroBatch) -> dict:
-        rows = self.split.rows(self.dataset, list(batch.ids), self.caption_column)
-        return self.make_inputs(rows, batch.generators(self.seed, DATA))
+        rows = self.split.rows(self.rows_of, list(batch.ids), self.caption_column)
+        return self.make_inputs(rows, batch.generators(self.seed, DATA), batch.ids)
 
     def _culprit(self, batch: MicroBatch) -> str:
         for j, sample in enumerate(batch.ids):

@@ -52,7 +52,13 @@ class ImageInputs:
     image_column: str
     transform: ImageTransform
 
-    def __call__(self, rows: dict, generators: Sequence[torch.Generator]) -> dict:
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The dataset columns it reads."""
+        return (self.image_column,)
+
+    def __call__(self, rows: dict, generators: Sequence[torch.Generator], ids: Sequence[int] = ()) -> dict:
+        """`ids`: the rows' sample ids, which inputs read from the rows themselves do not need."""
         return {"pixels": torch.stack([self.transform(img, g) for img, g in zip(rows[self.image_column], generators)])}
 
 
@@ -66,7 +72,11 @@ class CaptionedImageInputs(ImageInputs):
     caption_noise: CaptionNoise = field(default_factory=CaptionNoise)
     tokenizer: Any = None
 
-    def __call__(self, rows: dict, generators: Sequence[torch.Generator]) -> dict:
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (self.image_column, self.caption_column)
+
+    def __call__(self, rows: dict, generators: Sequence[torch.Generator], ids: Sequence[int] = ()) -> dict:
         inputs = super().__call__(rows, generators)
         prompts = [self.prompt(value, g) for value, g in zip(rows[self.caption_column], generators)]
         return dict(inputs, input_ids=tokenize(self.tokenizer, prompts))
@@ -269,12 +279,15 @@ class TextToImageTask(DenoisingTask):
         noise (text_embedding_noise > 0), between them.
         """
         with torch.no_grad():
-            posterior = self.vae.encode(batch["pixels"].to(device, self.weight_dtype)).latent_dist
+            if "latent_mean" in batch:  # --cache_latents (latents.py)
+                mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            else:
+                posterior = self.vae.encode(batch["pixels"].to(device, self.weight_dtype)).latent_dist
+                mean, std = posterior.mean, posterior.std
             # DiagonalGaussianDistribution.sample's formula, with one generator per sample.
-            eps = per_sample_randn(posterior.mean.shape[1:], generators).to(device, posterior.mean.dtype)
-            latents = (posterior.mean + posterior.std * eps).float() * self.vae.config.scaling_factor
-            # fp32 inputs keep the fp32 UNet working where autocast is off (a caller outside accelerate's autocast).
-            text = self.text_encoder(batch["input_ids"].to(device))[0].float()
+            eps = per_sample_randn(mean.shape[1:], generators).to(device, mean.dtype)
+            latents = (mean + std * eps).float() * self.vae.config.scaling_factor
+            text = self._text_embeddings(batch, device)
             if self.text_embedding_noise:  # Somepalli et al.'s GNI: the same caption never conditions alike twice
                 text = text + self.text_embedding_noise * per_sample_randn(text.shape[1:], generators).to(device)
         out = self.denoising_loss(unet, latents, generators, device, encoder_hidden_states=text)
@@ -282,6 +295,16 @@ class TextToImageTask(DenoisingTask):
             out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,
                                           self.prediction_type)
         return out
+
+    def _text_embeddings(self, batch: dict, device: torch.device) -> torch.Tensor:
+        """The text encoder's output for the batch's prompts, fp32 (it keeps the fp32 UNet working where autocast
+        is off); with --cache_latents read from the cache, except for prompts the caption rules made up."""
+        if "text" not in batch:
+            return self.text_encoder(batch["input_ids"].to(device))[0].float()
+        text, missing = batch["text"].to(device).float(), batch["encode"].to(device)
+        if missing.any():
+            text[missing] = self.text_encoder(batch["input_ids"].to(device)[missing])[0].float()
+        return text
 
     @torch.no_grad()
     def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,

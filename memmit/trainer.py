@@ -31,6 +31,7 @@ from .draws import NOISE
 from .ensemble import shard_weights
 from .export import check_export
 from .group import ShardGroup
+from .latents import cached_inputs, check_cache_latents
 from .loader import TurnInputs, turn_loader
 from .model import LiveModel
 from .shards import Shard, micro_batches_in_window, windows_per_turn
@@ -94,6 +95,8 @@ class Trainer:
         self.batch_size = cfg.train_batch_size * self.group.size
         self.task = load_task(cfg)
         check_export(self.task, cfg)
+        if cfg.cache_latents:
+            check_cache_latents(self.task)
         # Loaded before the data: a detector model that does not load fails in seconds.
         self.detector = load_detector(cfg.dedup_features, cfg.dedup_threshold, self.task.resolution,
                                       self.task.channels, acc.device)
@@ -116,6 +119,10 @@ class Trainer:
         self.model = LiveModel(self.task.unet, cfg, acc.device)
         self.task.prepare(acc.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision,
                                                                                          torch.float32))
+        if cfg.cache_latents:  # each machine's main process encodes (or finds) them, the others then read them
+            with acc.local_main_process_first():
+                self.task.inputs = cached_inputs(self.task, self.dataset, cfg.image_column, cfg.caption_column,
+                                                 cfg.random_flip, acc.device, acc.is_local_main_process)
         shards = self.split.shards
         self.weights = shard_weights([len(s) for s in shards], cfg.aggregation)
         trainers = self.group.trainers

@@ -1,0 +1,153 @@
+"""--cache_latents: the VAE's latent distribution of every training image (and of its mirror image, with
+--random_flip) and the text encoder's output for every training caption and the empty prompt, computed once,
+batched on the accelerator, and kept under cache_root()/latents/<key>/ for later runs.
+
+The key is a hash of what the values depend on: the VAE's and text encoder's weights and configs, the
+tokenizer, the dataset's fingerprint, the caption column, resolution, flip and the dtype the frozen parts run in.
+A latent is still sampled at every step (mean + std x noise, the noise from the sample's own generator) and the
+flip coin and the prompt are drawn as without the cache, so a run with the cache draws what one without it draws.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import datasets
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .cache import cache_root, hash_tensor
+from .data import ImageTransform, iter_images, pick_caption
+from .tasks import CaptionedImageInputs, TextToImageTask, tokenize
+
+CACHE_BATCH = 32  # images (or captions) per encoder call while caching
+
+
+def check_cache_latents(task) -> None:
+    """Refuse what the cache cannot serve, before any data is loaded (config.py refuses a random crop)."""
+    if not isinstance(task, TextToImageTask):
+        raise ValueError(f"--cache_latents caches the VAE latents and text-encoder outputs of text-to-image pipelines; "
+                         f"{type(task.pipeline).__name__} trains on pixels (nothing to cache)")
+    root = cache_root() / "latents"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as exc:
+        raise ValueError(f"--cache_latents: the cache directory {root} is not writable ({exc.strerror}); set "
+                         "MEMMIT_CACHE to a writable folder") from exc
+
+
+def training_prompts(captions: Sequence, column: str) -> list[str]:
+    """Every prompt a step can draw without caption rules: each caption (every one of a list) and the empty one."""
+    return list(dict.fromkeys([""] + [pick_caption(c, "first", column) for value in captions
+                                      for c in (value if isinstance(value, (list, tuple)) else [value])]))
+
+
+def cache_key(task: TextToImageTask, dataset: datasets.Dataset, caption_column: str, random_flip: bool) -> str:
+    h = hashlib.sha256()
+    for name in ("vae", "text_encoder"):
+        module = getattr(task, name)
+        for key, t in module.state_dict().items():
+            hash_tensor(h, f"{name}.{key}", t)
+        h.update(json.dumps({k: v for k, v in module.config.items() if not k.startswith("_")} if isinstance(
+            module.config, dict) else module.config.to_dict(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(task.tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps({"dataset": dataset._fingerprint, "caption_column": caption_column,
+                         "resolution": task.resolution, "random_flip": random_flip, "dtype": str(task.weight_dtype),
+                         "format": 1}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Dataset, image_column: str,
+                caption_column: str, random_flip: bool, device: torch.device, show_progress: bool = True) -> None:
+    """Encode every image (center crop; and mirrored) and every training prompt; written whole or not at all."""
+    transform = ImageTransform(task.resolution, task.channels, center_crop=True)
+    latents: dict[str, list[torch.Tensor]] = {name: [] for name in ("mean", "std", "mean_flipped", "std_flipped")}
+
+    def encode(pixels: list[torch.Tensor]) -> None:
+        x = torch.stack(pixels).to(device, task.weight_dtype)
+        for suffix, images in [("", x)] + ([("_flipped", x.flip(-1))] if random_flip else []):
+            dist = task.vae.encode(images).latent_dist
+            latents["mean" + suffix].append(dist.mean.cpu())
+            latents["std" + suffix].append(dist.std.cpu())
+
+    pending: list[torch.Tensor] = []
+    for img in iter_images(dataset, image_column, "caching latents", show_progress):
+        pending.append(transform(img))
+        if len(pending) == CACHE_BATCH:
+            encode(pending)
+            pending = []
+    if pending:
+        encode(pending)
+    prompts = training_prompts(dataset[caption_column], caption_column)
+    text = [task.text_encoder(tokenize(task.tokenizer, prompts[i:i + CACHE_BATCH]).to(device))[0].cpu()
+            for i in tqdm(range(0, len(prompts), CACHE_BATCH), desc="caching text embeddings",
+                          disable=not show_progress, leave=False)]
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
+    save_file({name: torch.cat(parts).contiguous() for name, parts in latents.items() if parts},
+              str(tmp / "latents.safetensors"))
+    save_file({"text": torch.cat(text).contiguous()}, str(tmp / "text.safetensors"))
+    (tmp / "prompts.json").write_text(json.dumps(prompts))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def cached_inputs(task: TextToImageTask, dataset: datasets.Dataset, image_column: str, caption_column: str,
+                  random_flip: bool, device: torch.device, show_progress: bool = True) -> "CachedInputs":
+    """The cache for this run's settings, built if no earlier run left it; inputs that read it."""
+    directory = cache_root() / "latents" / cache_key(task, dataset, caption_column, random_flip)
+    if (directory / "prompts.json").is_file():
+        said = f"reusing the cached latents and text embeddings in {directory}"
+    else:
+        build_cache(directory, task, dataset, image_column, caption_column, random_flip, device, show_progress)
+        said = f"latents and text embeddings cached in {directory}"
+    if show_progress:
+        print(f"memmit: {said}")
+    return CachedInputs(str(directory), random_flip, task.inputs)
+
+
+class CachedInputs:
+    """Dataset rows -> model inputs from the cache: each sample's latent mean and std (mirrored when its flip coin
+    says so) and its prompt's text embedding; a prompt the caption rules made up is tokenized, for the text
+    encoder to encode in the step. Draws what CaptionedImageInputs draws (a center crop draws nothing)."""
+
+    def __init__(self, directory: str, random_flip: bool, prompts: CaptionedImageInputs):
+        self.directory, self.random_flip, self.prompts = directory, random_flip, prompts
+        self.index = {p: i for i, p in enumerate(json.loads((Path(directory) / "prompts.json").read_text()))}
+        self.columns = (prompts.caption_column,)  # no image is decoded
+        self._files: Optional[dict] = None  # opened in the process that reads (a data-loading worker)
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _files=None)
+
+    def _file(self, name: str):
+        if self._files is None:
+            self._files = {n: safe_open(str(Path(self.directory) / f"{n}.safetensors"), "pt") for n in ("latents",
+                                                                                                     "text")}
+        return self._files[name]
+
+    def _rows(self, file: str, tensor: str, rows: Sequence[int]) -> torch.Tensor:
+        part = self._file(file).get_slice(tensor)
+        return torch.cat([part[i:i + 1] for i in rows])
+
+    def __call__(self, rows: dict, generators: Sequence[torch.Generator], ids: Sequence[int]) -> dict:
+        flips = [self.random_flip and bool(torch.rand((), generator=g) < 0.5) for g in generators]
+        prompts = [self.prompts.prompt(value, g) for value, g in zip(rows[self.prompts.caption_column], generators)]
+        suffixes = ["_flipped" if flip else "" for flip in flips]
+        mean = torch.cat([self._rows("latents", "mean" + s, [i]) for s, i in zip(suffixes, ids)])
+        std = torch.cat([self._rows("latents", "std" + s, [i]) for s, i in zip(suffixes, ids)])
+        found = [self.index.get(p) for p in prompts]
+        text = self._rows("text", "text", [0 if i is None else i for i in found])  # row 0 stands in, unused
+        return {"latent_mean": mean, "latent_std": std, "text": text,
+                "encode": torch.tensor([i is None for i in found]),
+                "input_ids": tokenize(self.prompts.tokenizer, prompts)}
