@@ -35,49 +35,47 @@ def _check_search_args(queries: Tensor, refs: Tensor, k: int, metric: str,
         raise ValueError("query_chunk and ref_chunk must be positive")
 
 
-def _block_scores(q: Tensor, q_norm_sq: Tensor, r: Tensor, r_norm_sq: Tensor,
-                  metric: str) -> Tensor:
-    """Squared L2 distances or cosine similarities between two chunks."""
-    block = q @ r.T
-    if metric == "l2":
-        # ||q||^2 - 2 q.r + ||r||^2 can dip below 0 by rounding error.
-        return block.mul_(-2).add_(q_norm_sq[:, None]).add_(r_norm_sq[None, :]).clamp_(min=0)
-    q_norm = q_norm_sq.sqrt().clamp_(min=_NORM_EPS)
-    r_norm = r_norm_sq.sqrt().clamp_(min=_NORM_EPS)
-    return block.div_(q_norm[:, None]).div_(r_norm[None, :])
-
-
 def nearest_neighbours(queries: Tensor, refs: Tensor, k: int, *, metric: str = "l2",
                        query_chunk: int = 1024, ref_chunk: int = 8192,
                        device: torch.device | str | None = None,
                        dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Exact k nearest ``refs`` per query: squared L2 ascending or cosine descending.
 
-    Scores one ``query_chunk x (ref_chunk + k)`` block at a time; returns CPU [M, k] tensors.
+    Scores one ``query_chunk x ref_chunk`` block at a time, keeps its k best and merges them with the k best so
+    far; returns CPU [M, k] tensors. A block costs one matrix product and one top-k, nothing more: for L2 the
+    product is ``||r||^2 - 2 q.r`` (one addmm), which ranks references as the distance does, ``||q||^2`` being
+    the same along a row; it is added to the k winners only.
     """
     _check_search_args(queries, refs, k, metric, query_chunk, ref_chunk)
     device = torch.device(device) if device is not None else default_device()
     largest = metric == "cosine"
-    # Refs are converted once (a no-op for float32 CPU input) rather than once per query chunk.
-    ref_chunks = [(start, refs[start:start + ref_chunk].to(device, dtype))
+    # Refs are converted (and normalised, for cosine) once rather than once per query chunk.
+    ref_chunks = [(start, _prepared(refs[start:start + ref_chunk], device, dtype, metric))
                   for start in range(0, refs.shape[0], ref_chunk)]
-    ref_norms_sq = [r.square().sum(1) for _, r in ref_chunks]
+    ref_norms_sq = [r.square().sum(1)[None, :] for _, r in ref_chunks] if metric == "l2" else None
     values, indices = [], []
     for q_start in range(0, queries.shape[0], query_chunk):
-        q = queries[q_start:q_start + query_chunk].to(device, dtype)
-        q_norm_sq = q.square().sum(1)
+        q = _prepared(queries[q_start:q_start + query_chunk], device, dtype, metric)
         best_v = q.new_empty(q.shape[0], 0)
         best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
-        for (r_start, r), r_norm_sq in zip(ref_chunks, ref_norms_sq):
-            block = _block_scores(q, q_norm_sq, r, r_norm_sq, metric)
-            block_i = torch.arange(r_start, r_start + r.shape[0], device=device)
-            cand_v = torch.cat([best_v, block], dim=1)
-            cand_i = torch.cat([best_i, block_i.expand(q.shape[0], -1)], dim=1)
+        for j, (r_start, r) in enumerate(ref_chunks):
+            block = torch.addmm(ref_norms_sq[j], q, r.T, alpha=-2) if metric == "l2" else q @ r.T
+            block_v, block_i = block.topk(min(k, block.shape[1]), dim=1, largest=largest)
+            cand_v, cand_i = torch.cat([best_v, block_v], dim=1), torch.cat([best_i, block_i + r_start], dim=1)
             best_v, pos = cand_v.topk(min(k, cand_v.shape[1]), dim=1, largest=largest)
             best_i = cand_i.gather(1, pos)
+        if metric == "l2":
+            # ||q||^2 - 2 q.r + ||r||^2 can dip below 0 by rounding error.
+            best_v = best_v.add_(q.square().sum(1)[:, None]).clamp_(min=0)
         values.append(best_v.cpu())
         indices.append(best_i.cpu())
     return torch.cat(values), torch.cat(indices)
+
+
+def _prepared(x: Tensor, device: torch.device, dtype: torch.dtype, metric: str) -> Tensor:
+    """Rows on the device in the search dtype; unit length for cosine (a zero row stays zero)."""
+    x = x.to(device, dtype)
+    return x if metric == "l2" else x / x.norm(dim=1, keepdim=True).clamp_(min=_NORM_EPS)
 
 
 def collapse_duplicates(refs: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,7 +205,8 @@ def nearest_per_cluster(queries: Tensor, refs: Tensor, labels: Tensor, k: int, *
     values, nearest = [], []
     for start in range(0, queries.shape[0], query_chunk):
         q = queries[start:start + query_chunk].to(device, torch.float32)
-        sq = _block_scores(q, q.square().sum(1), refs_d, refs_sq, "l2")
+        # As nearest_neighbours computes them, in the same order of operations.
+        sq = torch.addmm(refs_sq[None, :], q, refs_d.T, alpha=-2).add_(q.square().sum(1)[:, None]).clamp_(min=0)
         per_cluster = torch.full((q.shape[0], num_clusters), float("inf"), device=device)
         per_cluster.scatter_reduce_(1, labels_d.expand(q.shape[0], -1), sq, reduce="amin")
         values.append(per_cluster.topk(k, dim=1, largest=False).values.cpu())
