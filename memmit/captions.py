@@ -1,9 +1,9 @@
 """Caption-side mitigations of text-to-image memorization (Somepalli et al., "Understanding and Mitigating
 Copying in Diffusion Models", NeurIPS 2023): what the literature measures IET-AGC against.
 
-Each is a per-sample rule drawn from the shard's generator, applied to the caption a row trains with (after
-caption dropout and the pick among a row's captions). A rule whose probability is 0 draws nothing, so turning
-one off leaves every other random draw of the run as it was.
+Each is a per-sample rule drawn from the sample's own generator (draws.py), applied to the caption a row trains
+with (after caption dropout and the pick among a row's captions). A rule whose probability is 0 draws nothing, so
+turning one off leaves every other random draw of the run as it was.
 """
 
 from __future__ import annotations
