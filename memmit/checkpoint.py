@@ -1,8 +1,8 @@
 """Checkpoints that are complete or absent: written to a hidden temporary folder, then renamed.
 
-Layout: checkpoints/checkpoint-<step>/{shared.pt, process_<rank>.pt}. The shared part (θ̄, the
-round's accumulator, the position) comes from the main process; each process writes the state of
-its own shards, which accelerate's save_state would not hold.
+Layout: checkpoints/checkpoint-<step>/{shared.pt, process_<rank>.pt}. The shared part (θ̄, the position)
+comes from the main process; each process writes the state of its own shards and its share of the round's
+sum, which accelerate's save_state would not hold.
 """
 
 from __future__ import annotations
@@ -94,12 +94,14 @@ def check_resume(path: Path, saved_config: dict, saved_shards: list[list[int]], 
 def run_state(model, shards: dict, counts, position: dict, step: int, nonfinite_run: int, split: list[list[int]],
               config: dict) -> tuple[dict, dict]:
     """What a checkpoint holds: the part every process shares (θ̄, position, split, exclusions, the settings
-    resume checks) and this process's (its shards' streams, banks and optimizer states, its counts, its RNG,
-    and the live weights when a shard is in the middle of its turn)."""
-    shared = {"model": model.state_dict(), "position": position, "step": step, "shards": split,
+    resume checks) and this process's (its shards' streams, banks and optimizer states, its share of the round's
+    sum, its counts, its RNG, and the live weights when a shard is in the middle of its turn)."""
+    # θ̄ is the same everywhere; the round's sum so far holds each process's own shards, so it is the process's.
+    shared = {"model": model.state_dict("average"), "position": position, "step": step, "shards": split,
               "excluded": counts.excluded, "config": config}
     process = {"shards": {k: s.state_dict() for k, s in shards.items()}, "counts": counts.state_dict(),
-               "torch_rng": torch.get_rng_state(), "nonfinite_run": nonfinite_run}
+               "torch_rng": torch.get_rng_state(), "nonfinite_run": nonfinite_run,
+               "round_sum": model.state_dict("accumulator")}
     if any(s.is_open for s in shards.values()):
         process["live_weights"] = model.live_state()
     return shared, process
@@ -107,7 +109,11 @@ def run_state(model, shards: dict, counts, position: dict, step: int, nonfinite_
 
 def restore_run(shared: dict, process: dict, model, shards: dict, counts) -> tuple[dict, int, int]:
     """The inverse of run_state; returns (position, step, nonfinite_run) for the loop."""
-    model.load_state_dict(shared["model"])
+    if "round_sum" not in process:
+        raise ValueError("the checkpoint was written by an older memmit, which kept one process's round sum for "
+                         "all; start a new run (without --resume_from_checkpoint)")
+    model.load_state_dict("average", shared["model"])
+    model.load_state_dict("accumulator", process["round_sum"])
     counts.excluded = shared["excluded"]
     counts.load_state_dict(process["counts"])
     for k, state in process["shards"].items():

@@ -66,9 +66,10 @@ class FlatAverage:
                 avg.copy_(reduce_sum(acc))
         self.accumulator.zero_()
 
-    def state_dict(self) -> dict:
-        return {"average": self.average.cpu(), "accumulator": self.accumulator.cpu()}
+    def state_dict(self, part: str) -> torch.Tensor:
+        """`part` "average": θ̄, the same on every process; "accumulator": the round's sum so far, which holds
+        this process's shards only."""
+        return getattr(self, part).cpu()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.average.copy_(state["average"])
-        self.accumulator.copy_(state["accumulator"])
+    def load_state_dict(self, part: str, state: torch.Tensor) -> None:
+        getattr(self, part).copy_(state)

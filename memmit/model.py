@@ -94,11 +94,12 @@ class LiveModel:
         for t, src in zip(self.live, tensors):
             t.copy_(src)
 
-    def state_dict(self) -> dict:
-        return {"theta": self.theta.state_dict(),
-                "ema": self.ema_average.state_dict() if self.ema_average is not None else None}
+    def state_dict(self, part: str) -> dict:
+        """One part (FlatAverage.state_dict) of θ̄ and of the EMA's average."""
+        return {"theta": self.theta.state_dict(part),
+                "ema": self.ema_average.state_dict(part) if self.ema_average is not None else None}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.theta.load_state_dict(state["theta"])
+    def load_state_dict(self, part: str, state: dict) -> None:
+        self.theta.load_state_dict(part, state["theta"])
         if self.ema_average is not None:
-            self.ema_average.load_state_dict(state["ema"])
+            self.ema_average.load_state_dict(part, state["ema"])

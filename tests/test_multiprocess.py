@@ -65,11 +65,16 @@ def test_two_processes_equal_one_and_resume_exactly(tiny_pipeline, digits_dir, t
 
     # Kill both processes mid-run, then resume with the same number of processes.
     out = tmp_path / "killed"
-    steps = kill_after_first_checkpoint(launch(2, tiny_pipeline, digits_dir, out, "--checkpointing_steps", "1"), out)
+    every_step = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "100"]
+    steps = kill_after_first_checkpoint(launch(2, tiny_pipeline, digits_dir, out, *every_step), out)
     assert steps and steps[-1] < 16, "the run was not killed before its end"  # 16 steps per process
-    log = finish(launch(2, tiny_pipeline, digits_dir, out, "--checkpointing_steps", "1",
-                        "--resume_from_checkpoint", "latest"))
+    log = finish(launch(2, tiny_pipeline, digits_dir, out, *every_step, "--resume_from_checkpoint", "latest"))
     assert "resumed from" in log
+    resumed = weights(out)
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
+    # Step 5 of round 0's 8: slot 0's shards (0 on rank 0, 1 on rank 1) are in the round's sum, each in its
+    # own process's share of it, which each process must get back.
+    finish(launch(2, tiny_pipeline, digits_dir, out, *every_step, "--resume_from_checkpoint", "checkpoint-5"))
     resumed = weights(out)
     assert all(torch.equal(resumed[k], two[k]) for k in two)
 
