@@ -124,6 +124,7 @@ class EvalConfig(ModelDataConfig):
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""
         super().validate()
+        need(self.seed >= 0, f"seed must be >= 0 (it keys every sample's generator), got {self.seed}")
         need(self.num_samples >= 2, f"num_samples must be >= 2 (a Frechet distance needs two), got {self.num_samples}")
         need(self.num_inference_steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -257,6 +258,7 @@ class MemmitConfig(ModelDataConfig):
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""
         super().validate()
+        need(self.seed >= 0, f"seed must be >= 0 (it keys every sample's generator), got {self.seed}")
         need(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
         need(self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}")
         need(self.local_epochs >= 1, f"local_epochs must be >= 1, got {self.local_epochs}")

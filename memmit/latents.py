@@ -51,7 +51,8 @@ def training_prompts(captions: Sequence, column: str) -> list[str]:
                                       for c in (value if isinstance(value, (list, tuple)) else [value])]))
 
 
-def cache_key(task: TextToImageTask, dataset: datasets.Dataset, caption_column: str, random_flip: bool) -> str:
+def cache_key(task: TextToImageTask, dataset: datasets.Dataset, image_column: str, caption_column: str,
+              random_flip: bool) -> str:
     h = hashlib.sha256()
     for name in ("vae", "text_encoder"):
         module = getattr(task, name)
@@ -60,23 +61,27 @@ def cache_key(task: TextToImageTask, dataset: datasets.Dataset, caption_column: 
         h.update(json.dumps({k: v for k, v in module.config.items() if not k.startswith("_")} if isinstance(
             module.config, dict) else module.config.to_dict(), sort_keys=True, default=str).encode())
     h.update(json.dumps(task.tokenizer.get_vocab(), sort_keys=True).encode())
-    h.update(json.dumps({"dataset": dataset._fingerprint, "caption_column": caption_column,
-                         "resolution": task.resolution, "random_flip": random_flip, "dtype": str(task.weight_dtype),
-                         "format": 1}, sort_keys=True).encode())
+    h.update(json.dumps({"dataset": dataset._fingerprint, "image_column": image_column,
+                         "caption_column": caption_column, "resolution": task.resolution, "center_crop": True,
+                         "random_flip": random_flip, "dtype": str(task.weight_dtype), "format": 1},
+                        sort_keys=True).encode())
     return h.hexdigest()
 
 
 @torch.no_grad()
 def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Dataset, image_column: str,
                 caption_column: str, random_flip: bool, device: torch.device, show_progress: bool = True) -> None:
-    """Encode every image (center crop; and mirrored) and every training prompt; written whole or not at all."""
+    """Encode every image (center crop; and mirrored) and every training prompt; written whole or not at all.
+    The frozen parts run under autocast as in a training step, so the values are the ones a step would compute."""
     transform = ImageTransform(task.resolution, task.channels, center_crop=True)
+    autocast = torch.autocast(device.type, dtype=task.weight_dtype, enabled=task.weight_dtype != torch.float32)
     latents: dict[str, list[torch.Tensor]] = {name: [] for name in ("mean", "std", "mean_flipped", "std_flipped")}
 
     def encode(pixels: list[torch.Tensor]) -> None:
         x = torch.stack(pixels).to(device, task.weight_dtype)
         for suffix, images in [("", x)] + ([("_flipped", x.flip(-1))] if random_flip else []):
-            dist = task.vae.encode(images).latent_dist
+            with autocast:
+                dist = task.vae.encode(images).latent_dist
             latents["mean" + suffix].append(dist.mean.cpu())
             latents["std" + suffix].append(dist.std.cpu())
 
@@ -89,23 +94,27 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
     if pending:
         encode(pending)
     prompts = training_prompts(dataset[caption_column], caption_column)
-    text = [task.text_encoder(tokenize(task.tokenizer, prompts[i:i + CACHE_BATCH]).to(device))[0].cpu()
-            for i in tqdm(range(0, len(prompts), CACHE_BATCH), desc="caching text embeddings",
-                          disable=not show_progress, leave=False)]
+    text = []
+    for i in tqdm(range(0, len(prompts), CACHE_BATCH), desc="caching text embeddings", disable=not show_progress,
+                  leave=False):
+        with autocast:
+            text.append(task.text_encoder(tokenize(task.tokenizer, prompts[i:i + CACHE_BATCH]).to(device))[0].cpu())
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
     save_file({name: torch.cat(parts).contiguous() for name, parts in latents.items() if parts},
               str(tmp / "latents.safetensors"))
     save_file({"text": torch.cat(text).contiguous()}, str(tmp / "text.safetensors"))
     (tmp / "prompts.json").write_text(json.dumps(prompts))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    try:
+        os.replace(tmp, directory)
+    except OSError:  # another machine sharing the cache folder wrote the same key first: keep its files
+        shutil.rmtree(tmp)
 
 
 def cached_inputs(task: TextToImageTask, dataset: datasets.Dataset, image_column: str, caption_column: str,
                   random_flip: bool, device: torch.device, show_progress: bool = True) -> "CachedInputs":
     """The cache for this run's settings, built if no earlier run left it; inputs that read it."""
-    directory = cache_root() / "latents" / cache_key(task, dataset, caption_column, random_flip)
+    directory = cache_root() / "latents" / cache_key(task, dataset, image_column, caption_column, random_flip)
     if (directory / "prompts.json").is_file():
         said = f"reusing the cached latents and text embeddings in {directory}"
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import datasets
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import source_names
@@ -58,4 +59,7 @@ class TurnInputs(Dataset):
 
 def turn_loader(inputs: TurnInputs, num_workers: int, pin_memory: bool) -> DataLoader:
     """Items in order (the stream already ordered them), made `num_workers` at a time ahead of the loop."""
-    return DataLoader(inputs, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+    # A generator of its own: a DataLoader otherwise draws its workers' base seed from torch's global generator,
+    # whose state (dropout's) a checkpoint saves, so a resumed turn would draw it twice.
+    return DataLoader(inputs, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator())

@@ -205,7 +205,7 @@ def nearest_per_cluster(queries: Tensor, refs: Tensor, labels: Tensor, k: int, *
     values, nearest = [], []
     for start in range(0, queries.shape[0], query_chunk):
         q = queries[start:start + query_chunk].to(device, torch.float32)
-        # As nearest_neighbours computes them, in the same order of operations.
+        # nearest_neighbours' formula, operation for operation.
         sq = torch.addmm(refs_sq[None, :], q, refs_d.T, alpha=-2).add_(q.square().sum(1)[:, None]).clamp_(min=0)
         per_cluster = torch.full((q.shape[0], num_clusters), float("inf"), device=device)
         per_cluster.scatter_reduce_(1, labels_d.expand(q.shape[0], -1), sq, reduce="amin")

@@ -234,9 +234,10 @@ class Trainer:
                 with acc.autocast():
                     out = self.task.per_sample_loss(model.unet, batch, mine.generators(cfg.seed, NOISE), acc.device)
                 weights = out.weights if out.weights is not None else torch.ones_like(out.losses)
-                # float64 holds fp32 losses and integer timesteps exactly: one collective for the three.
-                local = torch.stack([out.losses.detach().double(), out.timesteps.to(weights.device).double(),
-                                     weights.detach().double()], dim=1)
+                # float64 (on the CPU: not every accelerator has it) holds fp32 losses and integer timesteps
+                # exactly: one collective for the three.
+                local = torch.stack([out.losses.detach().cpu().double(), out.timesteps.double(),
+                                     weights.detach().cpu().double()], dim=1)
             else:  # an empty share, at an epoch's end
                 local = torch.zeros((0, 3), dtype=torch.float64)
             # The whole micro-batch, in the order one process would hold it: every member applies the same AGC

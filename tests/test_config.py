@@ -34,6 +34,7 @@ def test_unknown_yaml_key_names_valid_ones(tmp_path):
     ("--mixed_precision", "fp8", "mixed_precision='fp8'"),
     ("--train_batch_size", "0", "train_batch_size must be >= 1"),
     ("--dataloader_num_workers", "-1", "dataloader_num_workers must be >= 0"),
+    ("--seed", "-1", "seed must be >= 0"),
 ])
 def test_invalid_values(flag, value, message):
     with pytest.raises(ValueError, match=message):

@@ -20,8 +20,8 @@ from test_train import args
 
 
 def test_two_workers_give_the_weights_the_main_process_gives(tiny_sd_pipeline, captioned_digits_dir, tmp_path):
-    """Every data-side draw is on: random crops (24 px images at 16), flips, the pick among a row's captions,
-    dropout and caption replacement; two epochs per turn, so batches cross an epoch's end."""
+    """Every data-side draw is on: crop offsets, flips, the pick among a row's captions, dropout and caption
+    replacement; two epochs per turn, the second one's batches keyed by epoch 1."""
     common = ["--caption_column", "captions", "--num_shards", 2, "--num_rounds", 2, "--local_epochs", 2,
               "--train_batch_size", 5, "--resolution", 16, "--random_flip", "--caption_dropout", 0.3,
               "--caption_replace_prob", 0.5, "--agc_lambda", 0.9]
