@@ -7,7 +7,7 @@ from its own keyed generator, so the inputs are the same with 0 or N workers.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import datasets
 import torch
@@ -17,6 +17,9 @@ from .data import source_names
 from .draws import DATA
 from .shards import MicroBatch
 from .split import Split
+
+
+PREFETCH = 2  # micro-batches each worker makes ahead (torch's default prefetch_factor)
 
 
 class TurnInputs(Dataset):
@@ -57,9 +60,23 @@ class TurnInputs(Dataset):
         return f"samples {list(batch.ids)}"
 
 
+def turn_inputs(inputs: TurnInputs, num_workers: int, pin_memory: bool) -> Iterator[Optional[dict]]:
+    """The turn's inputs in order; a worker that dies (killed: out of memory, a signal) is reported with the
+    samples that were being made then: the micro-batch the loop waited for and those prefetched after it."""
+    items = iter(turn_loader(inputs, num_workers, pin_memory))
+    for i, batch in enumerate(inputs.batches):
+        try:
+            yield next(items)
+        except RuntimeError as exc:  # a worker's own exception arrives with its type (ValueError above)
+            in_flight = [s for b in inputs.batches[i:i + num_workers * PREFETCH] for s in b.ids]
+            raise RuntimeError(f"a data-loading worker died while making samples {in_flight} (shard {batch.shard}, "
+                               f"epoch {batch.epoch}); --dataloader_num_workers 0 makes them in the main process, "
+                               f"where a failing sample raises its own error: {exc}") from exc
+
+
 def turn_loader(inputs: TurnInputs, num_workers: int, pin_memory: bool) -> DataLoader:
     """Items in order (the stream already ordered them), made `num_workers` at a time ahead of the loop."""
     # A generator of its own: a DataLoader otherwise draws its workers' base seed from torch's global generator,
     # whose state (dropout's) a checkpoint saves, so a resumed turn would draw it twice.
     return DataLoader(inputs, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator())
+                      generator=torch.Generator(), prefetch_factor=PREFETCH if num_workers else None)

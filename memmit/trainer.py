@@ -32,7 +32,7 @@ from .ensemble import shard_weights
 from .export import check_export
 from .group import ShardGroup
 from .latents import cached_inputs, check_cache_latents
-from .loader import TurnInputs, turn_loader
+from .loader import TurnInputs, turn_inputs
 from .model import LiveModel
 from .shards import Shard, micro_batches_in_window, windows_per_turn
 from .split import build_split
@@ -185,7 +185,7 @@ class Trainer:
             if first_window == 0:
                 self.model.start_turn(rnd, shard.index)
             shard.open(self.model.params, self.model.ema_average)
-            inputs = iter(self._inputs_loader(shard, first_window))
+            inputs = self._inputs(shard, first_window)
         windows = self.slot_windows[turn]
         for w in range(first_window, windows):
             logs = None
@@ -211,7 +211,7 @@ class Trainer:
         if turn + 1 < len(self.slot_windows) and self._checkpoint_due():
             self.save_checkpoint()
 
-    def _inputs_loader(self, shard: Shard, first_window: int):
+    def _inputs(self, shard: Shard, first_window: int):
         """This process's share of the shard's remaining micro-batches of the turn, made ahead in workers."""
         cfg = self.cfg
         count = sum(micro_batches_in_window(cfg, len(shard.ids), self.batch_size, w)
@@ -219,7 +219,7 @@ class Trainer:
         batches = [b.part(self.group.rank, cfg.train_batch_size) for b in shard.stream.peek(count, self.batch_size)]
         inputs = TurnInputs(self.dataset, self.split, cfg.caption_column, self.task.inputs, batches, cfg.seed,
                             cfg.image_column)
-        return turn_loader(inputs, cfg.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+        return turn_inputs(inputs, cfg.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     def _optimizer_step(self, shard: Shard, window: int, inputs) -> dict:
         """One optimizer step's micro-batches with the AGC mask; the step's loss is the mean over the kept

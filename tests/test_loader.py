@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 
 import datasets
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from memmit.cli import run
 from memmit.config import parse_args
-from memmit.loader import TurnInputs, turn_loader
+from memmit.loader import TurnInputs, turn_inputs, turn_loader
 from memmit.shards import MicroBatch
 from memmit.split import Split
 
@@ -54,3 +56,27 @@ def test_a_sample_that_cannot_be_made_into_inputs_is_named(tiny_sd_pipeline, cap
     assert next(loader)["pixels"].shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match=r"cannot make the training inputs of sample 3: "):
         next(loader)
+
+
+class DiesAt:
+    """Inputs whose decoder kills its own process at one sample, as the out-of-memory killer would."""
+
+    def __init__(self, inputs, sample: int):
+        self.inputs, self.sample, self.columns = inputs, sample, inputs.columns
+
+    def __call__(self, rows, generators, ids):
+        if self.sample in ids:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inputs(rows, generators, ids)
+
+
+def test_a_worker_that_dies_is_reported_with_the_samples_the_loop_waited_for(tiny_sd_pipeline, captioned_digits_dir):
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir)
+    ds = datasets.load_from_disk(captioned_digits_dir)
+    batches = [MicroBatch(0, 0, (0, 1), (0, 1)), MicroBatch(0, 0, (2, 3), (2, 3))]
+    inputs = TurnInputs(ds, Split([list(range(24))]), "text", DiesAt(task.inputs, 3), batches, seed=0,
+                        image_column="image")
+    # The worker makes both micro-batches ahead: its death may be noticed while the loop waits for either.
+    with pytest.raises(RuntimeError, match=r"a data-loading worker died while making samples \[(0, 1, )?2, 3\] "
+                                           r"\(shard 0, epoch 0\)"):
+        list(turn_inputs(inputs, num_workers=1, pin_memory=False))
