@@ -68,6 +68,8 @@ def turn_inputs(inputs: TurnInputs, num_workers: int, pin_memory: bool) -> Itera
         try:
             yield next(items)
         except RuntimeError as exc:  # a worker's own exception arrives with its type (ValueError above)
+            if not num_workers:
+                raise
             in_flight = [s for b in inputs.batches[i:i + num_workers * PREFETCH] for s in b.ids]
             raise RuntimeError(f"a data-loading worker died while making samples {in_flight} (shard {batch.shard}, "
                                f"epoch {batch.epoch}); --dataloader_num_workers 0 makes them in the main process, "
