@@ -221,28 +221,33 @@ class Trainer:
                             cfg.image_column)
         return turn_inputs(inputs, cfg.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
+    def _micro_batch(self, shard: Shard, inputs):
+        """The shard's next micro-batch: this process's share through the model (`out`: its per-sample losses, or
+        None for an empty share at an epoch's end) and the whole group's rows of (loss, timestep, loss weight),
+        in the order one process holding the whole micro-batch would have them."""
+        cfg, acc, group = self.cfg, self.accelerator, self.group
+        whole = shard.stream.next_batch(self.batch_size)
+        shares = [whole.part(j, cfg.train_batch_size) for j in range(group.size)]
+        mine, batch, out = shares[group.rank], next(inputs), None
+        local = torch.zeros((0, 3), dtype=torch.float64)
+        if batch is not None:
+            with acc.autocast():
+                out = self.task.per_sample_loss(self.model.unet, batch, mine.generators(cfg.seed, NOISE), acc.device)
+            weights = out.weights if out.weights is not None else torch.ones_like(out.losses)
+            # float64 (on the CPU: not every accelerator has it) holds fp32 losses and integer timesteps exactly:
+            # one collective for the three.
+            local = torch.stack([out.losses.detach().cpu().double(), out.timesteps.double(),
+                                 weights.detach().cpu().double()], dim=1)
+        return whole, mine, out, group.gather(local, [len(share.ids) for share in shares])
+
     def _optimizer_step(self, shard: Shard, window: int, inputs) -> dict:
         """One optimizer step's micro-batches with the AGC mask; the step's loss is the mean over the kept
         samples of all its micro-batches (of every process of the shard group). Returns log values."""
         cfg, acc, model, group = self.cfg, self.accelerator, self.model, self.group
         kept, seen, skipped, nonfinite, loss_sum = 0, 0, 0, 0, 0.0
         for _ in range(micro_batches_in_window(cfg, len(shard.ids), self.batch_size, window)):
-            whole = shard.stream.next_batch(self.batch_size)
-            shares = [whole.part(j, cfg.train_batch_size) for j in range(group.size)]
-            mine, batch = shares[group.rank], next(inputs)
-            if batch is not None:
-                with acc.autocast():
-                    out = self.task.per_sample_loss(model.unet, batch, mine.generators(cfg.seed, NOISE), acc.device)
-                weights = out.weights if out.weights is not None else torch.ones_like(out.losses)
-                # float64 (on the CPU: not every accelerator has it) holds fp32 losses and integer timesteps
-                # exactly: one collective for the three.
-                local = torch.stack([out.losses.detach().cpu().double(), out.timesteps.double(),
-                                     weights.detach().cpu().double()], dim=1)
-            else:  # an empty share, at an epoch's end
-                local = torch.zeros((0, 3), dtype=torch.float64)
-            # The whole micro-batch, in the order one process would hold it: every member applies the same AGC
-            # mask and bank update, so all hold the same bank.
-            everyone = group.gather(local, [len(share.ids) for share in shares])
+            whole, mine, out, everyone = self._micro_batch(shard, inputs)
+            # Every member applies the same AGC mask and bank update to the whole micro-batch: all hold one bank.
             losses, timesteps, step_weights = everyone[:, 0].float(), everyone[:, 1].long(), everyone[:, 2].float()
             keep = shard.bank.keep_mask(losses, timesteps, cfg.agc_lambda)
             shard.bank.update(losses, timesteps)
