@@ -3,7 +3,8 @@
 batched on the accelerator, and kept under cache_root()/latents/<key>/ for later runs.
 
 The key is a hash of what the values depend on: the VAE's and text encoder's weights and configs, the
-tokenizer, the dataset's fingerprint, the caption column, resolution, flip and the dtype the frozen parts run in.
+tokenizer, the dataset's fingerprint, the image and caption columns, resolution, crop, flip and the dtype the
+frozen parts run in.
 A latent is still sampled at every step (mean + std x noise, the noise from the sample's own generator) and the
 flip coin and the prompt are drawn as without the cache, so a run with the cache draws what one without it draws.
 """
