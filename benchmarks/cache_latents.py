@@ -18,7 +18,7 @@ import torch
 
 from train_throughput import memmit_rate, memmit_seconds, sync
 from memmit.metrics import default_device
-from memmit.testbed import LATENT_CHANNELS, MAX_TOKENS, build_captioned_dataset, caption_words, word_tokenizer
+from memmit.testbed import LATENT_CHANNELS, build_captioned_dataset, text_parts
 
 
 def channels(csv: str) -> tuple[int, ...]:
@@ -27,14 +27,9 @@ def channels(csv: str) -> tuple[int, ...]:
 
 def make_pipeline(path: Path, args) -> str:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    tokenizer = word_tokenizer(caption_words())
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-        projection_dim=64, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    tokenizer, text_encoder = text_parts()
     vae_channels = channels(args.vae_channels)
     vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=LATENT_CHANNELS, block_out_channels=vae_channels,
                         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),

@@ -100,6 +100,19 @@ def caption_words() -> list[str]:
                    for w in phrase.split()})
 
 
+def text_parts():
+    """The testbed's word-level tokenizer (every caption word) and a random CLIP text encoder for it, initialised
+    from torch's global generator (callers seed it)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = word_tokenizer(caption_words())
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+        projection_dim=64, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return tokenizer, text_encoder
+
+
 def train_vae(images, steps: int, seed: int = 0):
     """A small AutoencoderKL on [N, 1, 16, 16] digits in [0, 1]: reconstruction MSE plus a small KL term;
     its scaling_factor makes the latents unit-variance, as Stable Diffusion's does."""
@@ -145,7 +158,6 @@ def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int =
     The VAE trains on the first 80 % of the held-out digits and is scored on the rest (vae.json)."""
     import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     if (path / "model_index.json").is_file():
         return path
@@ -156,11 +168,7 @@ def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int =
                "steps": vae_steps, "scaling_factor": vae.config.scaling_factor}
     print(f"testbed VAE: PSNR {quality['psnr_held_out_db']:.1f} dB on {quality['scored_on']} held-out digits")
     torch.manual_seed(0)
-    tokenizer = word_tokenizer(caption_words())
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-        projection_dim=64, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    tokenizer, text_encoder = text_parts()
     latent_side = RESOLUTION // 2
     unet = UNet2DConditionModel(sample_size=latent_side, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
                                 block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
