@@ -15,6 +15,7 @@ from memmit.config import parse_args
 from memmit.loader import TurnInputs, turn_inputs, turn_loader
 from memmit.shards import MicroBatch
 from memmit.split import Split
+from memmit.trainer import Trainer
 
 from conftest import mnist_images
 from test_text_to_image import make_task, weights
@@ -34,6 +35,34 @@ def test_two_workers_give_the_weights_the_main_process_gives(tiny_sd_pipeline, c
     assert all(torch.equal(main[k], workers[k]) for k in main)
     assert (tmp_path / "0" / "memmit" / "candidates.csv").read_text() == \
         (tmp_path / "2" / "memmit" / "candidates.csv").read_text()
+
+
+class RecordsProcess:
+    """Inputs that write down the process that made each micro-batch."""
+
+    def __init__(self, inputs, log):
+        self.inputs, self.log, self.columns = inputs, log, inputs.columns
+
+    def __call__(self, rows, generators, ids):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return self.inputs(rows, generators, ids)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_inputs_are_made_in_as_many_worker_processes_as_asked_for(tiny_pipeline, digits_dir, tmp_path, workers):
+    trainer = Trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 1, "--num_rounds",
+                                      1, "--local_steps", 4, "--train_batch_size", 2,
+                                      "--dataloader_num_workers", workers)))
+    log = tmp_path / "pids"
+    trainer.task.inputs = RecordsProcess(trainer.task.inputs, log)
+    trainer.train()
+    pids = log.read_text().split()
+    assert len(pids) == 4  # one per micro-batch
+    if workers:  # handed out in turn to the workers, none made in the main process
+        assert len(set(pids)) == 2 and str(os.getpid()) not in pids
+    else:
+        assert set(pids) == {str(os.getpid())}
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

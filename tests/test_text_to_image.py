@@ -82,7 +82,7 @@ def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_
     out = tmp_path / "out"
     run(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "captions",
                             "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1)))
-    assert StableDiffusionPipeline.from_pretrained(out) is not None
+    assert type(DiffusionPipeline.from_pretrained(out)) is StableDiffusionPipeline
 
 
 def test_caption_dropout_one_trains_on_the_empty_prompt_only(tiny_sd_pipeline, captioned_digits_dir):
