@@ -130,8 +130,9 @@ def test_one_shard_on_two_processes_equals_one_process_with_twice_the_batch(tiny
                   "--dataloader_num_workers", "1"))
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     for name in one:
-        # The gradient is summed in another order (two halves, then an all-reduce).
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+        # The gradient is summed in another order (two halves, then an all-reduce), and Adam divides by sqrt(v):
+        # a weight whose gradient is near zero can move ~1e-5 apart over the run (measured 1.6e-5 on 2026-12-03).
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5)
     candidates = (tmp_path / "one" / "memmit" / "candidates.csv").read_text()
     assert candidates == (tmp_path / "two" / "memmit" / "candidates.csv").read_text()
     assert any(int(row.split(",")[3]) for row in candidates.splitlines()[1:]), "AGC skipped nothing: nothing tested"
