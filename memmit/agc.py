@@ -42,6 +42,15 @@ class LossBank:
         skip = self.is_set[e] & (losses < agc_lambda * self.values[e])
         return ~skip & torch.isfinite(losses)
 
+    def step(self, losses: torch.Tensor, timesteps: torch.Tensor, agc_lambda: float,
+             exempt: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: its keep mask against the bank as it was, then the bank updated with its losses.
+        `exempt` samples (anchored ones: their loss is not a denoising loss) are kept when finite and not banked."""
+        keep = self.keep_mask(losses, timesteps, agc_lambda)
+        exempt = exempt.cpu()
+        self.update(losses[~exempt], timesteps[~exempt])
+        return keep | (exempt & torch.isfinite(losses.detach().float().cpu()))
+
     def update(self, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
         """b[e] <- beta*b[e] + (1-beta)*l_i for every finite sample, in batch order (repeated entries compound).
         A non-finite loss is left out: it would turn its entry, and AGC at that timestep, off for good."""

@@ -36,6 +36,19 @@ def test_first_init_keeps_unset_then_skips_low_losses():
     assert bank.values[0].item() == 0.0 and bool(bank.is_set[0])
 
 
+def test_exempt_samples_are_kept_and_never_banked():
+    bank = LossBank(num_timesteps=4, decay=0.5)
+    bank.update(torch.tensor([1.0]), torch.tensor([2]))
+    # Thresholds 0.5 * 1.0 at t=2; the exempt (anchored) 0.01 at t=2 and 0.2 at t=0 are kept, NaN never is.
+    losses = torch.tensor([0.01, 0.3, 0.6, 0.2, float("nan")])
+    t = torch.tensor([2, 2, 2, 0, 2])
+    exempt = torch.tensor([True, False, False, True, True])
+    assert bank.step(losses, t, 0.5, exempt).tolist() == [True, False, True, True, False]
+    # Only 0.3 and 0.6 enter the bank: b[2] = 0.5 * (0.5 * 1.0 + 0.5 * 0.3) + 0.5 * 0.6; t=0 stays unset.
+    assert bank.values[2].item() == pytest.approx(0.625)
+    assert bank.is_set.tolist() == [False, False, True, False]
+
+
 def test_all_skipped_batch():
     bank = LossBank(4, decay=0.5)
     bank.update(torch.tensor([1.0, 1.0]), torch.tensor([0, 2]))
