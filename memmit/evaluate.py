@@ -285,6 +285,9 @@ def format_report(report: dict) -> str:
         aligned = report["prompts"]["alignment"]
         rows.append((f"prompt alignment ({aligned['num_samples_naming_one_class']} samples naming a class)",
                      _pct(aligned["fraction_aligned"])))
+        # (reports reused from before 2026-12-03 lack the split)
+        rows += [(f"  for {name} captions as prompts", _pct(aligned[f"fraction_aligned_{name}"]))
+                 for name in ("duplicated", "other") if f"fraction_aligned_{name}" in aligned]
     rows.append((f"Frechet distance ({quality['extractor']['kind']})",
                  f"{quality['frechet_distance']:.3f}" if quality["available"] else f"unavailable: {quality['reason']}"))
     width = max(len(name) for name, _ in rows)
@@ -381,10 +384,17 @@ def prompt_report(p: Prepared, memorized: list[bool], samples01: Tensor) -> dict
         named = [named_class(q, p.config.class_names) for q in p.prompts]
         ids = [i for i, c in enumerate(named) if c is not None]
         predicted = p.alignment_classifier(samples01[ids], p.config.batch_size).argmax(1).tolist() if ids else []
+        aligned = {i: predicted[j] == named[i] for j, i in enumerate(ids)}
+
+        def share(among: list[int]) -> Optional[float]:
+            return sum(aligned[i] for i in among) / len(among) if among else None
+
+        # Apart too: a copy of a training image shows the named class, so copying alone raises alignment on
+        # duplicated captions (EFFICACY.md); the other prompts' share is the one copying does not inflate.
         report["alignment"] = {"classifier": p.alignment_classifier.info, "class_names": p.config.class_names,
-                               "num_samples_naming_one_class": len(ids),
-                               "fraction_aligned": (sum(predicted[j] == named[i] for j, i in enumerate(ids)) / len(ids)
-                                                    if ids else None)}
+                               "num_samples_naming_one_class": len(ids), "fraction_aligned": share(ids),
+                               **{f"fraction_aligned_{name}": share([i for i in members if i in aligned])
+                                  for name, members in groups.items()}}
     return report
 
 
@@ -507,22 +517,25 @@ def compare_rows(reports: list[dict], labels: list[str]) -> list[dict]:
     """The numbers `compare` shows, one dict per report."""
     rows = []
     for label, r in zip(labels, reports):
-        quality = r.get("quality") or {}
+        quality, prompts = r.get("quality") or {}, r.get("prompts", {})
+        alignment = prompts.get("alignment", {})
         rows.append({"label": label,
                      "memorized_pct": 100 * r["pixel"]["fraction_memorized_ratio"],
                      "mq_pct": 100 * r["pixel"]["fraction_memorized_by_score"][MQ_THRESHOLD],
                      "top_count": r["pixel"]["most_copied"][0]["count"] if r["pixel"]["most_copied"] else 0,
                      "quality": quality.get("frechet_distance") if quality.get("available") else None,
-                     "duplicated_prompts": r.get("prompts", {}).get("duplicated", {}).get("fraction_memorized_ratio"),
-                     "other_prompts": r.get("prompts", {}).get("other", {}).get("fraction_memorized_ratio"),
-                     "aligned": r.get("prompts", {}).get("alignment", {}).get("fraction_aligned")})
+                     "duplicated_prompts": prompts.get("duplicated", {}).get("fraction_memorized_ratio"),
+                     "other_prompts": prompts.get("other", {}).get("fraction_memorized_ratio"),
+                     "aligned": alignment.get("fraction_aligned"),
+                     "aligned_other": alignment.get("fraction_aligned_other")})
     return rows
 
 
 def format_compare(rows: list[dict]) -> str:
     # Text-to-image columns only where some report has them.
     extra = [(key, name) for key, name in (("duplicated_prompts", "dup. prompts mem."),
-                                           ("other_prompts", "other prompts mem."), ("aligned", "aligned"))
+                                           ("other_prompts", "other prompts mem."), ("aligned", "aligned"),
+                                           ("aligned_other", "aligned, other prompts"))
              if any(r[key] is not None for r in rows)]
     header = ("report", "memorized %", f"MQ<{MQ_THRESHOLD} %", "top copies", "Frechet dist.", *(n for _, n in extra))
     cells = [header] + [(r["label"], f"{r['memorized_pct']:.1f}", f"{r['mq_pct']:.1f}", str(r["top_count"]),

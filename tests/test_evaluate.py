@@ -349,10 +349,14 @@ def test_text_to_image_eval_reports_duplicated_prompts_apart_and_alignment(tiny_
     assert aligned["num_samples_naming_one_class"] == len(counted) < len(prompts)
     assert aligned["fraction_aligned"] == pytest.approx(
         sum(int(logits[i].argmax()) == named[prompts[i]] for i in counted) / len(counted))
+    for name, group in (("duplicated", [i for i in counted if prompts[i] in duplicated]),
+                        ("other", [i for i in counted if prompts[i] not in duplicated])):
+        assert group and aligned[f"fraction_aligned_{name}"] == pytest.approx(
+            sum(int(logits[i].argmax()) == named[prompts[i]] for i in group) / len(group))
     printed = capsys.readouterr().out
     assert "for duplicated captions as prompts" in printed and "prompt alignment" in printed
     table = format_compare(compare_rows([report], ["sd"]))
-    assert "dup. prompts mem." in table and "other prompts mem." in table
+    assert "dup. prompts mem." in table and "other prompts mem." in table and "aligned, other prompts" in table
     assert f"{100 * report['prompts']['other']['fraction_memorized_ratio']:.1f}%" in table.splitlines()[1]
 
 
