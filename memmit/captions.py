@@ -17,6 +17,8 @@ from .data import pick_caption
 
 # The options, with the names users pass; an unconditional pipeline refuses them.
 CAPTION_OPTIONS = ("caption_replace_prob", "caption_insert_prob", "caption_repeat_prob", "text_embedding_noise")
+# The rows' column (split.py adds it) of each copy's anchor captions under dedup_captions=anchor: [] trains as usual.
+ANCHORS = "memmit_anchors"
 
 
 def caption_vocabulary(captions: Sequence, column: str) -> list[str]:

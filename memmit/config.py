@@ -176,7 +176,9 @@ class MemmitConfig(ModelDataConfig):
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2; with fewer shards than processes, P/K processes train each shard data-parallel). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
     dedup: str = opt("keep_one", "Near-duplicate training images: keep_one (train on one copy; see EFFICACY.md) | same_shard (all copies in one shard) | none (the paper).", choices=("none", "keep_one", "same_shard"))
-    dedup_captions: str = opt("ignore", "Text-to-image with dedup keep_one: ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost) | empty (a cluster whose copies share one caption trains its kept copy on the empty prompt: that caption no longer points at the image; merge for the other clusters).", choices=("ignore", "merge", "empty"))
+    dedup_captions: str = opt("ignore", "Text-to-image with dedup keep_one: ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost) | empty (a cluster whose copies share one caption trains its kept copy on the empty prompt: that caption no longer points at the image; merge for the other clusters) | anchor (unlearn a copied caption: the kept copy of a cluster whose copies share one caption trains the model's prediction for that caption towards its own, gradient-stopped prediction for one of the dedup_anchors training captions nearest to it in the text encoder's output, outside every cluster, after Kumari et al. 2023's concept ablation; AGC neither banks nor skips it; merge for the other clusters).", choices=("ignore", "merge", "empty", "anchor"))
+    dedup_anchors: int = opt(4, "dedup_captions=anchor: how many of the nearest other training captions a copied caption is pulled towards; each step draws one.")
+    dedup_anchor_weight: float = opt(8.0, "dedup_captions=anchor: the loss weight of an anchored copy's samples (1 = as any sample): how fast its copied caption unlearns the image (EFFICACY.md).")
     dedup_family_size: int = opt(8, "Training also merges every near-duplicate family of at least this many images found at the eval's looser threshold (dedup_threshold or the eval default): many variants of one image are copies, two look-alike images are not; 0 turns it off.")
     aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
     num_rounds: int = opt(2, "Number of rounds; each ends by averaging the shard models.")
@@ -294,6 +296,8 @@ class MemmitConfig(ModelDataConfig):
         need(self.dedup_captions == "ignore" or (self.dedup == "keep_one" and self.caption_column is not None),
              f"dedup_captions={self.dedup_captions} acts on the captions of the copies dedup=keep_one drops, so it "
              f"needs --dedup keep_one (got {self.dedup}) and a --caption_column")
+        need(self.dedup_anchors >= 1, f"dedup_anchors must be >= 1, got {self.dedup_anchors}")
+        need(self.dedup_anchor_weight > 0, f"dedup_anchor_weight must be > 0, got {self.dedup_anchor_weight}")
         need(self.dedup_family_size == 0 or self.dedup_family_size >= 2,
              f"dedup_family_size must be 0 (off) or >= 2, got {self.dedup_family_size}")
         need(self.dedup != "same_shard" or self.shard_strategy == "random",

@@ -152,12 +152,12 @@ class CachedInputs:
 
     def __call__(self, rows: dict, generators: Sequence[torch.Generator], ids: Sequence[int]) -> dict:
         flips = [self.random_flip and bool(torch.rand((), generator=g) < 0.5) for g in generators]
-        prompts = [self.prompts.prompt(value, g) for value, g in zip(rows[self.prompts.caption_column], generators)]
+        prompts, text_inputs = self.prompts.text_inputs(rows, generators)
         suffixes = ["_flipped" if flip else "" for flip in flips]
         mean = torch.cat([self._rows("latents", "mean" + s, [i]) for s, i in zip(suffixes, ids)])
         std = torch.cat([self._rows("latents", "std" + s, [i]) for s, i in zip(suffixes, ids)])
         found = [self.index.get(p) for p in prompts]
         text = self._rows("text", "text", [0 if i is None else i for i in found])  # row 0 stands in, unused
-        return {"latent_mean": mean, "latent_std": std, "text": text,
-                "encode": torch.tensor([i is None for i in found]),
-                "input_ids": tokenize(self.prompts.tokenizer, prompts)}
+        # Anchor captions (dedup_captions=anchor) are encoded in the step, from their tokens.
+        return {**text_inputs, "latent_mean": mean, "latent_std": std, "text": text,
+                "encode": torch.tensor([i is None for i in found])}

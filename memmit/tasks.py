@@ -19,12 +19,13 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DiffusionPipeline, StableDif
                        UNet2DModel)
 from diffusers.training_utils import compute_snr
 
-from .captions import CAPTION_OPTIONS, CaptionNoise, caption_vocabulary
+from .captions import ANCHORS, CAPTION_OPTIONS, CaptionNoise, caption_vocabulary
 from .data import ImageTransform, pick_caption
 from .draws import per_sample_randint, per_sample_randn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 NUM_DEFAULT_PROMPTS = 4  # training captions rendered at each round's end when no validation_prompts are given
+EMBED_BATCH = 256  # captions per text-encoder pass outside training
 
 
 def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Optional[str] = None) -> DiffusionPipeline:
@@ -78,8 +79,22 @@ class CaptionedImageInputs(ImageInputs):
 
     def __call__(self, rows: dict, generators: Sequence[torch.Generator], ids: Sequence[int] = ()) -> dict:
         inputs = super().__call__(rows, generators)
-        prompts = [self.prompt(value, g) for value, g in zip(rows[self.caption_column], generators)]
-        return dict(inputs, input_ids=tokenize(self.tokenizer, prompts))
+        return dict(inputs, **self.text_inputs(rows, generators)[1])
+
+    def text_inputs(self, rows: dict, generators: Sequence[torch.Generator]) -> tuple[list[str], dict]:
+        """Each row's prompt, and its tokens (`input_ids`). A row with anchor captions (dedup_captions=anchor,
+        split.py) trains its own caption as is and draws one of its anchors: then `anchor_ids` holds the anchors'
+        tokens (the empty prompt's for other rows) and `anchored` marks those rows."""
+        anchors = rows.get(ANCHORS) or [[]] * len(generators)
+        prompts, drawn = [], []
+        for value, choices, g in zip(rows[self.caption_column], anchors, generators):
+            prompts.append(pick_caption(value, "first", self.caption_column) if choices else self.prompt(value, g))
+            drawn.append(choices[int(torch.randint(len(choices), (), generator=g))] if choices else None)
+        text = {"input_ids": tokenize(self.tokenizer, prompts)}
+        if any(a is not None for a in drawn):
+            text.update(anchor_ids=tokenize(self.tokenizer, [a or "" for a in drawn]),
+                        anchored=torch.tensor([a is not None for a in drawn]))
+        return prompts, text
 
     def prompt(self, value, generator: torch.Generator) -> str:
         # Draw the dropout coin only when dropout is on, so caption_dropout=0 leaves the random stream as is.
@@ -96,11 +111,13 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 @dataclass
 class LossOutput:
-    """Per-sample fp32 losses (what AGC reads), their timesteps (CPU), and optional loss weights (e.g. min-SNR)."""
+    """Per-sample fp32 losses (what AGC reads), their timesteps (CPU), optional loss weights (e.g. min-SNR), and
+    which samples were anchored (CPU bool; dedup_captions=anchor): AGC neither reads nor masks those."""
 
     losses: torch.Tensor
     timesteps: torch.Tensor
     weights: Optional[torch.Tensor] = None
+    anchored: Optional[torch.Tensor] = None
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -156,28 +173,39 @@ class DenoisingTask:
         self.inputs = ImageInputs(image_column, self.transform)
 
     def denoising_loss(self, unet: torch.nn.Module, x0: torch.Tensor, generators: Sequence[torch.Generator],
-                       device: torch.device, **conditioning) -> LossOutput:
+                       device: torch.device, anchor: Optional[tuple[torch.Tensor, dict]] = None,
+                       **conditioning) -> LossOutput:
         """Unreduced fp32 loss per sample of denoising x0, and its timestep.
 
         Sample i's noise, then its timestep, come from generators[i] on the CPU (draws.py), so a run is
-        reproducible on any device and in any batch, and resumable exactly.
+        reproducible on any device and in any batch, and resumable exactly. `anchor` = (mask, conditioning): the
+        masked samples' target is the model's own prediction, gradient stopped, under that conditioning instead
+        (Kumari et al. 2023's model-based concept ablation), in the space of prediction_type.
         """
         noise = per_sample_randn(x0.shape[1:], generators)
         timesteps = per_sample_randint(self.num_train_timesteps, generators)
         x0, noise, t = x0.to(device), noise.to(device), timesteps.to(device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         pred = unet(noisy, t, **conditioning).sample
-        return LossOutput(self.loss_from_prediction(pred, x0, noise, t), timesteps)
+        target = self.target(x0, noise, t)
+        if anchor is None:
+            return LossOutput(self.squared_error(pred, target), timesteps)
+        mask, anchor_conditioning = anchor
+        with torch.no_grad():
+            target[mask.to(device)] = unet(noisy[mask], t[mask], **anchor_conditioning).sample.to(target.dtype)
+        return LossOutput(self.squared_error(pred, target), timesteps, anchored=mask.cpu())
 
-    def loss_from_prediction(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
-                             t: torch.Tensor) -> torch.Tensor:
-        """mean over C,H,W of (prediction - target)^2 in fp32; the target follows prediction_type."""
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoising target of prediction_type."""
         if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(x0, noise, t)
-        else:
-            target = x0
+            return noise.clone()
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        return x0.clone()
+
+    @staticmethod
+    def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """mean over C,H,W of (prediction - target)^2 in fp32."""
         return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
     def save_pipeline(self, unet: torch.nn.Module, output_dir: str | Path) -> None:
@@ -233,7 +261,7 @@ class TextToImageTask(DenoisingTask):
                  caption_column: Optional[str] = None, caption_dropout: float = 0.0,
                  snr_gamma: Optional[float] = None, validation_prompts: Optional[list[str]] = None,
                  caption_replace_prob: float = 0.0, caption_insert_prob: float = 0.0, caption_repeat_prob: float = 0.0,
-                 text_embedding_noise: float = 0.0):
+                 text_embedding_noise: float = 0.0, dedup_anchor_weight: float = 1.0):
         _check_text_to_image_parts(pipeline)
         vae = pipeline.vae
         self.vae_scale_factor = vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -250,6 +278,7 @@ class TextToImageTask(DenoisingTask):
             image_column, self.transform, caption_column, caption_dropout,
             CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob), self.tokenizer)
         self.text_embedding_noise = text_embedding_noise
+        self.anchor_weight = dedup_anchor_weight
         self.validation_prompts = validation_prompts
         self.default_prompts: list[str] = []
         self.vae, self.text_encoder = vae, pipeline.text_encoder
@@ -260,6 +289,14 @@ class TextToImageTask(DenoisingTask):
         self.vae = _frozen_copy(self.pipeline.vae, device, weight_dtype)
         self.text_encoder = _frozen_copy(self.pipeline.text_encoder, device, weight_dtype)
         self.weight_dtype = weight_dtype
+
+    @torch.no_grad()
+    def caption_embeddings(self, captions: list[str]) -> torch.Tensor:
+        """Each caption's text-encoder output, the denoiser's conditioning, flattened: [N, tokens x width] fp32 on
+        the CPU (dedup_captions=anchor compares captions by it)."""
+        device = next(self.text_encoder.parameters()).device
+        return torch.cat([self.text_encoder(tokenize(self.tokenizer, captions[i:i + EMBED_BATCH]).to(device))[0]
+                          .float().flatten(1).cpu() for i in range(0, len(captions), EMBED_BATCH)])
 
     def use_training_captions(self, captions: Sequence) -> None:
         """The caption column's values: the round-end samples render the first few non-empty ones when no
@@ -290,10 +327,20 @@ class TextToImageTask(DenoisingTask):
             text = self._text_embeddings(batch, device)
             if self.text_embedding_noise:  # Somepalli et al.'s GNI: the same caption never conditions alike twice
                 text = text + self.text_embedding_noise * per_sample_randn(text.shape[1:], generators).to(device)
-        out = self.denoising_loss(unet, latents, generators, device, encoder_hidden_states=text)
+            anchor = None
+            if "anchored" in batch:
+                mask = batch["anchored"].to(device)
+                anchor = (mask, {"encoder_hidden_states": self.text_encoder(batch["anchor_ids"].to(device)[mask])[0]
+                                 .float()})
+        out = self.denoising_loss(unet, latents, generators, device, anchor, encoder_hidden_states=text)
         if self.snr_gamma is not None:
             out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,
                                           self.prediction_type)
+        if anchor is not None and self.anchor_weight != 1:
+            # A copied caption keeps one anchored sample per epoch, where its copies had dozens: its loss weight
+            # sets how fast that caption unlearns the image (EFFICACY.md measured 1, 4 and 8).
+            weights = torch.ones_like(out.losses) if out.weights is None else out.weights
+            out.weights = torch.where(anchor[0], self.anchor_weight * weights, weights)
         return out
 
     def _text_embeddings(self, batch: dict, device: torch.device) -> torch.Tensor:
@@ -364,7 +411,8 @@ def load_task(cfg, captions: bool = True) -> DenoisingTask:
         if captions and getattr(cfg, "caption_column", None) is None:
             raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column with "
                              f"the dataset column of captions to train {type(pipeline).__name__})")
-        return TextToImageTask(pipeline, **_options(cfg, image_options + ("caption_column",) + text_options))
+        return TextToImageTask(pipeline, **_options(cfg, image_options + ("caption_column",) + text_options
+                                                    + ("dedup_anchor_weight",)))
     raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(pipeline.unet).__name__} is not supported yet "
                      "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline, and Stable Diffusion "
                      "1.x/2.x with a UNet2DConditionModel)")

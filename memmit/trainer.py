@@ -102,6 +102,9 @@ class Trainer:
                                       self.task.channels, acc.device)
         if cfg.agc_lambda is None:
             cfg.agc_lambda = self.task.default_agc_lambda
+        # The frozen parts on the device first: dedup_captions=anchor encodes captions to build the split.
+        self.task.prepare(acc.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision,
+                                                                                         torch.float32))
         with acc.main_process_first():
             self.dataset = load_train_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.image_column,
                                               cfg.label_column, cfg.max_train_samples, cfg.dataset_config_name,
@@ -112,13 +115,12 @@ class Trainer:
             n = len(self.dataset)
             if n < cfg.num_shards:
                 raise ValueError(f"the dataset has {n} samples, fewer than num_shards={cfg.num_shards}")
-            self.split = build_split(self.dataset, cfg, self.detector, acc.is_local_main_process)
+            self.split = build_split(self.dataset, cfg, self.detector, acc.is_local_main_process,
+                                     getattr(self.task, "caption_embeddings", None))
         if cfg.caption_column is not None and hasattr(self.task, "use_training_captions"):
             self.task.use_training_captions(self.dataset[cfg.caption_column])  # the column alone: no image decoded
 
         self.model = LiveModel(self.task.unet, cfg, acc.device)
-        self.task.prepare(acc.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision,
-                                                                                         torch.float32))
         if cfg.cache_latents:  # each machine's main process encodes (or finds) them, the others then read them
             with acc.local_main_process_first():
                 self.task.inputs = cached_inputs(self.task, self.dataset, cfg.image_column, cfg.caption_column,
@@ -223,21 +225,22 @@ class Trainer:
 
     def _micro_batch(self, shard: Shard, inputs):
         """The shard's next micro-batch: this process's share through the model (`out`: its per-sample losses, or
-        None for an empty share at an epoch's end) and the whole group's rows of (loss, timestep, loss weight),
-        in the order one process holding the whole micro-batch would have them."""
+        None for an empty share at an epoch's end) and the whole group's rows of (loss, timestep, loss weight,
+        anchored), in the order one process holding the whole micro-batch would have them."""
         cfg, acc, group = self.cfg, self.accelerator, self.group
         whole = shard.stream.next_batch(self.batch_size)
         shares = [whole.part(j, cfg.train_batch_size) for j in range(group.size)]
         mine, batch, out = shares[group.rank], next(inputs), None
-        local = torch.zeros((0, 3), dtype=torch.float64)
+        local = torch.zeros((0, 4), dtype=torch.float64)
         if batch is not None:
             with acc.autocast():
                 out = self.task.per_sample_loss(self.model.unet, batch, mine.generators(cfg.seed, NOISE), acc.device)
             weights = out.weights if out.weights is not None else torch.ones_like(out.losses)
-            # float64 (on the CPU: not every accelerator has it) holds fp32 losses and integer timesteps exactly:
-            # one collective for the three.
+            anchored = out.anchored if out.anchored is not None else torch.zeros(len(out.losses), dtype=torch.bool)
+            # float64 (on the CPU: not every accelerator has it) holds fp32 losses, integer timesteps and flags
+            # exactly: one collective for the four.
             local = torch.stack([out.losses.detach().cpu().double(), out.timesteps.double(),
-                                 weights.detach().cpu().double()], dim=1)
+                                 weights.detach().cpu().double(), anchored.double()], dim=1)
         return whole, mine, out, group.gather(local, [len(share.ids) for share in shares])
 
     def _optimizer_step(self, shard: Shard, window: int, inputs) -> dict:
@@ -249,8 +252,9 @@ class Trainer:
             whole, mine, out, everyone = self._micro_batch(shard, inputs)
             # Every member applies the same AGC mask and bank update to the whole micro-batch: all hold one bank.
             losses, timesteps, step_weights = everyone[:, 0].float(), everyone[:, 1].long(), everyone[:, 2].float()
-            keep = shard.bank.keep_mask(losses, timesteps, cfg.agc_lambda)
-            shard.bank.update(losses, timesteps)
+            # An anchored sample's loss is a distance between two predictions, not a denoising loss: AGC neither
+            # banks it nor skips it (it is there to unlearn a copy, which AGC's skipping would stop).
+            keep = shard.bank.step(losses, timesteps, cfg.agc_lambda, everyone[:, 3].bool())
             finite = torch.isfinite(losses)
             own = slice(group.rank * cfg.train_batch_size, group.rank * cfg.train_batch_size + len(mine.ids))
             self.counts.record(list(mine.ids), keep[own], finite[own])

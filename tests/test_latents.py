@@ -6,6 +6,7 @@ import datasets
 import pytest
 import torch
 
+from memmit.captions import ANCHORS
 from memmit.cli import run, train_main
 from memmit.config import parse_args
 from memmit.draws import DATA, NOISE
@@ -33,10 +34,13 @@ def test_cached_inputs_give_the_losses_that_encoding_every_step_gives(tiny_sd_pi
     cached = cached_inputs(task, ds, "image", "captions", random_flip=True, device=torch.device("cpu"))
     batch = MicroBatch(0, 3, tuple(range(4, 24)), tuple(range(20)))
     rows = ds[list(batch.ids)]
+    # Two copies anchored (dedup_captions=anchor): their anchors are encoded in the step, cache or not.
+    rows[ANCHORS] = [["the number 3", "digit 1 written by hand"] if i % 9 == 0 else [] for i in batch.ids]
     plain, from_cache = (make(rows, batch.generators(7, DATA), batch.ids) for make in (task.inputs, cached))
     # Some prompts were made up by caption replacement (encoded in the step), the others read from the cache.
     assert 0 < int(from_cache["encode"].sum()) < len(batch.ids)
     assert torch.equal(plain["input_ids"], from_cache["input_ids"])
+    assert torch.equal(plain["anchor_ids"], from_cache["anchor_ids"]) and int(from_cache["anchored"].sum()) == 2
     with torch.no_grad():
         want = task.per_sample_loss(task.unet, plain, batch.generators(7, NOISE), torch.device("cpu"))
         got = task.per_sample_loss(task.unet, from_cache, batch.generators(7, NOISE), torch.device("cpu"))

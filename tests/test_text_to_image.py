@@ -135,7 +135,8 @@ def reference_loss(pipe_dir: str, batch: dict, seed: int,
                    text_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample loss, timesteps and SNR written out from the schedule's alphas_cumprod, on a fresh load.
     Sample i draws from its own generator: its latent, then (`text_noise`: GNI of that std) its text-embedding
-    noise, its noise, its timestep."""
+    noise, its noise, its timestep. A sample `batch["anchored"]` marks has the UNet's prediction under its
+    anchor prompt (`batch["anchor_ids"]`) as its target."""
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
     with torch.no_grad():
         dist = pipe.vae.encode(batch["pixels"]).latent_dist
@@ -155,6 +156,10 @@ def reference_loss(pipe_dir: str, batch: dict, seed: int,
         else:
             target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
         pred = pipe.unet(noisy, t, encoder_hidden_states=text).sample
+        if "anchored" in batch:
+            anchor_text = pipe.text_encoder(batch["anchor_ids"])[0]
+            anchored = pipe.unet(noisy, t, encoder_hidden_states=anchor_text).sample
+            target = torch.where(batch["anchored"].view(-1, 1, 1, 1), anchored, target)
     return (pred - target).pow(2).mean(dim=(1, 2, 3)), t, (alpha_bar / (1 - alpha_bar)).flatten()
 
 
