@@ -222,12 +222,12 @@ def prepare(out: Path, source: str, pretrain_steps: int, num_unique: int = 256, 
 
 
 # Arms at the testbed recipe's budget: memmit's text-to-image default, the paper's Stable Diffusion setting
-# (K = 4, lambda = 0.8, no dedup, no caption rule; 16 rounds of 6 steps per shard) and a plain fine-tune (K = 1,
-# AGC, dedup and caption rules off).
-NO_CAPTION_RULE = ["--caption_replace_prob", 0]
+# (K = 4, lambda = 0.8, no dedup, no anchoring; 16 rounds of 6 steps per shard) and a plain fine-tune (K = 1,
+# AGC, dedup and anchoring off).
+NO_ANCHOR = ["--dedup_captions", "ignore"]
 ARMS = {"memmit": [],
-        "paper": ["--num_shards", 4, "--local_steps", 6, "--agc_lambda", 0.8, "--dedup", "none", *NO_CAPTION_RULE],
-        "plain": ["--agc_lambda", 0, "--dedup", "none", *NO_CAPTION_RULE]}
+        "paper": ["--num_shards", 4, "--local_steps", 6, "--agc_lambda", 0.8, "--dedup", "none", *NO_ANCHOR],
+        "plain": ["--agc_lambda", 0, "--dedup", "none", *NO_ANCHOR]}
 
 
 def fine_tune(out: Path, data: Path, pretrained: Path, name: str, *extra) -> Path:

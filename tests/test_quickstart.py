@@ -125,4 +125,8 @@ def test_text_to_image_testbed_reduced(tmp_path, capsys, monkeypatch):
         assert any(line.startswith(label) for line in printed.splitlines())
     dup = json.loads((out / "memmit" / "memmit" / "duplicates.json").read_text())
     assert dup["num_clusters"] == 8 and dup["largest_cluster"] == 4
+    # The default anchors each duplicated caption to 4 captions of unique digits.
+    duplicated = {t for t, d in zip(ds["text"], ds["is_duplicate"]) if d}
+    assert dup["anchored_captions"] and all(a["caption"] in duplicated and a["copies"] == 4 and len(a["anchors"]) == 4
+                                            and not duplicated & set(a["anchors"]) for a in dup["anchored_captions"])
     Image.open(out / "compare.png").verify()
