@@ -38,13 +38,13 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
     """[len(prompts)] fp32 scores on the CPU. The starting noise of prompt i, seed j comes from its own
     generator (index i * num_seeds + j), so a prompt's score does not depend on the others or the batch size."""
     task.prepare(device, torch.float32)
-    unet = task.unet.to(device).eval()
+    denoiser = task.denoiser.to(device).eval()
     scheduler = DDIMScheduler.from_config(task.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps[:detect_steps]
     empty = task.text_encoder(tokenize(task.tokenizer, [""]).to(device))[0].float()
     latent_side = task.resolution // task.vae_scale_factor
-    shape = (unet.config.in_channels, latent_side, latent_side)
+    shape = (denoiser.config.in_channels, latent_side, latent_side)
     pairs = [(i, j) for i in range(len(prompts)) for j in range(num_seeds)]
     totals = torch.zeros(len(prompts))
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring prompts", disable=not show_progress):
@@ -57,7 +57,7 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
         magnitude = torch.zeros(len(chunk), device=device)
         for t in timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            uncond, cond = unet(model_input, t, encoder_hidden_states=context).sample.float().chunk(2)
+            uncond, cond = denoiser(model_input, t, encoder_hidden_states=context).sample.float().chunk(2)
             magnitude += (cond - uncond).flatten(1).norm(dim=1)
             latents = scheduler.step(uncond + GUIDANCE_SCALE * (cond - uncond), t, latents).prev_sample
         totals.index_add_(0, torch.tensor([i for i, _ in chunk]), magnitude.cpu())

@@ -73,14 +73,14 @@ def sample_images(task: DenoisingTask, num_samples: int, num_inference_steps: in
     Batches are cut at multiples of batch_size whatever the process count; with a distributed `state`, process p
     renders batches p, p + P, ... and every process receives all of them in order, the images one process makes."""
     task.prepare(device, torch.float32)  # frozen parts (VAE, text encoder) to the device, if any
-    unet = task.unet.to(device).eval()
+    denoiser = task.denoiser.to(device).eval()
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     mine = []
     for start in tqdm(range(0, num_samples, batch_size)[rank::world], desc="sampling", disable=not show_progress):
         indices = range(start, min(start + batch_size, num_samples))
         if prompts is not None:
             task.validation_prompts = prompts[indices.start:indices.stop]  # the task renders its validation prompts
-        images = task.sample(unet, len(indices), num_inference_steps, sample_generators(seed, indices))
+        images = task.sample(denoiser, len(indices), num_inference_steps, sample_generators(seed, indices))
         mine.append((start, to_uint8(images)))
     batches = gather_object(mine) if world > 1 else mine
     return np.concatenate([images for _, images in sorted(batches, key=lambda batch: batch[0])])
@@ -320,7 +320,7 @@ def load_eval_task(config: EvalConfig) -> DenoisingTask:
     if not isinstance(task, UnconditionalTask):  # Stable Diffusion renders any height and width asked for
         return task
     # DDIMPipeline samples at the UNet's configured sample_size; a convolutional UNet runs at any multiple.
-    task.unet.register_to_config(sample_size=task.resolution)
+    task.denoiser.register_to_config(sample_size=task.resolution)
     return task
 
 

@@ -21,16 +21,17 @@ def check_export(task: DenoisingTask, cfg: MemmitConfig) -> None:
 
 
 def export_result(task: DenoisingTask, model: LiveModel, cfg: MemmitConfig, out: Path) -> None:
-    unet = model.result()
+    denoiser = model.result()
     if cfg.export == "lora":
-        export_lora(task, unet, model.pretrained, cfg, out)
+        export_lora(task, denoiser, model.pretrained, cfg, out)
     else:
-        task.save_pipeline(unet, out)
+        task.save_pipeline(denoiser, out)
 
 
-def export_lora(task: DenoisingTask, unet: torch.nn.Module, pretrained: dict, cfg: MemmitConfig, out: Path) -> None:
+def export_lora(task: DenoisingTask, denoiser: torch.nn.Module, pretrained: dict, cfg: MemmitConfig,
+                out: Path) -> None:
     """One LoRA of the whole change (final - pretrained) in the target modules, by truncated SVD."""
-    final = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+    final = {k: v.detach().cpu() for k, v in denoiser.state_dict().items()}
 
     def targeted(name: str) -> bool:
         module = name.removesuffix(".weight")
@@ -41,7 +42,9 @@ def export_lora(task: DenoisingTask, unet: torch.nn.Module, pretrained: dict, cf
     lora_state, error = svd_lora({k: d for k, d in deltas.items() if targeted(k)}, cfg.export_lora_rank)
     total = sum(float(d.pow(2).sum()) for d in deltas.values())
     outside = sum(float(d.pow(2).sum()) for k, d in deltas.items() if not targeted(k))
-    type(task.pipeline).save_lora_weights(out, unet_lora_layers=lora_state, safe_serialization=True)
+    # Each family's save_lora_weights names its denoiser's layers: unet_lora_layers, transformer_lora_layers.
+    type(task.pipeline).save_lora_weights(out, **{f"{task.denoiser_name}_lora_layers": lora_state},
+                                          safe_serialization=True)
     summary = {"export_lora_rank": cfg.export_lora_rank, "relative_svd_error": error,
                "change_outside_targets": (outside / total) ** 0.5 if total > 0 else 0.0,
                "target_modules": cfg.lora_target_modules}

@@ -14,20 +14,20 @@ from peft.tuners.lora import LoraLayer
 ADAPTER = "default"
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None, dropout: float,
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, dropout: float,
              target_modules: list[str]) -> None:
-    """Freeze the UNet and inject one trainable adapter (peft) into the target modules."""
-    unet.requires_grad_(False)
+    """Freeze the denoiser and inject one trainable adapter (peft) into the target modules."""
+    model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=target_modules,
                         init_lora_weights=True)
     try:
-        inject_adapter_in_model(config, unet)
+        inject_adapter_in_model(config, model)
     except ValueError as exc:  # peft's "Target modules ... not found"
-        raise ValueError(f"lora_target_modules {target_modules} match no module of the {type(unet).__name__}: {exc}") from exc
+        raise ValueError(f"lora_target_modules {target_modules} match no module of the {type(model).__name__}: {exc}") from exc
 
 
-def lora_layers(unet: torch.nn.Module) -> list[LoraLayer]:
-    return [m for m in unet.modules() if isinstance(m, LoraLayer)]
+def lora_layers(model: torch.nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
 def is_lora_key(name: str) -> bool:
@@ -35,37 +35,37 @@ def is_lora_key(name: str) -> bool:
 
 
 @torch.no_grad()
-def reset_adapters(unet: torch.nn.Module, seed: int) -> None:
+def reset_adapters(model: torch.nn.Module, seed: int) -> None:
     """Fresh adapters (A random, B zero: the product starts at 0), seeded so a run is reproducible."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for layer in lora_layers(unet):
+        for layer in lora_layers(model):
             layer.reset_lora_parameters(ADAPTER, True)
 
 
 @torch.no_grad()
-def merge_adapters(unet: torch.nn.Module) -> None:
+def merge_adapters(model: torch.nn.Module) -> None:
     """Base weights += scale·B·A in place (the adapters stay, inactive until unmerged)."""
-    for layer in lora_layers(unet):
+    for layer in lora_layers(model):
         layer.merge(adapter_names=[ADAPTER])
 
 
 @torch.no_grad()
-def unmerge_adapters(unet: torch.nn.Module) -> None:
-    for layer in lora_layers(unet):
+def unmerge_adapters(model: torch.nn.Module) -> None:
+    for layer in lora_layers(model):
         layer.unmerge()
 
 
-def add_merged(average, unet: torch.nn.Module, base: list[torch.Tensor], weight: float) -> None:
+def add_merged(average, model: torch.nn.Module, base: list[torch.Tensor], weight: float) -> None:
     """accumulator += weight·(θ̄ + scale·B·A): the shard's adapters merged for the add, then unmerged."""
-    merge_adapters(unet)
+    merge_adapters(model)
     average.add(base, weight)
-    unmerge_adapters(unet)
+    unmerge_adapters(model)
 
 
-def plain_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's weights under their original names, adapters left out (for saving a plain UNet)."""
-    return {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if not is_lora_key(k)}
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The denoiser's weights under their original names, adapters left out (for saving a plain one)."""
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if not is_lora_key(k)}
 
 
 def svd_lora(deltas: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], float]:

@@ -24,6 +24,7 @@ from .data import ImageTransform, pick_caption
 from .draws import per_sample_randint, per_sample_randn
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+DENOISER_COMPONENTS = ("unet", "transformer")  # diffusers' names for the model a pipeline denoises with
 NUM_DEFAULT_PROMPTS = 4  # training captions rendered at each round's end when no validation_prompts are given
 EMBED_BATCH = 256  # captions per text-encoder pass outside training
 
@@ -39,9 +40,9 @@ def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Op
         index = DiffusionPipeline.load_config(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load pipeline {name_or_path!r}: {exc}") from exc
-    if "unet" not in index:
-        raise ValueError(f"pipeline {index.get('_class_name')} at {name_or_path!r} has no UNet; "
-                         "memmit trains pipelines with a `unet` component")
+    if not any(name in index for name in DENOISER_COMPONENTS):
+        raise ValueError(f"pipeline {index.get('_class_name')} at {name_or_path!r} has neither a unet nor a "
+                         "transformer component: memmit trains a diffusion pipeline's denoiser")
     return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant)
 
 
@@ -150,8 +151,20 @@ def check_resolution(resolution: int, factor: int, reason: str) -> None:
                          f"pass --resolution {nearest}")
 
 
+def denoiser_component(pipeline: DiffusionPipeline) -> str:
+    """The name of the model a pipeline denoises with: `unet` (DDPM, Stable Diffusion 1/2, SDXL) or
+    `transformer` (SD3, Flux, PixArt)."""
+    found = [name for name in DENOISER_COMPONENTS if getattr(pipeline, name, None) is not None]
+    if not found:
+        raise ValueError(f"pipeline {type(pipeline).__name__} has neither a unet nor a transformer component: "
+                         "memmit trains a diffusion pipeline's denoiser")
+    return found[0]
+
+
 class DenoisingTask:
-    """What every UNet pipeline kind shares: the scheduler's target, the per-sample loss, pixels, saving."""
+    """What every pipeline kind shares: the denoiser it trains (`denoiser`, the pipeline's `denoiser_name`
+    component: the rest of memmit names no component), the scheduler's target, the per-sample loss, pixels,
+    saving."""
 
     default_agc_lambda: float
     extra_columns: tuple[str, ...] = ()  # dataset columns needed besides the image column
@@ -161,7 +174,8 @@ class DenoisingTask:
                  random_flip: bool, image_column: str):
         self.pipeline = pipeline
         self.image_column = image_column
-        self.unet = pipeline.unet
+        self.denoiser_name = denoiser_component(pipeline)
+        self.denoiser = getattr(pipeline, self.denoiser_name)
         self.scheduler = pipeline.scheduler
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
@@ -208,9 +222,9 @@ class DenoisingTask:
         """mean over C,H,W of (prediction - target)^2 in fp32."""
         return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
-    def save_pipeline(self, unet: torch.nn.Module, output_dir: str | Path) -> None:
-        """The original pipeline class with the trained UNet, safetensors only."""
-        self.pipeline.unet = unet
+    def save_pipeline(self, denoiser: torch.nn.Module, output_dir: str | Path) -> None:
+        """The original pipeline class with the trained denoiser, safetensors only."""
+        setattr(self.pipeline, self.denoiser_name, denoiser)
         self.pipeline.save_pretrained(output_dir, safe_serialization=True)
 
 
@@ -402,17 +416,18 @@ def load_task(cfg, captions: bool = True) -> DenoisingTask:
     pipeline = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     image_options = ("resolution", "center_crop", "random_flip", "image_column")
     text_options = ("caption_dropout", "snr_gamma", "validation_prompts", *CAPTION_OPTIONS)
-    if isinstance(pipeline.unet, UNet2DModel):
+    denoiser = getattr(pipeline, denoiser_component(pipeline))
+    if isinstance(denoiser, UNet2DModel):
         if given := [name for name in text_options if getattr(cfg, name, None)]:
             raise ValueError(f"{', '.join(given)}: text-to-image options, and {type(pipeline).__name__} is "
                              "unconditional (it has no text to caption)")
         return UnconditionalTask(pipeline, **_options(cfg, image_options))
-    if isinstance(pipeline.unet, UNet2DConditionModel):
+    if isinstance(denoiser, UNet2DConditionModel):
         if captions and getattr(cfg, "caption_column", None) is None:
             raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column with "
                              f"the dataset column of captions to train {type(pipeline).__name__})")
         return TextToImageTask(pipeline, **_options(cfg, image_options + ("caption_column",) + text_options
                                                     + ("dedup_anchor_weight",)))
-    raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(pipeline.unet).__name__} is not supported yet "
+    raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(denoiser).__name__} is not supported yet "
                      "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline, and Stable Diffusion "
                      "1.x/2.x with a UNet2DConditionModel)")

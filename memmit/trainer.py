@@ -120,7 +120,7 @@ class Trainer:
         if cfg.caption_column is not None and hasattr(self.task, "use_training_captions"):
             self.task.use_training_captions(self.dataset[cfg.caption_column])  # the column alone: no image decoded
 
-        self.model = LiveModel(self.task.unet, cfg, acc.device)
+        self.model = LiveModel(self.task.denoiser, cfg, acc.device)
         if cfg.cache_latents:  # each machine's main process encodes (or finds) them, the others then read them
             with acc.local_main_process_first():
                 self.task.inputs = cached_inputs(self.task, self.dataset, cfg.image_column, cfg.caption_column,
@@ -152,8 +152,8 @@ class Trainer:
         return reduce(t.to(self.accelerator.device), reduction="sum").to(t.device)
 
     @property
-    def unet(self) -> torch.nn.Module:
-        return self.model.unet
+    def denoiser(self) -> torch.nn.Module:
+        return self.model.denoiser
 
     def shard_at(self, turn: int) -> Optional[Shard]:
         """This process's shard in turn slot `turn` (None: it idles)."""
@@ -234,7 +234,7 @@ class Trainer:
         local = torch.zeros((0, 4), dtype=torch.float64)
         if batch is not None:
             with acc.autocast():
-                out = self.task.per_sample_loss(self.model.unet, batch, mine.generators(cfg.seed, NOISE), acc.device)
+                out = self.task.per_sample_loss(self.model.denoiser, batch, mine.generators(cfg.seed, NOISE), acc.device)
             weights = out.weights if out.weights is not None else torch.ones_like(out.losses)
             anchored = out.anchored if out.anchored is not None else torch.zeros(len(out.losses), dtype=torch.bool)
             # float64 (on the CPU: not every accelerator has it) holds fp32 losses, integer timesteps and flags
@@ -329,8 +329,8 @@ class Trainer:
         bar.write(f"memmit: round {rnd + 1} done; sampling {cfg.num_validation_images} images "
                   f"({cfg.validation_inference_steps} steps) for the logs")
         self.model.load_result()
-        with self.model.eval_mode() as unet:
-            images = self.task.sample(unet, cfg.num_validation_images, cfg.validation_inference_steps,
+        with self.model.eval_mode() as denoiser:
+            images = self.task.sample(denoiser, cfg.num_validation_images, cfg.validation_inference_steps,
                                       torch.Generator().manual_seed(cfg.seed))
         log_images(acc, "samples", images, rnd + 1)
 

@@ -63,11 +63,11 @@ def test_an_anchored_row_trains_its_own_caption_and_draws_one_anchor(tiny_sd_pip
 def test_an_anchored_loss_is_the_distance_to_the_models_own_anchor_prediction(tiny_sd_pipeline,
                                                                             captioned_digits_dir):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir)
-    task.unet.requires_grad_(False)
+    task.denoiser.requires_grad_(False)
     batch = rows(captioned_digits_dir, 6)
     batch[ANCHORS] = [["the number 3"], [], [], ["digit 1", "digit 5"], [], []]
     inputs = task.inputs(batch, generators(1, 6))
-    out = task.per_sample_loss(task.unet, inputs, generators(2, 6), torch.device("cpu"))
+    out = task.per_sample_loss(task.denoiser, inputs, generators(2, 6), torch.device("cpu"))
     loss, t, _ = reference_loss(tiny_sd_pipeline, inputs, seed=2)
     assert torch.equal(out.timesteps, t) and out.anchored.tolist() == [True, False, False, True, False, False]
     torch.testing.assert_close(out.losses, loss)
@@ -78,12 +78,12 @@ def test_an_anchored_loss_is_the_distance_to_the_models_own_anchor_prediction(ti
     # dedup_anchor_weight (default 8) weighs the anchored samples alone; with min-SNR it multiplies its weights.
     assert out.weights.tolist() == [8.0, 1.0, 1.0, 8.0, 1.0, 1.0]
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--dedup_anchor_weight", 2.5, "--snr_gamma", 5.0)
-    task.unet.requires_grad_(False)
-    out = task.per_sample_loss(task.unet, inputs, generators(2, 6), torch.device("cpu"))
+    task.denoiser.requires_grad_(False)
+    out = task.per_sample_loss(task.denoiser, inputs, generators(2, 6), torch.device("cpu"))
     snr = min_snr_weights(task.scheduler, out.timesteps, 5.0, task.prediction_type)
     torch.testing.assert_close(out.weights, snr * torch.tensor([2.5, 1, 1, 2.5, 1, 1]))
     assert make_task(tiny_sd_pipeline, captioned_digits_dir, "--dedup_anchor_weight", 1).per_sample_loss(
-        task.unet, inputs, generators(2, 6), torch.device("cpu")).weights is None
+        task.denoiser, inputs, generators(2, 6), torch.device("cpu")).weights is None
 
 
 def copied_caption_dataset(path) -> str:

@@ -42,8 +42,8 @@ def test_cached_inputs_give_the_losses_that_encoding_every_step_gives(tiny_sd_pi
     assert torch.equal(plain["input_ids"], from_cache["input_ids"])
     assert torch.equal(plain["anchor_ids"], from_cache["anchor_ids"]) and int(from_cache["anchored"].sum()) == 2
     with torch.no_grad():
-        want = task.per_sample_loss(task.unet, plain, batch.generators(7, NOISE), torch.device("cpu"))
-        got = task.per_sample_loss(task.unet, from_cache, batch.generators(7, NOISE), torch.device("cpu"))
+        want = task.per_sample_loss(task.denoiser, plain, batch.generators(7, NOISE), torch.device("cpu"))
+        got = task.per_sample_loss(task.denoiser, from_cache, batch.generators(7, NOISE), torch.device("cpu"))
     assert torch.equal(got.timesteps, want.timesteps)
     # The VAE encoded these images in other batches: float rounding apart, the same values.
     torch.testing.assert_close(got.losses, want.losses, rtol=1e-4, atol=1e-6)

@@ -73,7 +73,7 @@ def test_agc_step_loss_is_the_mean_over_the_kept_samples_of_the_whole_accumulati
     bank.values.fill_(1.0)
     bank.is_set.fill_(True)
     trainer.train()
-    got = {k: v.detach().cpu() for k, v in trainer.unet.state_dict().items()}
+    got = {k: v.detach().cpu() for k, v in trainer.denoiser.state_dict().items()}
 
     common = dict(bank_start=1.0, agc_lambda=1.0, batch=3, accumulation=2, steps=3, lr=1e-3, seed=0)
     want, kept = hand_agc_run(tiny_pipeline, digits_dir, reduction="window", **common)

@@ -99,7 +99,7 @@ def test_empty_or_missing_captions_are_the_empty_prompt_and_bad_ones_are_named(t
     empty = tokenize(task.tokenizer, [""])[0]
     assert torch.equal(batch["input_ids"][0], empty) and torch.equal(batch["input_ids"][1], empty)
     assert not torch.equal(batch["input_ids"][2], empty)
-    out = task.per_sample_loss(task.unet, batch, generators(1, 3), torch.device("cpu"))
+    out = task.per_sample_loss(task.denoiser, batch, generators(1, 3), torch.device("cpu"))
     assert out.losses.shape == (3,) and torch.isfinite(out.losses).all() and out.weights is None
 
     data["text"] = [7, "a", "b"]
@@ -173,8 +173,8 @@ def test_loss_target_and_min_snr_weights_match_a_written_out_computation(caption
     batch = plain.inputs(rows(captioned_digits_dir, 8), generators(1, 8))
     cpu = torch.device("cpu")
     with torch.no_grad():
-        out_plain = plain.per_sample_loss(plain.unet, batch, generators(2, 8), cpu)
-        out = weighted.per_sample_loss(plain.unet, batch, generators(2, 8), cpu)
+        out_plain = plain.per_sample_loss(plain.denoiser, batch, generators(2, 8), cpu)
+        out = weighted.per_sample_loss(plain.denoiser, batch, generators(2, 8), cpu)
     loss, t, snr = reference_loss(pipe_dir, batch, seed=2)
 
     assert torch.equal(out.timesteps, t) and out_plain.weights is None
@@ -189,7 +189,7 @@ def test_text_embedding_noise_matches_a_written_out_computation(tiny_sd_pipeline
     noisy = make_task(tiny_sd_pipeline, captioned_digits_dir, "--text_embedding_noise", 0.5)
     batch = noisy.inputs(rows(captioned_digits_dir, 8), generators(1, 8))
     with torch.no_grad():
-        out = noisy.per_sample_loss(noisy.unet, batch, generators(2, 8), torch.device("cpu"))
+        out = noisy.per_sample_loss(noisy.denoiser, batch, generators(2, 8), torch.device("cpu"))
     loss, t, _ = reference_loss(tiny_sd_pipeline, batch, seed=2, text_noise=0.5)
     assert torch.equal(out.timesteps, t)
     torch.testing.assert_close(out.losses, loss)
@@ -208,12 +208,12 @@ def test_bf16_runs_frozen_parts_in_bf16_and_keeps_the_unet_and_the_saved_parts_f
 
     batch = task.inputs(rows(captioned_digits_dir, 4), generators(0, 4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = task.per_sample_loss(task.unet, batch, generators(1, 4), torch.device("cpu"))
+        out = task.per_sample_loss(task.denoiser, batch, generators(1, 4), torch.device("cpu"))
     out.losses.mean().backward()
     assert out.losses.dtype == torch.float32
-    assert all(p.dtype == p.grad.dtype == torch.float32 for p in task.unet.parameters())
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in task.denoiser.parameters())
 
-    images = task.sample(task.unet, 3, 2, seeded())
+    images = task.sample(task.denoiser, 3, 2, seeded())
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
 
@@ -222,3 +222,26 @@ def test_default_prompts_are_the_first_non_empty_training_captions(tiny_sd_pipel
     task = make_task(tiny_sd_pipeline, captioned_digits_dir)
     task.use_training_captions(["", None, ["a one", "a 1"], [], "a two", "a three", "a four", "a five"])
     assert task.default_prompts == ["a one", "a two", "a three", "a four"]
+
+
+def test_the_denoiser_is_found_by_component_and_a_transformer_pipeline_is_named(tmp_path, tiny_sd_pipeline,
+                                                                                captioned_digits_dir):
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from memmit.tasks import denoiser_component
+
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir)
+    assert task.denoiser_name == "unet" and task.denoiser is task.pipeline.unet
+    # A real transformer pipeline: its denoiser is found, and the family is refused by name before training.
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        num_layers=1, sample_size=4, patch_size=2, num_embeds_ada_norm=10)
+    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    dit = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+    assert denoiser_component(dit) == "transformer"
+    dit.save_pretrained(tmp_path / "dit")
+    with pytest.raises(ValueError, match="pipeline DiTPipeline with a DiTTransformer2DModel is not supported yet"):
+        load_task(parse_args(args(str(tmp_path / "dit"), captioned_digits_dir, "unused", "--caption_column", "text")))
+    dit.transformer = None
+    with pytest.raises(ValueError, match="DiTPipeline has neither a unet nor a transformer component"):
+        denoiser_component(dit)

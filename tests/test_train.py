@@ -210,7 +210,7 @@ def _bad_inputs(tmp_path, tiny_pipeline, digits_dir):
         (base + ["--dataset_name", str(few), "--num_shards", "4"], "fewer than num_shards=4"),
         (base + ["--train_data_dir", str(broken)], "bad.png"),
         (["--pretrained_model_name_or_path", str(tmp_path / "missing")] + data, "does not exist"),
-        (["--pretrained_model_name_or_path", str(no_unet)] + data, "has no UNet"),
+        (["--pretrained_model_name_or_path", str(no_unet)] + data, "has neither a unet nor a transformer component"),
         (base + data + ["--num_shards", "0"], "num_shards must be >= 1"),
         (base + data + ["--agc_lambda", "-1"], "agc_lambda must be >= 0"),
         (base + data + ["--agc_bank_decay", "1"], "agc_bank_decay must be in [0, 1)"),
@@ -277,7 +277,7 @@ def test_bf16_autocast_keeps_unet_fp32_and_logs_sample_grids(tiny_pipeline, digi
                  "--label_column", "label")
     flags[flags.index("--report_to") + 1] = "tensorboard"
     trainer = run(parse_args(flags))
-    assert trainer.unet.dtype == torch.float32
+    assert trainer.denoiser.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in unet_weights(out).values())
     runs = [EventAccumulator(str(p.parent)).Reload() for p in (out / "logs").rglob("events.out.tfevents*")]
     tags = {t for run in runs for kind in ("images", "scalars") for t in run.Tags()[kind]}
@@ -292,7 +292,7 @@ def test_fp16_on_cuda_keeps_a_grad_scaler_per_shard(tiny_pipeline, digits_dir, t
     out = tmp_path / "out"
     trainer = run(parse_args(args(tiny_pipeline, digits_dir, out, "--num_shards", 2, "--num_rounds", 2,
                                       "--mixed_precision", "fp16")))
-    assert trainer.unet.dtype == torch.float32
+    assert trainer.denoiser.dtype == torch.float32
     for shard in trainer.shards.values():
         assert shard.saved["scaler"]["scale"] > 0 and shard.saved["scaler"]["_growth_tracker"] >= 0
     assert all(torch.isfinite(v).all() for v in unet_weights(out).values())
@@ -374,7 +374,7 @@ def test_fp16_variant_loads_and_trains_in_fp32(digits_dir, tmp_path):
     assert (pipe_dir / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
     trainer = run(parse_args(args(str(pipe_dir), digits_dir, tmp_path / "out", "--variant", "fp16",
                                       "--num_shards", 2, "--num_rounds", 1, "--local_steps", 1)))
-    assert trainer.unet.dtype == torch.float32
+    assert trainer.denoiser.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in unet_weights(tmp_path / "out").values())
 
 
