@@ -23,13 +23,12 @@ import datasets
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from .cache import cache_root, hash_tensor
 from .data import ImageTransform, iter_images, pick_caption
-from .tasks import CaptionedImageInputs, TextToImageTask, tokenize
+from .tasks import CaptionedImageInputs, TextToImageTask
 
-CACHE_BATCH = 32  # images (or captions) per encoder call while caching
+CACHE_BATCH = 32  # images per VAE call while caching
 
 
 def check_cache_latents(task) -> None:
@@ -95,16 +94,12 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
     if pending:
         encode(pending)
     prompts = training_prompts(dataset[caption_column], caption_column)
-    text = []
-    for i in tqdm(range(0, len(prompts), CACHE_BATCH), desc="caching text embeddings", disable=not show_progress,
-                  leave=False):
-        with autocast:
-            text.append(task.text_encoder(tokenize(task.tokenizer, prompts[i:i + CACHE_BATCH]).to(device))[0].cpu())
+    text = task.encode_prompts(prompts, device, "caching text embeddings" if show_progress else None)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
     save_file({name: torch.cat(parts).contiguous() for name, parts in latents.items() if parts},
               str(tmp / "latents.safetensors"))
-    save_file({"text": torch.cat(text).contiguous()}, str(tmp / "text.safetensors"))
+    save_file({"text": text.contiguous()}, str(tmp / "text.safetensors"))
     (tmp / "prompts.json").write_text(json.dumps(prompts))
     try:
         os.replace(tmp, directory)

@@ -18,6 +18,7 @@ import torch
 from diffusers import (DDIMPipeline, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel,
                        UNet2DModel)
 from diffusers.training_utils import compute_snr
+from tqdm.auto import tqdm
 
 from .captions import ANCHORS, CAPTION_OPTIONS, CaptionNoise, caption_vocabulary
 from .data import ImageTransform, pick_caption
@@ -26,7 +27,7 @@ from .draws import per_sample_randint, per_sample_randn
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DENOISER_COMPONENTS = ("unet", "transformer")  # diffusers' names for the model a pipeline denoises with
 NUM_DEFAULT_PROMPTS = 4  # training captions rendered at each round's end when no validation_prompts are given
-EMBED_BATCH = 256  # captions per text-encoder pass outside training
+PROMPT_BATCH = 32  # prompts per text-encoder pass outside a training step (the latent cache, anchor choice)
 
 
 def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Optional[str] = None) -> DiffusionPipeline:
@@ -305,12 +306,21 @@ class TextToImageTask(DenoisingTask):
         self.weight_dtype = weight_dtype
 
     @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device, progress: Optional[str] = None
+                       ) -> torch.Tensor:
+        """The text encoder's output for each prompt, [N, tokens, width] on the CPU: batched, under autocast in
+        weight_dtype as in a training step, so the values are the ones a step computes; `progress`: a bar's label."""
+        autocast = torch.autocast(device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
+        out = []
+        for i in tqdm(range(0, len(prompts), PROMPT_BATCH), desc=progress, disable=progress is None, leave=False):
+            with autocast:
+                out.append(self.text_encoder(tokenize(self.tokenizer, prompts[i:i + PROMPT_BATCH]).to(device))[0].cpu())
+        return torch.cat(out)
+
     def caption_embeddings(self, captions: list[str]) -> torch.Tensor:
         """Each caption's text-encoder output, the denoiser's conditioning, flattened: [N, tokens x width] fp32 on
         the CPU (dedup_captions=anchor compares captions by it)."""
-        device = next(self.text_encoder.parameters()).device
-        return torch.cat([self.text_encoder(tokenize(self.tokenizer, captions[i:i + EMBED_BATCH]).to(device))[0]
-                          .float().flatten(1).cpu() for i in range(0, len(captions), EMBED_BATCH)])
+        return self.encode_prompts(captions, next(self.text_encoder.parameters()).device).float().flatten(1)
 
     def use_training_captions(self, captions: Sequence) -> None:
         """The caption column's values: the round-end samples render the first few non-empty ones when no
