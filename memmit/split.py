@@ -61,12 +61,14 @@ def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, sho
                 report["num_samples_in_clusters"], cfg.dedup, main_process_only=True)
     if cfg.dedup == "same_shard":
         return Split(split_with_clusters(n, cfg.num_shards, clusters, cfg.shard_strategy, cfg.seed), report)
-    values = ds[cfg.caption_column] if cfg.dedup_captions != "ignore" else []
+    # A list, read once: the caption rules index rows one by one (a datasets Column reads Arrow on every index).
+    values = list(ds[cfg.caption_column]) if cfg.dedup_captions != "ignore" else []
     kept = keep_one(n, clusters)
     anchors = anchored_copies(values, clusters, embed, cfg.dedup_anchors) if cfg.dedup_captions == "anchor" else {}
     local = split_shards(len(kept), cfg.num_shards, cfg.shard_strategy, cfg.seed,
                          [labels[i] for i in kept] if labels is not None else None)
-    captions = cluster_captions(values, clusters, shared_empty=cfg.dedup_captions == "empty") if values else {}
+    captions = (cluster_captions(values, clusters, shared_empty=cfg.dedup_captions == "empty")
+                if cfg.dedup_captions != "ignore" else {})
     if captions:
         report["kept_copies_with_merged_captions"] = len(captions)
     if anchors:
