@@ -29,7 +29,8 @@ from .evaluate import (Prepared, compare_rows, draw_compare, format_compare, pre
 logger = logging.getLogger(__name__)
 
 # Where a pipeline is loaded from does not change what it samples: the fingerprint hashes the weights instead.
-LOCATION_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "output_dir")
+LOCATION_SETTINGS = ("pretrained_model_name_or_path", "revision", "variant", "pretrained_vae_model_name_or_path",
+                     "output_dir")
 
 
 def eval_dir(output_dir: str | Path) -> Path:

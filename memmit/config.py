@@ -49,9 +49,10 @@ class ModelDataConfig:
     """The pretrained pipeline and its training set: the options `memmit train` and `memmit eval` share."""
 
     # Model
-    pretrained_model_name_or_path: Optional[str] = opt(None, "Hub id or local directory of a diffusers pipeline with a UNet.", required=True)
+    pretrained_model_name_or_path: Optional[str] = opt(None, "Hub id or local directory of a diffusers pipeline with a unet or a transformer.", required=True)
     revision: Optional[str] = opt(None, "Hub revision (branch, tag or commit) of the pretrained pipeline.")
     variant: Optional[str] = opt(None, "Weight variant to load, e.g. 'fp16'.")
+    pretrained_vae_model_name_or_path: Optional[str] = opt(None, "Hub id or local directory of an AutoencoderKL that replaces the pipeline's VAE, in training and in the saved pipeline (e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in fp16, so memmit runs it in fp32 under --mixed_precision fp16).")
 
     # Data
     dataset_name: Optional[str] = opt(None, "Hub dataset name or local directory written by `Dataset.save_to_disk`.")
@@ -318,8 +319,9 @@ class MemmitConfig(ModelDataConfig):
         ours = {f.name for f in dataclasses.fields(self)}
         values = {name: getattr(self, f"eval_{name}" if f"eval_{name}" in ours else name)
                   for name in (f.name for f in dataclasses.fields(EvalConfig)) if f"eval_{name}" in ours or name in ours}
-        if not before:  # export writes a full pipeline, no revision or variant
-            values.update(pretrained_model_name_or_path=self.output_dir, revision=None, variant=None)
+        if not before:  # export writes a full pipeline (with the replacement VAE), no revision or variant
+            values.update(pretrained_model_name_or_path=self.output_dir, revision=None, variant=None,
+                          pretrained_vae_model_name_or_path=None)
         return EvalConfig(**{**values, "output_dir": str(output_dir)})
 
     def arithmetic_options(self) -> list[str]:

@@ -233,9 +233,16 @@ class ImageTransform:
         self.center_crop, self.random_flip = center_crop, random_flip
 
     def __call__(self, img: Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.with_crop(img, generator)[0]
+
+    def with_crop(self, img: Image.Image, generator: Optional[torch.Generator] = None
+                  ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """The transformed image and where it came from: (original height, original width, crop top, crop left),
+        the crop in the resized image and, when flipped, the left edge of the crop in the mirrored image (SDXL's
+        micro-conditioning; diffusers' SDXL example takes width - left there, one crop width off)."""
         img = convert_mode(img, self.channels)
         r = self.resolution
-        w, h = img.size
+        w, h = original = img.size
         scale = r / min(w, h)
         size = (max(r, round(w * scale)), max(r, round(h * scale)))
         if size != (w, h):
@@ -249,8 +256,8 @@ class ImageTransform:
         img = img.crop((left, top, left + r, top + r))
         x = torch.from_numpy(np.array(img, dtype=np.float32)).reshape(r, r, self.channels).permute(2, 0, 1)
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
-            x = x.flip(-1)
-        return x / 127.5 - 1.0
+            x, left = x.flip(-1), w - left - r
+        return x / 127.5 - 1.0, (original[1], original[0], top, left)
 
 
 def split_shards(

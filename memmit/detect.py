@@ -25,7 +25,7 @@ from .config import EvalConfig
 from .data import caption_counts
 from .evaluate import load_eval_dataset, load_eval_task, sample_generators
 from .metrics import default_device
-from .tasks import TextToImageTask, tokenize
+from .tasks import TextToImageTask
 
 GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default: the sampling whose first steps are scored
 TOP_PRINTED = 10
@@ -42,22 +42,24 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
     scheduler = DDIMScheduler.from_config(task.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps[:detect_steps]
-    empty = task.text_encoder(tokenize(task.tokenizer, [""]).to(device))[0].float()
+    empty = [None if e is None else e.float() for e in task.encode_text([""], device)]
     latent_side = task.resolution // task.vae_scale_factor
     shape = (denoiser.config.in_channels, latent_side, latent_side)
     pairs = [(i, j) for i in range(len(prompts)) for j in range(num_seeds)]
     totals = torch.zeros(len(prompts))
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring prompts", disable=not show_progress):
         chunk = pairs[start:start + batch_size]
-        text = task.text_encoder(tokenize(task.tokenizer, [prompts[i] for i, _ in chunk]).to(device))[0].float()
-        context = torch.cat([empty.expand_as(text), text])
+        text = [None if e is None else e.float() for e in task.encode_text([prompts[i] for i, _ in chunk], device)]
+        # Unconditional then conditional: hidden states (and a pooled embedding, SDXL) of the empty prompt and the prompts.
+        context = task.denoiser_kwargs(*[None if e is None else torch.cat([u.expand_as(e), e])
+                                         for u, e in zip(empty, text)])
         generators = sample_generators(seed, range(start, start + len(chunk)))
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
         latents = latents * scheduler.init_noise_sigma
         magnitude = torch.zeros(len(chunk), device=device)
         for t in timesteps:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            uncond, cond = denoiser(model_input, t, encoder_hidden_states=context).sample.float().chunk(2)
+            uncond, cond = denoiser(model_input, t, **context).sample.float().chunk(2)
             magnitude += (cond - uncond).flatten(1).norm(dim=1)
             latents = scheduler.step(uncond + GUIDANCE_SCALE * (cond - uncond), t, latents).prev_sample
         totals.index_add_(0, torch.tensor([i for i, _ in chunk]), magnitude.cpu())

@@ -47,7 +47,8 @@ def export_lora(task: DenoisingTask, denoiser: torch.nn.Module, pretrained: dict
                                           safe_serialization=True)
     summary = {"export_lora_rank": cfg.export_lora_rank, "relative_svd_error": error,
                "change_outside_targets": (outside / total) ** 0.5 if total > 0 else 0.0,
-               "target_modules": cfg.lora_target_modules}
+               "target_modules": cfg.lora_target_modules,
+               "pipeline_class": type(task.pipeline).__name__}  # what loads it (the model card's usage)
     (out / "memmit" / "lora_export.json").write_text(json.dumps(summary, indent=2))
     print(f"memmit: LoRA export rank {cfg.export_lora_rank}: relative SVD error {error:.2e}; "
           f"share of the change outside {cfg.lora_target_modules}: {summary['change_outside_targets']:.2e}")

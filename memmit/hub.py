@@ -216,8 +216,29 @@ def _eval_data_line(reports: dict[str, dict], dataset: Optional[str]) -> str:
             f"of {_describe_source(dataset, 'dataset')}.")
 
 
+def _pipeline_class(out: Path) -> str:
+    """The output's pipeline class: model_index.json's, or the LoRA export's record of the base pipeline's."""
+    for name, key in [("model_index.json", "_class_name"), ("memmit/lora_export.json", "pipeline_class")]:
+        if (out / name).is_file():
+            return json.loads((out / name).read_text()).get(key) or "DiffusionPipeline"
+    return "DiffusionPipeline"
+
+
+def _usage_lines(cfg: dict, base_model: Optional[str], repo_id: str, pipeline_class: str) -> list[str]:
+    """How to load the result with its own pipeline class and render one image (from a prompt, text-to-image)."""
+    if cfg.get("export") == "lora":  # a LoRA of the whole change, applied to the original pipeline
+        load = [f'pipe = {pipeline_class}.from_pretrained("{_hub_id(base_model) or "BASE_MODEL"}")',
+                f'pipe.load_lora_weights("{repo_id}")']
+    else:
+        load = [f'pipe = {pipeline_class}.from_pretrained("{repo_id}")']
+    prompt = json.dumps((cfg.get("validation_prompts") or ["A PROMPT"])[0]) if cfg.get("caption_column") else ""
+    return ["```python", f"from diffusers import {pipeline_class}", "", *load, f"image = pipe({prompt}).images[0]",
+            "```"]
+
+
 def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
-               reports: Optional[dict[str, dict]], repo_id: str, figure: bool = False) -> str:
+               reports: Optional[dict[str, dict]], repo_id: str, figure: bool = False,
+               pipeline_class: str = "DiffusionPipeline") -> str:
     lines = [
         f"# {repo_id.split('/')[-1]}", "",
         f"{_describe_source(base_model, 'pipeline')} fine-tuned on {_describe_source(dataset, 'dataset')} with "
@@ -232,13 +253,7 @@ def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
                   "second nearest).", "", _eval_data_line(reports, dataset), "", *_results_table(reports), ""]
         if figure:
             lines += [f"![memorized samples, {' and '.join(reports)}]({COMPARE_FIGURE})", ""]
-    if cfg.get("export") == "lora":  # a LoRA of the whole change, applied to the original pipeline
-        load = [f'pipe = DiffusionPipeline.from_pretrained("{_hub_id(base_model) or "BASE_MODEL"}")',
-                f'pipe.load_lora_weights("{repo_id}")']
-    else:
-        load = [f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")']
-    lines += ["## How to use", "", "```python", "from diffusers import DiffusionPipeline", "", *load,
-              "image = pipe().images[0]", "```", "",
+    lines += ["## How to use", "", *_usage_lines(cfg, base_model, repo_id, pipeline_class), "",
               "## Training configuration", "", "<details>", "", "```yaml",
               yaml.safe_dump(_public_config(cfg), sort_keys=False).rstrip(), "```", "", "</details>", "",
               "## Citation", "", "```bibtex", CITATION, "```", ""]
@@ -261,7 +276,7 @@ def write_model_card(output_dir: str | Path, cfg_dict: dict, base_model: Optiona
         eval_results=_eval_results(eval_reports, dataset) if eval_reports else None,
     )
     figure = bool(eval_reports) and (Path(output_dir) / COMPARE_FIGURE).is_file()
-    body = _card_body(cfg_dict, base_model, dataset, eval_reports, repo_id, figure)
+    body = _card_body(cfg_dict, base_model, dataset, eval_reports, repo_id, figure, _pipeline_class(Path(output_dir)))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = Path(output_dir) / "README.md"
     card.save(path)

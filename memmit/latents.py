@@ -36,6 +36,10 @@ def check_cache_latents(task) -> None:
     if not isinstance(task, TextToImageTask):
         raise ValueError(f"--cache_latents caches the VAE latents and text-encoder outputs of text-to-image pipelines; "
                          f"{type(task.pipeline).__name__} trains on pixels (nothing to cache)")
+    if not task.caches_latents:
+        raise ValueError(f"--cache_latents does not hold {task.family}'s conditioning yet (it caches one text "
+                         f"encoder's output; {type(task.pipeline).__name__} also takes a pooled embedding and each "
+                         "image's size and crop): train without it")
     root = cache_root() / "latents"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -54,13 +58,13 @@ def training_prompts(captions: Sequence, column: str) -> list[str]:
 def cache_key(task: TextToImageTask, dataset: datasets.Dataset, image_column: str, caption_column: str,
               random_flip: bool) -> str:
     h = hashlib.sha256()
-    for name in ("vae", "text_encoder"):
-        module = getattr(task, name)
+    for name, module in [("vae", task.vae), *zip(task.text_parts, task.text_encoders)]:
         for key, t in module.state_dict().items():
             hash_tensor(h, f"{name}.{key}", t)
         h.update(json.dumps({k: v for k, v in module.config.items() if not k.startswith("_")} if isinstance(
             module.config, dict) else module.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(json.dumps(task.tokenizer.get_vocab(), sort_keys=True).encode())
+    for tokenizer in task.tokenizers:
+        h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(json.dumps({"dataset": dataset._fingerprint, "image_column": image_column,
                          "caption_column": caption_column, "resolution": task.resolution, "center_crop": True,
                          "random_flip": random_flip, "dtype": str(task.weight_dtype), "format": 1},
@@ -81,7 +85,7 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
         x = torch.stack(pixels).to(device, task.weight_dtype)
         for suffix, images in [("", x)] + ([("_flipped", x.flip(-1))] if random_flip else []):
             with autocast:
-                dist = task.vae.encode(images).latent_dist
+                dist = task.encode_pixels(images, device)
             latents["mean" + suffix].append(dist.mean.cpu())
             latents["std" + suffix].append(dist.std.cpu())
 

@@ -6,17 +6,18 @@ pipeline kind by writing one more DenoisingTask subclass and naming it in `load_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from diffusers import (DDIMPipeline, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel,
-                       UNet2DModel)
+from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
@@ -28,6 +29,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DENOISER_COMPONENTS = ("unet", "transformer")  # diffusers' names for the model a pipeline denoises with
 NUM_DEFAULT_PROMPTS = 4  # training captions rendered at each round's end when no validation_prompts are given
 PROMPT_BATCH = 32  # prompts per text-encoder pass outside a training step (the latent cache, anchor choice)
+TOKEN_SUFFIXES = ("", "_2")  # batch keys of each tokenizer's tokens: input_ids, then input_ids_2 (SDXL's second)
 
 
 def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Optional[str] = None) -> DiffusionPipeline:
@@ -45,6 +47,22 @@ def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Op
         raise ValueError(f"pipeline {index.get('_class_name')} at {name_or_path!r} has neither a unet nor a "
                          "transformer component: memmit trains a diffusion pipeline's denoiser")
     return DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant)
+
+
+def replace_vae(pipeline: DiffusionPipeline, name_or_path: str) -> None:
+    """--pretrained_vae_model_name_or_path: that AutoencoderKL in place of the pipeline's VAE, registered so that
+    the saved pipeline holds it (a LoRA export leaves the VAE to whoever loads it)."""
+    if getattr(pipeline, "vae", None) is None:
+        raise ValueError(f"pretrained_vae_model_name_or_path: pipeline {type(pipeline).__name__} has no vae to replace")
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"pretrained_vae_model_name_or_path {name_or_path!r}: cannot load an AutoencoderKL "
+                         f"({str(exc).splitlines()[0]})") from exc
+    if vae.config.latent_channels != pipeline.vae.config.latent_channels:
+        raise ValueError(f"pretrained_vae_model_name_or_path {name_or_path!r} has {vae.config.latent_channels} latent "
+                         f"channels, the pipeline's vae {pipeline.vae.config.latent_channels}")
+    pipeline.register_modules(vae=vae)
 
 
 @dataclass
@@ -73,7 +91,7 @@ class CaptionedImageInputs(ImageInputs):
     caption_column: str = "text"
     caption_dropout: float = 0.0
     caption_noise: CaptionNoise = field(default_factory=CaptionNoise)
-    tokenizer: Any = None
+    tokenizers: tuple = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -86,15 +104,16 @@ class CaptionedImageInputs(ImageInputs):
     def text_inputs(self, rows: dict, generators: Sequence[torch.Generator]) -> tuple[list[str], dict]:
         """Each row's prompt, and its tokens (`input_ids`). A row with anchor captions (dedup_captions=anchor,
         split.py) trains its own caption as is and draws one of its anchors: then `anchor_ids` holds the anchors'
-        tokens (the empty prompt's for other rows) and `anchored` marks those rows."""
+        tokens (the empty prompt's for other rows) and `anchored` marks those rows. With two tokenizers (SDXL) the
+        second one's tokens are `input_ids_2` and `anchor_ids_2`."""
         anchors = rows.get(ANCHORS) or [[]] * len(generators)
         prompts, drawn = [], []
         for value, choices, g in zip(rows[self.caption_column], anchors, generators):
             prompts.append(pick_caption(value, "first", self.caption_column) if choices else self.prompt(value, g))
             drawn.append(choices[int(torch.randint(len(choices), (), generator=g))] if choices else None)
-        text = {"input_ids": tokenize(self.tokenizer, prompts)}
+        text = tokenize(self.tokenizers, prompts)
         if any(a is not None for a in drawn):
-            text.update(anchor_ids=tokenize(self.tokenizer, [a or "" for a in drawn]),
+            text.update(tokenize(self.tokenizers, [a or "" for a in drawn], "anchor_ids"),
                         anchored=torch.tensor([a is not None for a in drawn]))
         return prompts, text
 
@@ -106,9 +125,26 @@ class CaptionedImageInputs(ImageInputs):
         return self.caption_noise(caption, generator) if self.caption_noise.active else caption
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+@dataclass
+class MicroConditionedInputs(CaptionedImageInputs):
+    """CaptionedImageInputs and SDXL's micro-conditioning of each image, `time_ids`: its original height and
+    width, the crop's top and left, the target height and width (the order of diffusers' add_time_ids)."""
+
+    def __call__(self, rows: dict, generators: Sequence[torch.Generator], ids: Sequence[int] = ()) -> dict:
+        pixels, time_ids = [], []
+        for img, g in zip(rows[self.image_column], generators):
+            x, crop = self.transform.with_crop(img, g)
+            pixels.append(x)
+            time_ids.append([*crop, self.transform.resolution, self.transform.resolution])
+        return {"pixels": torch.stack(pixels), "time_ids": torch.tensor(time_ids, dtype=torch.float32),
+                **self.text_inputs(rows, generators)[1]}
+
+
+def tokenize(tokenizers: Sequence, prompts: list[str], key: str = "input_ids") -> dict[str, torch.Tensor]:
+    """Each tokenizer's tokens of the prompts, under `key` and then `key` + "_2"."""
+    return {key + suffix: tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids
+            for suffix, tokenizer in zip(TOKEN_SUFFIXES, tokenizers)}
 
 
 @dataclass
@@ -177,7 +213,10 @@ class DenoisingTask:
         self.image_column = image_column
         self.denoiser_name = denoiser_component(pipeline)
         self.denoiser = getattr(pipeline, self.denoiser_name)
-        self.scheduler = pipeline.scheduler
+        # The training noise is DDPM's forward process whatever sampler the pipeline ships with: SDXL's
+        # EulerDiscreteScheduler.add_noise is not variance preserving (x0 + sigma * noise), as diffusers' SDXL
+        # example, which loads a DDPMScheduler from the same config, avoids too.
+        self.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
@@ -265,11 +304,18 @@ class UnconditionalTask(DenoisingTask):
 class TextToImageTask(DenoisingTask):
     """Stable Diffusion 1.x/2.x: a UNet2DConditionModel denoising VAE latents, conditioned on CLIP text.
 
-    The VAE and the text encoder stay frozen; they run in the mixed-precision dtype as working copies,
-    so the pipeline keeps its original weights and `save_pipeline` writes them unchanged.
+    The VAE and the text encoders stay frozen; they run in the mixed-precision dtype as working copies,
+    so the pipeline keeps its original weights and `save_pipeline` writes them unchanged. A family with more
+    text conditioning (SDXL) names its parts and overrides how tokens become the denoiser's inputs.
     """
 
     default_agc_lambda = 0.8  # the paper's mem_ratio 1.25 for Stable Diffusion
+    family = "Stable Diffusion 1.x/2.x"
+    text_parts: tuple[str, ...] = ("text_encoder",)  # the pipeline's text encoders, in the order of...
+    tokenizer_parts: tuple[str, ...] = ("tokenizer",)  # ...their tokenizers (batch keys input_ids, input_ids_2)
+    pipeline_class: type = StableDiffusionPipeline  # what the round-end samples render with
+    inputs_class: type = CaptionedImageInputs
+    caches_latents = True  # --cache_latents (latents.py) holds everything the conditioning needs
 
     def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
                  center_crop: bool = False, random_flip: bool = False, image_column: str = "image",
@@ -277,33 +323,73 @@ class TextToImageTask(DenoisingTask):
                  snr_gamma: Optional[float] = None, validation_prompts: Optional[list[str]] = None,
                  caption_replace_prob: float = 0.0, caption_insert_prob: float = 0.0, caption_repeat_prob: float = 0.0,
                  text_embedding_noise: float = 0.0, dedup_anchor_weight: float = 1.0):
-        _check_text_to_image_parts(pipeline)
+        self.check_parts(pipeline)
         vae = pipeline.vae
         self.vae_scale_factor = vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         resolution = resolution or _side(pipeline.unet.config.sample_size) * vae_scale_factor
-        # The UNet2DConditionModel takes latents of any size; the VAE and StableDiffusionPipeline do not.
+        # The UNet2DConditionModel takes latents of any size; the VAE and the pipelines do not.
         check_resolution(resolution, math.lcm(vae_scale_factor, 8), f"its VAE downsamples the image by "
-                         f"{vae_scale_factor} and StableDiffusionPipeline renders only multiples of 8")
+                         f"{vae_scale_factor} and {type(pipeline).__name__} renders only multiples of 8")
         super().__init__(pipeline, resolution, int(vae.config.in_channels), center_crop, random_flip, image_column)
         self.caption_column = caption_column
         self.extra_columns = (caption_column,) if caption_column else ()
         self.snr_gamma = snr_gamma
-        self.tokenizer = pipeline.tokenizer
-        self.inputs = CaptionedImageInputs(
+        self.tokenizers = tuple(getattr(pipeline, name) for name in self.tokenizer_parts)
+        self.inputs = self.inputs_class(
             image_column, self.transform, caption_column, caption_dropout,
-            CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob), self.tokenizer)
+            CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob), self.tokenizers)
         self.text_embedding_noise = text_embedding_noise
         self.anchor_weight = dedup_anchor_weight
         self.validation_prompts = validation_prompts
         self.default_prompts: list[str] = []
-        self.vae, self.text_encoder = vae, pipeline.text_encoder
+        self.vae = vae
+        self.text_encoders = [getattr(pipeline, name) for name in self.text_parts]
         self.weight_dtype = torch.float32
 
+    @classmethod
+    def check_parts(cls, pipeline: DiffusionPipeline) -> None:
+        """Refuse, naming the part, a pipeline this task would train wrongly (a part missing, other conditioning,
+        inpainting)."""
+        name, parts = type(pipeline).__name__, ("vae", *cls.text_parts, *cls.tokenizer_parts)
+        missing = [part for part in parts if getattr(pipeline, part, None) is None]
+        if missing:
+            raise ValueError(f"pipeline {name} has no {', '.join(missing)}; memmit trains {cls.family} pipelines with "
+                             f"{', '.join(parts)}")
+        cls.check_conditioning(pipeline)
+        unet, vae = pipeline.unet, pipeline.vae
+        if unet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"pipeline {name}'s UNet takes {unet.config.in_channels} input channels, not the VAE's "
+                             f"{vae.config.latent_channels} latent channels (e.g. inpainting); not supported")
+
+    @classmethod
+    def check_conditioning(cls, pipeline: DiffusionPipeline) -> None:
+        if pipeline.unet.config.addition_embed_type is not None or getattr(pipeline, "text_encoder_2", None) is not None:
+            raise ValueError(f"pipeline {type(pipeline).__name__} conditions its UNet on more than one text encoder's "
+                             "output (e.g. SDXL, which memmit trains as a StableDiffusionXLPipeline)")
+
+    def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the frozen VAE runs in."""
+        return weight_dtype
+
     def prepare(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        """Frozen working copies of the VAE and text encoder on the device, in the mixed-precision dtype."""
-        self.vae = _frozen_copy(self.pipeline.vae, device, weight_dtype)
-        self.text_encoder = _frozen_copy(self.pipeline.text_encoder, device, weight_dtype)
+        """Frozen working copies of the VAE and text encoders on the device, in the mixed-precision dtype."""
+        self.vae = _frozen_copy(self.pipeline.vae, device, self.vae_dtype(weight_dtype))
+        self.text_encoders = [_frozen_copy(getattr(self.pipeline, name), device, weight_dtype)
+                              for name in self.text_parts]
         self.weight_dtype = weight_dtype
+
+    def encode_tokens(self, tokens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The text conditioning of tokenized prompts (one tensor per tokenizer): the text encoder's last hidden
+        states, and the pooled embedding a family also conditions on (none here)."""
+        return self.text_encoders[0](tokens[0])[0], None
+
+    def encode_text(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.encode_tokens([ids.to(device) for ids in tokenize(self.tokenizers, prompts).values()])
+
+    def denoiser_kwargs(self, hidden: torch.Tensor, pooled: Optional[torch.Tensor],
+                        time_ids: Optional[torch.Tensor] = None) -> dict:
+        """The denoiser's conditioning arguments."""
+        return {"encoder_hidden_states": hidden}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device, progress: Optional[str] = None
@@ -314,13 +400,13 @@ class TextToImageTask(DenoisingTask):
         out = []
         for i in tqdm(range(0, len(prompts), PROMPT_BATCH), desc=progress, disable=progress is None, leave=False):
             with autocast:
-                out.append(self.text_encoder(tokenize(self.tokenizer, prompts[i:i + PROMPT_BATCH]).to(device))[0].cpu())
+                out.append(self.encode_text(prompts[i:i + PROMPT_BATCH], device)[0].cpu())
         return torch.cat(out)
 
     def caption_embeddings(self, captions: list[str]) -> torch.Tensor:
         """Each caption's text-encoder output, the denoiser's conditioning, flattened: [N, tokens x width] fp32 on
         the CPU (dedup_captions=anchor compares captions by it)."""
-        return self.encode_prompts(captions, next(self.text_encoder.parameters()).device).float().flatten(1)
+        return self.encode_prompts(captions, next(self.text_encoders[0].parameters()).device).float().flatten(1)
 
     def use_training_captions(self, captions: Sequence) -> None:
         """The caption column's values: the round-end samples render the first few non-empty ones when no
@@ -343,20 +429,23 @@ class TextToImageTask(DenoisingTask):
             if "latent_mean" in batch:  # --cache_latents (latents.py)
                 mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
             else:
-                posterior = self.vae.encode(batch["pixels"].to(device, self.weight_dtype)).latent_dist
+                posterior = self.encode_pixels(batch["pixels"], device)
                 mean, std = posterior.mean, posterior.std
             # DiagonalGaussianDistribution.sample's formula, with one generator per sample.
             eps = per_sample_randn(mean.shape[1:], generators).to(device, mean.dtype)
             latents = (mean + std * eps).float() * self.vae.config.scaling_factor
-            text = self._text_embeddings(batch, device)
+            text, pooled = self._text_embeddings(batch, device)
             if self.text_embedding_noise:  # Somepalli et al.'s GNI: the same caption never conditions alike twice
                 text = text + self.text_embedding_noise * per_sample_randn(text.shape[1:], generators).to(device)
+            time_ids = batch.get("time_ids")
             anchor = None
             if "anchored" in batch:
                 mask = batch["anchored"].to(device)
-                anchor = (mask, {"encoder_hidden_states": self.text_encoder(batch["anchor_ids"].to(device)[mask])[0]
-                                 .float()})
-        out = self.denoising_loss(unet, latents, generators, device, anchor, encoder_hidden_states=text)
+                anchor_text, anchor_pooled = self._encoded(batch, "anchor_ids", device, mask)
+                anchor = (mask, self.denoiser_kwargs(anchor_text, anchor_pooled,
+                                                     None if time_ids is None else time_ids[mask.cpu()]))
+        out = self.denoising_loss(unet, latents, generators, device, anchor,
+                                  **self.denoiser_kwargs(text, pooled, time_ids))
         if self.snr_gamma is not None:
             out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,
                                           self.prediction_type)
@@ -367,24 +456,43 @@ class TextToImageTask(DenoisingTask):
             out.weights = torch.where(anchor[0], self.anchor_weight * weights, weights)
         return out
 
-    def _text_embeddings(self, batch: dict, device: torch.device) -> torch.Tensor:
-        """The text encoder's output for the batch's prompts, fp32 (it keeps the fp32 UNet working where autocast
-        is off); with --cache_latents read from the cache, except for prompts the caption rules made up."""
+    def encode_pixels(self, pixels: torch.Tensor, device: torch.device):
+        """The VAE's latent distribution of pixels; a VAE kept in fp32 under fp16 (vae_dtype) runs outside
+        autocast, which would run its convolutions in fp16 again."""
+        upcast = self.vae.dtype != self.weight_dtype
+        with torch.autocast(device.type, enabled=False) if upcast else contextlib.nullcontext():
+            return self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist
+
+    def _encoded(self, batch: dict, key: str, device: torch.device, mask: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """encode_tokens of the batch's tokens under `key` (of the rows `mask` marks), in fp32: it keeps the fp32
+        UNet working where autocast is off."""
+        tokens = [batch[key + suffix].to(device) for suffix in TOKEN_SUFFIXES[:len(self.tokenizers)]]
+        hidden, pooled = self.encode_tokens([ids if mask is None else ids[mask] for ids in tokens])
+        return hidden.float(), None if pooled is None else pooled.float()
+
+    def _text_embeddings(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The conditioning of the batch's prompts, fp32; with --cache_latents read from the cache, except for
+        prompts the caption rules made up."""
         if "text" not in batch:
-            return self.text_encoder(batch["input_ids"].to(device))[0].float()
+            return self._encoded(batch, "input_ids", device)
         text, missing = batch["text"].to(device).float(), batch["encode"].to(device)
         if missing.any():
-            text[missing] = self.text_encoder(batch["input_ids"].to(device)[missing])[0].float()
-        return text
+            text[missing] = self._encoded(batch, "input_ids", device, missing)[0]
+        return text, None
+
+    def pipeline_options(self) -> dict:
+        """pipeline_class's arguments besides its models, for the round-end samples."""
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     @torch.no_grad()
     def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
                generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Images in [0, 1], NCHW on the CPU: DDIM from the training scheduler's config, cycling over
         validation_prompts (else the default prompts, else the empty prompt)."""
-        pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                       unet=unet, scheduler=DDIMScheduler.from_config(self.scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = self.pipeline_class(vae=self.vae, unet=unet, scheduler=DDIMScheduler.from_config(self.scheduler.config),
+                                   **dict(zip(self.text_parts, self.text_encoders)),
+                                   **dict(zip(self.tokenizer_parts, self.tokenizers)), **self.pipeline_options())
         pipe.set_progress_bar_config(disable=True)
         prompts = self.validation_prompts or self.default_prompts or [""]
         prompts = [prompts[i % len(prompts)] for i in range(num_images)]
@@ -395,20 +503,60 @@ class TextToImageTask(DenoisingTask):
         return _images_nchw(out)
 
 
-def _check_text_to_image_parts(pipeline: DiffusionPipeline) -> None:
-    """Refuse conditional pipelines this task would train wrongly (no CLIP text, extra conditioning, inpainting)."""
-    name = type(pipeline).__name__
-    missing = [part for part in ("vae", "text_encoder", "tokenizer") if getattr(pipeline, part, None) is None]
-    if missing:
-        raise ValueError(f"pipeline {name} has no {', '.join(missing)}; memmit trains text-to-image pipelines "
-                         "with a vae, a text_encoder and a tokenizer (Stable Diffusion 1.x/2.x)")
-    unet = pipeline.unet
-    if unet.config.addition_embed_type is not None or getattr(pipeline, "text_encoder_2", None) is not None:
-        raise ValueError(f"pipeline {name} conditions its UNet on more than one text encoder's output "
-                         "(e.g. SDXL); memmit supports Stable Diffusion 1.x/2.x")
-    if unet.config.in_channels != pipeline.vae.config.latent_channels:
-        raise ValueError(f"pipeline {name}'s UNet takes {unet.config.in_channels} input channels, not the VAE's "
-                         f"{pipeline.vae.config.latent_channels} latent channels (e.g. inpainting); not supported")
+class StableDiffusionXLTask(TextToImageTask):
+    """SDXL (StableDiffusionXLPipeline): the UNet is conditioned on both CLIP text encoders' penultimate hidden
+    states side by side, on the second one's pooled projection, and on each image's original size and crop
+    (`time_ids`, recorded by the transform), as diffusers' SDXL training example conditions it."""
+
+    family = "SDXL"
+    text_parts = ("text_encoder", "text_encoder_2")
+    tokenizer_parts = ("tokenizer", "tokenizer_2")
+    pipeline_class = StableDiffusionXLPipeline
+    inputs_class = MicroConditionedInputs
+    caches_latents = False  # the cache holds one text encoder's output and no pooled embedding or time_ids
+
+    @classmethod
+    def check_conditioning(cls, pipeline: DiffusionPipeline) -> None:
+        unet, first, second = pipeline.unet, pipeline.text_encoder, pipeline.text_encoder_2
+        if unet.config.addition_embed_type != "text_time":
+            raise ValueError(f"pipeline {type(pipeline).__name__}'s unet has addition_embed_type "
+                             f"{unet.config.addition_embed_type!r}, not SDXL's 'text_time'")
+        width = first.config.hidden_size + second.config.hidden_size
+        if unet.config.cross_attention_dim != width:
+            raise ValueError(f"pipeline {type(pipeline).__name__}'s unet cross_attention_dim "
+                             f"{unet.config.cross_attention_dim} is not text_encoder's hidden_size "
+                             f"{first.config.hidden_size} + text_encoder_2's {second.config.hidden_size}")
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        if getattr(second.config, "projection_dim", None) != pooled or not hasattr(second, "text_projection"):
+            raise ValueError(f"pipeline {type(pipeline).__name__}'s unet takes a {pooled}-wide pooled text embedding; "
+                             f"text_encoder_2 ({type(second).__name__}) must project to it (CLIPTextModelWithProjection)")
+
+    def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        # SDXL's own VAE overflows in fp16, which its config says (force_upcast); an fp16-safe replacement
+        # (--pretrained_vae_model_name_or_path) says it is not.
+        return torch.float32 if weight_dtype == torch.float16 and self.pipeline.vae.config.force_upcast else weight_dtype
+
+    def encode_tokens(self, tokens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """diffusers' SDXL encode_prompt: both encoders' penultimate hidden states concatenated, and the second
+        encoder's projected pooled output (CLIPTextModelWithProjection's text_embeds)."""
+        hidden = []
+        for encoder, ids in zip(self.text_encoders, tokens):
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), out[0]
+
+    def denoiser_kwargs(self, hidden: torch.Tensor, pooled: Optional[torch.Tensor],
+                        time_ids: Optional[torch.Tensor] = None) -> dict:
+        """Without time_ids, what the pipeline passes when sampling: an image of the target size, not cropped."""
+        if time_ids is None:
+            r = self.resolution
+            time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=torch.float32).expand(len(hidden), 6)
+        return {"encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(hidden.device)}}
+
+    def pipeline_options(self) -> dict:
+        return {"force_zeros_for_empty_prompt": self.pipeline.config.force_zeros_for_empty_prompt,
+                "add_watermarker": False}
 
 
 def _frozen_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -424,6 +572,8 @@ def load_task(cfg, captions: bool = True) -> DenoisingTask:
     """The task for the pipeline `cfg.pretrained_model_name_or_path` points to; a text-to-image one needs
     `cfg.caption_column` unless `captions` is False (prompts that come from elsewhere)."""
     pipeline = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
+    if vae := getattr(cfg, "pretrained_vae_model_name_or_path", None):
+        replace_vae(pipeline, vae)
     image_options = ("resolution", "center_crop", "random_flip", "image_column")
     text_options = ("caption_dropout", "snr_gamma", "validation_prompts", *CAPTION_OPTIONS)
     denoiser = getattr(pipeline, denoiser_component(pipeline))
@@ -436,8 +586,9 @@ def load_task(cfg, captions: bool = True) -> DenoisingTask:
         if captions and getattr(cfg, "caption_column", None) is None:
             raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column with "
                              f"the dataset column of captions to train {type(pipeline).__name__})")
-        return TextToImageTask(pipeline, **_options(cfg, image_options + ("caption_column",) + text_options
-                                                    + ("dedup_anchor_weight",)))
+        task = StableDiffusionXLTask if isinstance(pipeline, StableDiffusionXLPipeline) else TextToImageTask
+        return task(pipeline, **_options(cfg, image_options + ("caption_column",) + text_options
+                                         + ("dedup_anchor_weight",)))
     raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(denoiser).__name__} is not supported yet "
-                     "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline, and Stable Diffusion "
-                     "1.x/2.x with a UNet2DConditionModel)")
+                     "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline, Stable Diffusion "
+                     "1.x/2.x and SDXL)")

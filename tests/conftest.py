@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -89,7 +90,7 @@ def make_clip_tokenizer():
 
 def save_sd_pipeline(path, prediction_type="epsilon", num_train_timesteps=50) -> str:
     """A real StableDiffusionPipeline with tiny parts: 16x16 pixels, 8x8x4 latents, 16-d CLIP text."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -102,9 +103,7 @@ def save_sd_pipeline(path, prediction_type="epsilon", num_train_timesteps=50) ->
                                 layers_per_block=1, norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae = tiny_vae(seed=None)  # drawn after the UNet, from the same stream
     # As Stable Diffusion's own scheduler config: no sample clipping, steps_offset 1.
     scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, prediction_type=prediction_type,
                               clip_sample=False, steps_offset=1)
@@ -112,6 +111,52 @@ def save_sd_pipeline(path, prediction_type="epsilon", num_train_timesteps=50) ->
                             safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(path)
     return str(path)
+
+
+def tiny_vae(seed: Optional[int] = 0, **config):
+    """A 16-px AutoencoderKL with 4 latent channels; `seed` None draws from the global stream as it is."""
+    from diffusers import AutoencoderKL
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=4, sample_size=16, **config)
+
+
+def save_sdxl_pipeline(path, text_encoder_2: bool = True) -> str:
+    """A real StableDiffusionXLPipeline with tiny parts: two CLIP text encoders (16 and 8 wide, the second
+    projecting to a 12-d pooled embedding), a UNet with SDXL's text_time conditioning, SDXL's Euler sampler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = make_clip_tokenizer()
+
+    def clip(width: int, projection: int = 16):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                              num_attention_heads=2, num_hidden_layers=2, projection_dim=projection,
+                              max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=24, attention_head_dim=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 12)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=50, beta_schedule="scaled_linear", beta_start=0.00085,
+                                       beta_end=0.012, steps_offset=1, timestep_spacing="leading")
+    StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(clip(16)), tokenizer=tokenizer,
+                              text_encoder_2=CLIPTextModelWithProjection(clip(8, 12)) if text_encoder_2 else None,
+                              tokenizer_2=make_clip_tokenizer(), unet=unet, scheduler=scheduler,
+                              add_watermarker=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tmp_path_factory) -> str:
+    """A StableDiffusionXLPipeline (~120k parameters in all), saved to disk."""
+    return save_sdxl_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")

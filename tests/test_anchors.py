@@ -52,8 +52,9 @@ def test_an_anchored_row_trains_its_own_caption_and_draws_one_anchor(tiny_sd_pip
     # Dropout (probability 1) empties every other prompt; an anchored one is the caption being unlearned.
     assert prompts == [batch["text"][0], "", batch["text"][2], ""]
     first = ["the number 3", "digit 1"][int(torch.randint(2, (), generator=seeded(1000)))]
-    want = task.tokenizer([first, "", "digit 5", ""], padding="max_length", max_length=task.tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
+    tokenizer = task.tokenizers[0]
+    want = tokenizer([first, "", "digit 5", ""], padding="max_length", max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
     assert torch.equal(text["anchor_ids"], want)
     assert text["anchored"].tolist() == [True, False, True, False]
     batch[ANCHORS] = [[]] * 4
@@ -108,7 +109,7 @@ def test_a_run_anchors_the_kept_copy_and_agc_never_skips_or_banks_it(tiny_sd_pip
     # The two captions whose text-encoder outputs are nearest to "copy"'s, computed here on a fresh load.
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline)
     with torch.no_grad():
-        ids = tokenize(pipe.tokenizer, ds["text"][:8])
+        ids = tokenize([pipe.tokenizer], ds["text"][:8])["input_ids"]
         emb = torch.nn.functional.normalize(pipe.text_encoder(ids)[0].flatten(1), dim=1)
     nearest = (emb[:7] @ emb[7]).argsort(descending=True)[:2].tolist()
     report = json.loads((out / "memmit" / "duplicates.json").read_text())

@@ -56,5 +56,5 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_help_shows_each_default_and_what_is_required():
     text = " ".join(build_parser().format_help().split())
-    assert "with a UNet. (required)" in text
+    assert "with a unet or a transformer. (required)" in text
     assert "(default: ['to_q', 'to_k', 'to_v', 'to_out.0'])" in text and "(default: 0.8)" in text

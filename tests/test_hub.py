@@ -206,7 +206,8 @@ def test_card_for_local_sources_lora_text_to_image_without_reports(tmp_path):
     assert set(data["tags"]) == TAGS | {"text-to-image"}
     assert "LoRA of rank 8" in card.text and "off (λ = 0)" in card.text and str(tmp_path) not in card.text
     assert "off: one model on all the data (K = 1, memmit's default), 3 rounds of 5 optimizer steps" in card.text
-    assert 'from_pretrained("' + tmp_path.name + '")' in card.text  # default repo id: the output dir's name
+    assert 'DiffusionPipeline.from_pretrained("' + tmp_path.name + '")' in card.text  # default repo id: the dir's name
+    assert 'image = pipe("A PROMPT").images[0]' in card.text  # a text-to-image pipeline needs a prompt
 
 
 # ---- upload --------------------------------------------------------------------------------------
