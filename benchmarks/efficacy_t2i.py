@@ -8,6 +8,7 @@ distinct training digits and against held-out digits; alignment is the share of 
 the prompt's digit, over all prompts and over the other (unique-caption) ones, which copying does not inflate.
 Prints a markdown table for EFFICACY.md. Usage:
     python benchmarks/efficacy_t2i.py [--output_dir efficacy-t2i-output] [--seeds 0 1] [--arms plain memmit ...]
+        [--family sd3]  (the same testbed with an SD3 transformer trained by rectified flow)
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
         "dedup_agc_empty": ("--dedup_captions", "empty"),
         **{f"memmit_weight{w}": ("--dedup_anchor_weight", w) for w in (1, 4)},
         "memmit_anchors8": ("--dedup_anchors", 8),
-        "memmit_replace": CAPTION_RULES["replace"]}
+        "memmit_replace": CAPTION_RULES["replace"],
+        # AGC's loss bank pooled into bins of consecutive timesteps (flow matching: of timestep indices)
+        **{f"{arm}_bins{b}": tuple(RECIPE_ARMS[arm]) + ("--agc_bank_bins", b) for arm in ("memmit", "paper")
+           for b in (10, 50)}}
 # configs/sd15-lora.yaml's adapter (rank 16 on the attention projections), exported merged for the eval.
 LORA = ("--lora_rank", 16, "--lora_alpha", 16, "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0")
 ARMS.update({"plain_lora": tuple(RECIPE_ARMS["plain"]) + LORA, "memmit_lora": LORA})
@@ -67,11 +71,13 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["plain", "paper", "memmit", TRUTH_ORACLE],
                         choices=list(ARMS) + [TRUTH_ORACLE])
     parser.add_argument("--pretrain_steps", type=int, default=1000)
+    parser.add_argument("--family", default="sd", choices=("sd", "sd3"),
+                        help="the testbed's denoiser: Stable Diffusion's UNet or an SD3 transformer (flow matching)")
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true", help="train nothing: rescore saved reports")
     args = parser.parse_args()
     out = Path(args.output_dir or "efficacy-t2i-output" + ("" if args.digits == "mnist" else f"-{args.digits}"))
-    data, features, pretrained = prepare(out, args.digits, args.pretrain_steps)
+    data, features, pretrained = prepare(out, args.digits, args.pretrain_steps, family=args.family)
     ds = datasets.load_from_disk(str(data))
     duplicated = {t for t, dup in zip(ds["text"], ds["is_duplicate"]) if dup}
     train, families = ground_truth(ds)

@@ -21,6 +21,8 @@ SHARD_STRATEGIES = ("random", "contiguous", "stratified")
 AGGREGATIONS = ("size", "uniform")
 BANK_INITS = ("first", "zero")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# Flow matching's timestep densities and loss weightings, as diffusers' training_utils names them
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 SECRET_OPTIONS = ("hub_token",)
 # Every tracker accelerate supports, "all" of those installed, or "none" (as diffusers' examples).
 TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "aim", "all", "none")
@@ -198,6 +200,13 @@ class MemmitConfig(ModelDataConfig):
     caption_dropout: float = opt(0.0, "Probability of training on the empty prompt (for classifier-free guidance).")
     snr_gamma: Optional[float] = opt(None, "Min-SNR loss weighting gamma (e.g. 5.0); AGC still reads the unweighted loss.")
     validation_prompts: Optional[list[str]] = opt(None, "Prompts rendered into the logs at each round's end (default: a few training captions).", resume="free")
+    # Flow matching (SD3, Flux), named as in diffusers' SD3 and Flux training examples
+    weighting_scheme: Optional[str] = opt(None, "SD3/Flux: how training timesteps are drawn (logit_normal, mode; none: uniformly) or the loss weighted (sigma_sqrt, cosmap; uniform timesteps), as diffusers' compute_density_for_timestep_sampling and compute_loss_weighting_for_sd3 do; default: the family's diffusers example's (SD3 logit_normal, Flux none). AGC still reads the unweighted loss.", choices=(None, *WEIGHTING_SCHEMES))
+    logit_mean: float = opt(0.0, "SD3/Flux, weighting_scheme=logit_normal: mean of the normal whose sigmoid is the timestep.")
+    logit_std: float = opt(1.0, "SD3/Flux, weighting_scheme=logit_normal: its standard deviation.")
+    mode_scale: float = opt(1.29, "SD3/Flux, weighting_scheme=mode: the scale of the mode density.")
+    guidance_scale: float = opt(3.5, "Flux with a guidance embedding (FLUX.1 dev): the guidance the transformer is trained at.")
+    max_sequence_length: Optional[int] = opt(None, "SD3/Flux: T5 tokens per prompt, in training and in the rendered samples (default: the pipeline's, SD3 256, Flux 512, or its T5 tokenizer's model_max_length if shorter).")
     # Caption-side mitigations (Somepalli et al. 2023), per sample; see memmit/captions.py and EFFICACY.md
     caption_replace_prob: float = opt(0.0, "Random caption replacement: probability that a training caption becomes as many random words of the training captions' vocabulary.")
     caption_insert_prob: float = opt(0.0, "Random word insertion: probability of inserting one random vocabulary word at a random position of a training caption.")
@@ -271,6 +280,9 @@ class MemmitConfig(ModelDataConfig):
             need(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
         need(self.text_embedding_noise >= 0, f"text_embedding_noise must be >= 0, got {self.text_embedding_noise}")
         need(self.snr_gamma is None or self.snr_gamma > 0, f"snr_gamma must be > 0, got {self.snr_gamma}")
+        need(self.logit_std > 0, f"logit_std must be > 0, got {self.logit_std}")
+        need(self.max_sequence_length is None or self.max_sequence_length >= 1,
+             f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
         need(self.lora_rank is None or self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.lora_rank is None or not self.use_ema, "use_ema is not supported with lora_rank (adapters restart every turn)")
         need(self.export_lora_rank >= 1, f"export_lora_rank must be >= 1, got {self.export_lora_rank}")

@@ -39,18 +39,18 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
     generator (index i * num_seeds + j), so a prompt's score does not depend on the others or the batch size."""
     task.prepare(device, torch.float32)
     denoiser = task.denoiser.to(device).eval()
-    scheduler = DDIMScheduler.from_config(task.scheduler.config)
+    scheduler = DDIMScheduler.from_config(task.pipeline.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps[:detect_steps]
-    empty = [None if e is None else e.float() for e in task.encode_text([""], device)]
+    empty = _fp32(task.encode_text([""], device))
     latent_side = task.resolution // task.vae_scale_factor
     shape = (denoiser.config.in_channels, latent_side, latent_side)
     pairs = [(i, j) for i in range(len(prompts)) for j in range(num_seeds)]
     totals = torch.zeros(len(prompts))
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring prompts", disable=not show_progress):
         chunk = pairs[start:start + batch_size]
-        text = [None if e is None else e.float() for e in task.encode_text([prompts[i] for i, _ in chunk], device)]
-        # Unconditional then conditional: hidden states (and a pooled embedding, SDXL) of the empty prompt and the prompts.
+        text = _fp32(task.encode_text([prompts[i] for i, _ in chunk], device))
+        # Unconditional then conditional: hidden states (and SDXL's pooled embedding) of the empty prompt, the prompts.
         context = task.denoiser_kwargs(*[None if e is None else torch.cat([u.expand_as(e), e])
                                          for u, e in zip(empty, text)])
         generators = sample_generators(seed, range(start, start + len(chunk)))
@@ -64,6 +64,10 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
             latents = scheduler.step(uncond + GUIDANCE_SCALE * (cond - uncond), t, latents).prev_sample
         totals.index_add_(0, torch.tensor([i for i, _ in chunk]), magnitude.cpu())
     return totals / (num_seeds * len(timesteps))
+
+
+def _fp32(encoded: tuple) -> list:
+    return [None if e is None else e.float() for e in encoded]
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -94,6 +98,9 @@ def detect_prompts(config: EvalConfig, show_progress: bool = True) -> dict:
     if not isinstance(task, TextToImageTask):
         raise ValueError(f"--detect_prompts needs a text-to-image pipeline; {type(task.pipeline).__name__} is "
                          "unconditional (it has no prompt)")
+    if task.sampler != "DDIM":
+        raise ValueError(f"--detect_prompts scores DDIM sampling's guidance of DDPM-trained pipelines; "
+                         f"{type(task.pipeline).__name__} is trained by flow matching and samples with {task.sampler}")
     duplicated: Optional[list[bool]] = None
     if config.prompts_file:
         prompts = read_prompts_file(config.prompts_file)

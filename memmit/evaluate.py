@@ -36,8 +36,9 @@ from .draws import keyed_generator
 from .features import Extractor, load_extractor
 from .metrics import (cluster_labels, cluster_memorization_report, default_device, exact_clusters,
                       first_occurrence, frechet_distance, memorization_report)
+from .families import load_task
 from .split import duplicate_clusters
-from .tasks import DenoisingTask, UnconditionalTask, load_task
+from .tasks import DenoisingTask, UnconditionalTask
 
 logger = logging.getLogger(__name__)
 
@@ -411,7 +412,7 @@ def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np
                            batch_size=c.batch_size)
     # The options, then what they resolved to and how the samples were made.
     report = {"settings": {**dataclasses.asdict(c), "resolution": p.task.resolution, "channels": p.task.channels,
-                           "sampler": "DDIM", "pipeline": type(p.task.pipeline).__name__, "device": str(p.device)},
+                           "sampler": p.task.sampler, "pipeline": type(p.task.pipeline).__name__, "device": str(p.device)},
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "memmit": memmit.__version__},
               **({"fingerprint": fingerprint} if fingerprint else {}),

@@ -58,7 +58,7 @@ def training_prompts(captions: Sequence, column: str) -> list[str]:
 def cache_key(task: TextToImageTask, dataset: datasets.Dataset, image_column: str, caption_column: str,
               random_flip: bool) -> str:
     h = hashlib.sha256()
-    for name, module in [("vae", task.vae), *zip(task.text_parts, task.text_encoders)]:
+    for name, module in [("vae", task.vae), *zip(task.text_names, task.text_encoders)]:
         for key, t in module.state_dict().items():
             hash_tensor(h, f"{name}.{key}", t)
         h.update(json.dumps({k: v for k, v in module.config.items() if not k.startswith("_")} if isinstance(

@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="unconditional", choices=("unconditional", "text-to-image"),
                         help="text-to-image: the latent Stable Diffusion testbed (memmit/testbed.py)")
     parser.add_argument("--vae_steps", type=int, default=1500, help="text-to-image: the testbed VAE's training steps")
+    parser.add_argument("--family", default="sd", choices=("sd", "sd3"),
+                        help="text-to-image: the testbed's denoiser, Stable Diffusion's UNet or an SD3 transformer")
     args = parser.parse_args(argv)
     if args.pretrain_steps is None:
         args.pretrain_steps = 1000 if args.task == "text-to-image" else 2000

@@ -1,7 +1,8 @@
 """Pipeline kinds: what to load, how to compute per-sample losses, how to rebuild the pipeline.
 
-A task owns the frozen parts and the noise scheduler; the trainer owns the trainable UNet. Add a
-pipeline kind by writing one more DenoisingTask subclass and naming it in `load_task`.
+A task owns the denoiser it trains, the frozen parts and the forward process (noise.py); the trainer trains the
+denoiser. Add a pipeline kind by writing one more DenoisingTask subclass and naming it in families.py (the
+flow-matching transformer families are in flow.py).
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMScheduler, DiffusionPipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
+from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline)
 from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
-from .captions import ANCHORS, CAPTION_OPTIONS, CaptionNoise, caption_vocabulary
+from .captions import ANCHORS, CaptionNoise, caption_vocabulary
 from .data import ImageTransform, pick_caption
-from .draws import per_sample_randint, per_sample_randn
+from .draws import per_sample_randn
+from .noise import DDPMNoise
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DENOISER_COMPONENTS = ("unet", "transformer")  # diffusers' names for the model a pipeline denoises with
 NUM_DEFAULT_PROMPTS = 4  # training captions rendered at each round's end when no validation_prompts are given
 PROMPT_BATCH = 32  # prompts per text-encoder pass outside a training step (the latent cache, anchor choice)
-TOKEN_SUFFIXES = ("", "_2")  # batch keys of each tokenizer's tokens: input_ids, then input_ids_2 (SDXL's second)
+TOKEN_SUFFIXES = ("", "_2", "_3")  # batch keys of each tokenizer's tokens: input_ids, input_ids_2, input_ids_3
 
 
 def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Optional[str] = None) -> DiffusionPipeline:
@@ -92,6 +93,7 @@ class CaptionedImageInputs(ImageInputs):
     caption_dropout: float = 0.0
     caption_noise: CaptionNoise = field(default_factory=CaptionNoise)
     tokenizers: tuple = ()
+    max_lengths: tuple[int, ...] = ()  # tokens per prompt of each tokenizer
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -104,16 +106,16 @@ class CaptionedImageInputs(ImageInputs):
     def text_inputs(self, rows: dict, generators: Sequence[torch.Generator]) -> tuple[list[str], dict]:
         """Each row's prompt, and its tokens (`input_ids`). A row with anchor captions (dedup_captions=anchor,
         split.py) trains its own caption as is and draws one of its anchors: then `anchor_ids` holds the anchors'
-        tokens (the empty prompt's for other rows) and `anchored` marks those rows. With two tokenizers (SDXL) the
-        second one's tokens are `input_ids_2` and `anchor_ids_2`."""
+        tokens (the empty prompt's for other rows) and `anchored` marks those rows. A second and third tokenizer's
+        tokens (SDXL, SD3, Flux) are `input_ids_2`, `anchor_ids_2`, and so on."""
         anchors = rows.get(ANCHORS) or [[]] * len(generators)
         prompts, drawn = [], []
         for value, choices, g in zip(rows[self.caption_column], anchors, generators):
             prompts.append(pick_caption(value, "first", self.caption_column) if choices else self.prompt(value, g))
             drawn.append(choices[int(torch.randint(len(choices), (), generator=g))] if choices else None)
-        text = tokenize(self.tokenizers, prompts)
+        text = tokenize(self.tokenizers, self.max_lengths, prompts)
         if any(a is not None for a in drawn):
-            text.update(tokenize(self.tokenizers, [a or "" for a in drawn], "anchor_ids"),
+            text.update(tokenize(self.tokenizers, self.max_lengths, [a or "" for a in drawn], "anchor_ids"),
                         anchored=torch.tensor([a is not None for a in drawn]))
         return prompts, text
 
@@ -140,11 +142,12 @@ class MicroConditionedInputs(CaptionedImageInputs):
                 **self.text_inputs(rows, generators)[1]}
 
 
-def tokenize(tokenizers: Sequence, prompts: list[str], key: str = "input_ids") -> dict[str, torch.Tensor]:
-    """Each tokenizer's tokens of the prompts, under `key` and then `key` + "_2"."""
-    return {key + suffix: tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                    truncation=True, return_tensors="pt").input_ids
-            for suffix, tokenizer in zip(TOKEN_SUFFIXES, tokenizers)}
+def tokenize(tokenizers: Sequence, max_lengths: Sequence[int], prompts: list[str],
+             key: str = "input_ids") -> dict[str, torch.Tensor]:
+    """Each tokenizer's tokens of the prompts, padded to its max length, under `key`, then `key` + "_2", ..."""
+    return {key + suffix: tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                                    return_tensors="pt").input_ids
+            for suffix, tokenizer, length in zip(TOKEN_SUFFIXES, tokenizers, max_lengths)}
 
 
 @dataclass
@@ -200,62 +203,51 @@ def denoiser_component(pipeline: DiffusionPipeline) -> str:
 
 class DenoisingTask:
     """What every pipeline kind shares: the denoiser it trains (`denoiser`, the pipeline's `denoiser_name`
-    component: the rest of memmit names no component), the scheduler's target, the per-sample loss, pixels,
+    component: the rest of memmit names no component), its forward process, the per-sample loss, pixels,
     saving."""
 
     default_agc_lambda: float
+    sampler = "DDIM"  # what renders samples (memmit eval's report names it)
     extra_columns: tuple[str, ...] = ()  # dataset columns needed besides the image column
     caption_column: Optional[str] = None  # the column every sample needs a caption in (text-to-image)
 
     def __init__(self, pipeline: DiffusionPipeline, resolution: int, channels: int, center_crop: bool,
-                 random_flip: bool, image_column: str):
+                 random_flip: bool, image_column: str, noise=None):
         self.pipeline = pipeline
         self.image_column = image_column
         self.denoiser_name = denoiser_component(pipeline)
         self.denoiser = getattr(pipeline, self.denoiser_name)
-        # The training noise is DDPM's forward process whatever sampler the pipeline ships with: SDXL's
-        # EulerDiscreteScheduler.add_noise is not variance preserving (x0 + sigma * noise), as diffusers' SDXL
-        # example, which loads a DDPMScheduler from the same config, avoids too.
-        self.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
-        self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
+        # The forward process and its timesteps (noise.py): DDPM's unless a family trains otherwise.
+        self.noise = noise or DDPMNoise(pipeline.scheduler.config)
+        self.scheduler, self.num_train_timesteps = self.noise.scheduler, self.noise.num_train_timesteps
         self.resolution, self.channels = resolution, channels
         self.transform = ImageTransform(resolution, channels, center_crop, random_flip)
         # Dataset rows -> model inputs, in the trainer or a data-loading worker.
         self.inputs = ImageInputs(image_column, self.transform)
 
-    def denoising_loss(self, unet: torch.nn.Module, x0: torch.Tensor, generators: Sequence[torch.Generator],
+    def denoising_loss(self, denoiser: torch.nn.Module, x0: torch.Tensor, generators: Sequence[torch.Generator],
                        device: torch.device, anchor: Optional[tuple[torch.Tensor, dict]] = None,
                        **conditioning) -> LossOutput:
-        """Unreduced fp32 loss per sample of denoising x0, and its timestep.
+        """Unreduced fp32 loss per sample of denoising x0, its timestep index, and the noise's loss weights.
 
-        Sample i's noise, then its timestep, come from generators[i] on the CPU (draws.py), so a run is
-        reproducible on any device and in any batch, and resumable exactly. `anchor` = (mask, conditioning): the
-        masked samples' target is the model's own prediction, gradient stopped, under that conditioning instead
-        (Kumari et al. 2023's model-based concept ablation), in the space of prediction_type.
+        Sample i's noise, then its timestep, come from generators[i] on the CPU (noise.py). `anchor` = (mask,
+        conditioning): the masked samples' target is the model's own prediction, gradient stopped, under that
+        conditioning instead (Kumari et al. 2023's model-based concept ablation), in the space of the target.
         """
-        noise = per_sample_randn(x0.shape[1:], generators)
-        timesteps = per_sample_randint(self.num_train_timesteps, generators)
-        x0, noise, t = x0.to(device), noise.to(device), timesteps.to(device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t, **conditioning).sample
-        target = self.target(x0, noise, t)
+        draw = self.noise(x0, generators, device)
+        pred = self.predict(denoiser, draw.noisy, draw.timesteps, conditioning)
         if anchor is None:
-            return LossOutput(self.squared_error(pred, target), timesteps)
+            return LossOutput(self.squared_error(pred, draw.target), draw.indices, draw.weights)
         mask, anchor_conditioning = anchor
         with torch.no_grad():
-            target[mask.to(device)] = unet(noisy[mask], t[mask], **anchor_conditioning).sample.to(target.dtype)
-        return LossOutput(self.squared_error(pred, target), timesteps, anchored=mask.cpu())
+            draw.target[mask] = self.predict(denoiser, draw.noisy[mask], draw.timesteps[mask],
+                                             anchor_conditioning).to(draw.target.dtype)
+        return LossOutput(self.squared_error(pred, draw.target), draw.indices, draw.weights, anchored=mask.cpu())
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The denoising target of prediction_type."""
-        if self.prediction_type == "epsilon":
-            return noise.clone()
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t)
-        return x0.clone()
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict) -> torch.Tensor:
+        """The denoiser's output for noisy inputs at their timesteps (a family that packs its inputs overrides it)."""
+        return denoiser(noisy, timesteps, **conditioning).sample
 
     @staticmethod
     def squared_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -294,7 +286,7 @@ class UnconditionalTask(DenoisingTask):
     def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
                generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Images in [0, 1], NCHW on the CPU, sampled with DDIM from this task's scheduler config."""
-        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(self.scheduler.config))
+        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(self.pipeline.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         out = pipe(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps,
                    output_type="np").images
@@ -312,7 +304,8 @@ class TextToImageTask(DenoisingTask):
     default_agc_lambda = 0.8  # the paper's mem_ratio 1.25 for Stable Diffusion
     family = "Stable Diffusion 1.x/2.x"
     text_parts: tuple[str, ...] = ("text_encoder",)  # the pipeline's text encoders, in the order of...
-    tokenizer_parts: tuple[str, ...] = ("tokenizer",)  # ...their tokenizers (batch keys input_ids, input_ids_2)
+    tokenizer_parts: tuple[str, ...] = ("tokenizer",)  # ...their tokenizers (batch keys input_ids, input_ids_2, ...)
+    optional_parts: tuple[str, ...] = ()  # parts the pipeline may lack (last ones only)
     pipeline_class: type = StableDiffusionPipeline  # what the round-end samples render with
     inputs_class: type = CaptionedImageInputs
     caches_latents = True  # --cache_latents (latents.py) holds everything the conditioning needs
@@ -322,28 +315,31 @@ class TextToImageTask(DenoisingTask):
                  caption_column: Optional[str] = None, caption_dropout: float = 0.0,
                  snr_gamma: Optional[float] = None, validation_prompts: Optional[list[str]] = None,
                  caption_replace_prob: float = 0.0, caption_insert_prob: float = 0.0, caption_repeat_prob: float = 0.0,
-                 text_embedding_noise: float = 0.0, dedup_anchor_weight: float = 1.0):
+                 text_embedding_noise: float = 0.0, dedup_anchor_weight: float = 1.0, noise=None):
         self.check_parts(pipeline)
         vae = pipeline.vae
         self.vae_scale_factor = vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        resolution = resolution or _side(pipeline.unet.config.sample_size) * vae_scale_factor
-        # The UNet2DConditionModel takes latents of any size; the VAE and the pipelines do not.
-        check_resolution(resolution, math.lcm(vae_scale_factor, 8), f"its VAE downsamples the image by "
-                         f"{vae_scale_factor} and {type(pipeline).__name__} renders only multiples of 8")
-        super().__init__(pipeline, resolution, int(vae.config.in_channels), center_crop, random_flip, image_column)
+        resolution = resolution or self.default_side(pipeline) * vae_scale_factor
+        check_resolution(resolution, *self.resolution_multiple(pipeline, vae_scale_factor))
+        super().__init__(pipeline, resolution, int(vae.config.in_channels), center_crop, random_flip, image_column,
+                         noise)
+        # The parts this pipeline has, in order: an optional one may be missing (SD3 without T5).
+        self.text_names = tuple(name for name in self.text_parts if getattr(pipeline, name, None) is not None)
+        self.tokenizer_names = tuple(name for name in self.tokenizer_parts if getattr(pipeline, name, None) is not None)
         self.caption_column = caption_column
         self.extra_columns = (caption_column,) if caption_column else ()
         self.snr_gamma = snr_gamma
-        self.tokenizers = tuple(getattr(pipeline, name) for name in self.tokenizer_parts)
+        self.tokenizers = tuple(getattr(pipeline, name) for name in self.tokenizer_names)
         self.inputs = self.inputs_class(
             image_column, self.transform, caption_column, caption_dropout,
-            CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob), self.tokenizers)
+            CaptionNoise(caption_replace_prob, caption_insert_prob, caption_repeat_prob), self.tokenizers,
+            self.token_lengths())
         self.text_embedding_noise = text_embedding_noise
         self.anchor_weight = dedup_anchor_weight
         self.validation_prompts = validation_prompts
         self.default_prompts: list[str] = []
         self.vae = vae
-        self.text_encoders = [getattr(pipeline, name) for name in self.text_parts]
+        self.text_encoders = [getattr(pipeline, name) for name in self.text_names]
         self.weight_dtype = torch.float32
 
     @classmethod
@@ -351,21 +347,35 @@ class TextToImageTask(DenoisingTask):
         """Refuse, naming the part, a pipeline this task would train wrongly (a part missing, other conditioning,
         inpainting)."""
         name, parts = type(pipeline).__name__, ("vae", *cls.text_parts, *cls.tokenizer_parts)
-        missing = [part for part in parts if getattr(pipeline, part, None) is None]
+        missing = [part for part in parts if part not in cls.optional_parts and getattr(pipeline, part, None) is None]
         if missing:
             raise ValueError(f"pipeline {name} has no {', '.join(missing)}; memmit trains {cls.family} pipelines with "
-                             f"{', '.join(parts)}")
+                             f"{', '.join(part for part in parts if part not in cls.optional_parts)}")
         cls.check_conditioning(pipeline)
-        unet, vae = pipeline.unet, pipeline.vae
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"pipeline {name}'s UNet takes {unet.config.in_channels} input channels, not the VAE's "
-                             f"{vae.config.latent_channels} latent channels (e.g. inpainting); not supported")
 
     @classmethod
     def check_conditioning(cls, pipeline: DiffusionPipeline) -> None:
+        """Refuse a denoiser whose inputs do not fit the text encoders' and the VAE's outputs, naming them."""
         if pipeline.unet.config.addition_embed_type is not None or getattr(pipeline, "text_encoder_2", None) is not None:
             raise ValueError(f"pipeline {type(pipeline).__name__} conditions its UNet on more than one text encoder's "
                              "output (e.g. SDXL, which memmit trains as a StableDiffusionXLPipeline)")
+        _check_latent_channels(pipeline)
+
+    @classmethod
+    def default_side(cls, pipeline: DiffusionPipeline) -> int:
+        """The denoiser's default latent side (resolution / the VAE's downsampling)."""
+        return _side(getattr(pipeline, denoiser_component(pipeline)).config.sample_size)
+
+    @classmethod
+    def resolution_multiple(cls, pipeline: DiffusionPipeline, vae_scale_factor: int) -> tuple[int, str]:
+        """What every resolution must be a multiple of, and why."""
+        # The UNet2DConditionModel takes latents of any size; the VAE and the pipelines do not.
+        return math.lcm(vae_scale_factor, 8), (f"its VAE downsamples the image by {vae_scale_factor} and "
+                                               f"{type(pipeline).__name__} renders only multiples of 8")
+
+    def token_lengths(self) -> tuple[int, ...]:
+        """Tokens per prompt of each tokenizer."""
+        return tuple(tokenizer.model_max_length for tokenizer in self.tokenizers)
 
     def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype the frozen VAE runs in."""
@@ -375,7 +385,7 @@ class TextToImageTask(DenoisingTask):
         """Frozen working copies of the VAE and text encoders on the device, in the mixed-precision dtype."""
         self.vae = _frozen_copy(self.pipeline.vae, device, self.vae_dtype(weight_dtype))
         self.text_encoders = [_frozen_copy(getattr(self.pipeline, name), device, weight_dtype)
-                              for name in self.text_parts]
+                              for name in self.text_names]
         self.weight_dtype = weight_dtype
 
     def encode_tokens(self, tokens: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -384,7 +394,8 @@ class TextToImageTask(DenoisingTask):
         return self.text_encoders[0](tokens[0])[0], None
 
     def encode_text(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return self.encode_tokens([ids.to(device) for ids in tokenize(self.tokenizers, prompts).values()])
+        tokens = tokenize(self.tokenizers, self.token_lengths(), prompts)
+        return self.encode_tokens([ids.to(device) for ids in tokens.values()])
 
     def denoiser_kwargs(self, hidden: torch.Tensor, pooled: Optional[torch.Tensor],
                         time_ids: Optional[torch.Tensor] = None) -> dict:
@@ -433,7 +444,10 @@ class TextToImageTask(DenoisingTask):
                 mean, std = posterior.mean, posterior.std
             # DiagonalGaussianDistribution.sample's formula, with one generator per sample.
             eps = per_sample_randn(mean.shape[1:], generators).to(device, mean.dtype)
-            latents = (mean + std * eps).float() * self.vae.config.scaling_factor
+            latents = (mean + std * eps).float()
+            if shift := self.vae.config.get("shift_factor"):  # SD3's and Flux's VAEs centre latents before scaling
+                latents = latents - shift
+            latents = latents * self.vae.config.scaling_factor
             text, pooled = self._text_embeddings(batch, device)
             if self.text_embedding_noise:  # Somepalli et al.'s GNI: the same caption never conditions alike twice
                 text = text + self.text_embedding_noise * per_sample_randn(text.shape[1:], generators).to(device)
@@ -448,7 +462,7 @@ class TextToImageTask(DenoisingTask):
                                   **self.denoiser_kwargs(text, pooled, time_ids))
         if self.snr_gamma is not None:
             out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,
-                                          self.prediction_type)
+                                          self.noise.prediction_type)
         if anchor is not None and self.anchor_weight != 1:
             # A copied caption keeps one anchored sample per epoch, where its copies had dozens: its loss weight
             # sets how fast that caption unlearns the image (EFFICACY.md measured 1, 4 and 8).
@@ -485,21 +499,29 @@ class TextToImageTask(DenoisingTask):
         """pipeline_class's arguments besides its models, for the round-end samples."""
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
+    def sampling_scheduler(self):
+        """What renders samples: DDIM from the pipeline's scheduler config."""
+        return DDIMScheduler.from_config(self.pipeline.scheduler.config)
+
+    def render_options(self) -> dict:
+        """pipeline_class's call arguments besides the prompts, size, steps and generator."""
+        return {}
+
     @torch.no_grad()
     def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
                generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Images in [0, 1], NCHW on the CPU: DDIM from the training scheduler's config, cycling over
         validation_prompts (else the default prompts, else the empty prompt)."""
-        pipe = self.pipeline_class(vae=self.vae, unet=unet, scheduler=DDIMScheduler.from_config(self.scheduler.config),
-                                   **dict(zip(self.text_parts, self.text_encoders)),
-                                   **dict(zip(self.tokenizer_parts, self.tokenizers)), **self.pipeline_options())
+        parts = {**dict.fromkeys(self.optional_parts), **dict(zip(self.text_names, self.text_encoders)),
+                 **dict(zip(self.tokenizer_names, self.tokenizers)), self.denoiser_name: unet}
+        pipe = self.pipeline_class(vae=self.vae, scheduler=self.sampling_scheduler(), **parts, **self.pipeline_options())
         pipe.set_progress_bar_config(disable=True)
         prompts = self.validation_prompts or self.default_prompts or [""]
         prompts = [prompts[i % len(prompts)] for i in range(num_images)]
         # The frozen parts run in weight_dtype and the UNet in fp32, as in training.
         with torch.autocast(unet.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
             out = pipe(prompts, height=self.resolution, width=self.resolution, num_inference_steps=num_inference_steps,
-                       generator=generator, output_type="np").images
+                       generator=generator, output_type="np", **self.render_options()).images
         return _images_nchw(out)
 
 
@@ -530,6 +552,7 @@ class StableDiffusionXLTask(TextToImageTask):
         if getattr(second.config, "projection_dim", None) != pooled or not hasattr(second, "text_projection"):
             raise ValueError(f"pipeline {type(pipeline).__name__}'s unet takes a {pooled}-wide pooled text embedding; "
                              f"text_encoder_2 ({type(second).__name__}) must project to it (CLIPTextModelWithProjection)")
+        _check_latent_channels(pipeline)
 
     def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         # SDXL's own VAE overflows in fp16, which its config says (force_upcast); an fp16-safe replacement
@@ -559,36 +582,12 @@ class StableDiffusionXLTask(TextToImageTask):
                 "add_watermarker": False}
 
 
+def _check_latent_channels(pipeline: DiffusionPipeline) -> None:
+    unet, vae = pipeline.unet, pipeline.vae
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ValueError(f"pipeline {type(pipeline).__name__}'s UNet takes {unet.config.in_channels} input channels, "
+                         f"not the VAE's {vae.config.latent_channels} latent channels (e.g. inpainting); not supported")
+
+
 def _frozen_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(module).requires_grad_(False).eval().to(device, dtype)
-
-
-def _options(cfg, names: tuple[str, ...]) -> dict:
-    """The config options a task takes; a partial config (e.g. memmit eval's) leaves the task's defaults."""
-    return {name: getattr(cfg, name) for name in names if hasattr(cfg, name)}
-
-
-def load_task(cfg, captions: bool = True) -> DenoisingTask:
-    """The task for the pipeline `cfg.pretrained_model_name_or_path` points to; a text-to-image one needs
-    `cfg.caption_column` unless `captions` is False (prompts that come from elsewhere)."""
-    pipeline = load_pipeline(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-    if vae := getattr(cfg, "pretrained_vae_model_name_or_path", None):
-        replace_vae(pipeline, vae)
-    image_options = ("resolution", "center_crop", "random_flip", "image_column")
-    text_options = ("caption_dropout", "snr_gamma", "validation_prompts", *CAPTION_OPTIONS)
-    denoiser = getattr(pipeline, denoiser_component(pipeline))
-    if isinstance(denoiser, UNet2DModel):
-        if given := [name for name in text_options if getattr(cfg, name, None)]:
-            raise ValueError(f"{', '.join(given)}: text-to-image options, and {type(pipeline).__name__} is "
-                             "unconditional (it has no text to caption)")
-        return UnconditionalTask(pipeline, **_options(cfg, image_options))
-    if isinstance(denoiser, UNet2DConditionModel):
-        if captions and getattr(cfg, "caption_column", None) is None:
-            raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column with "
-                             f"the dataset column of captions to train {type(pipeline).__name__})")
-        task = StableDiffusionXLTask if isinstance(pipeline, StableDiffusionXLPipeline) else TextToImageTask
-        return task(pipeline, **_options(cfg, image_options + ("caption_column",) + text_options
-                                         + ("dedup_anchor_weight",)))
-    raise ValueError(f"pipeline {type(pipeline).__name__} with a {type(denoiser).__name__} is not supported yet "
-                     "(supported: UNet2DModel pipelines such as DDPMPipeline and DDIMPipeline, Stable Diffusion "
-                     "1.x/2.x and SDXL)")

@@ -95,6 +95,22 @@ def word_tokenizer(words: list[str]):
     raise RuntimeError(f"no merges make single tokens of {sorted(splits)}")
 
 
+def t5_word_tokenizer(words: list[str]):
+    """A T5TokenizerFast (unigram), built offline, in which every caption word is one piece; any other character
+    is a piece of its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    characters = sorted(set("".join(words)) | set(",.\u2581"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *(("\u2581" + w, -1.0) for w in sorted(set(words))),
+              *((c, -10.0) for c in characters)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=MAX_TOKENS)
+
+
 def caption_words() -> list[str]:
     return sorted({w for phrase in ("a handwritten", *DIGIT_WORDS, *(s for slot in STYLES for s in slot))
                    for w in phrase.split()})
@@ -153,11 +169,58 @@ def psnr(vae, images) -> float:
     return float((10 * torch.log10(1 / mse)).mean())
 
 
-def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int = 1500) -> Path:
-    """The StableDiffusionPipeline before pretraining: trained VAE, frozen random CLIP text encoder, random UNet.
-    The VAE trains on the first 80 % of the held-out digits and is scored on the rest (vae.json)."""
-    import torch
+def sd_pipeline(vae):
+    """A StableDiffusionPipeline: the VAE, a frozen random CLIP text encoder, a random UNet."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer, text_encoder = text_parts()
+    latent_side = RESOLUTION // 2
+    unet = UNet2DConditionModel(sample_size=latent_side, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+                                cross_attention_dim=64, attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def sd3_pipeline(vae):
+    """A StableDiffusion3Pipeline: the VAE, two frozen random CLIP text encoders (64 wide, projecting to 64 each)
+    and a one-layer T5 (128 wide) over the caption words, a random 4-layer SD3 transformer on 1 x 1 patches of
+    the 8 x 8 latents, and a flow-matching scheduler without shift (SD3's 3.0 is for 1024-px images)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer, t5_tokenizer = word_tokenizer(caption_words()), t5_word_tokenizer(caption_words())
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_hidden_layers=2, projection_dim=64, max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=128, d_ff=256, d_kv=32, num_layers=1,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    transformer = SD3Transformer2DModel(sample_size=RESOLUTION // 2, patch_size=1, in_channels=LATENT_CHANNELS,
+                                        out_channels=LATENT_CHANNELS, num_layers=4, attention_head_dim=16,
+                                        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=64,
+                                        pooled_projection_dim=128, pos_embed_max_size=RESOLUTION // 2)
+    vae.register_to_config(shift_factor=0.0)  # SD3's pipeline decodes latents / scaling_factor + shift_factor
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+                                    vae=vae, text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(),
+                                    tokenizer_2=word_tokenizer(caption_words()), text_encoder_3=t5,
+                                    tokenizer_3=t5_tokenizer)
+
+
+def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int = 1500, family: str = "sd") -> Path:
+    """The pipeline before pretraining (`family`: sd or sd3): trained VAE, frozen random text encoders, random
+    denoiser. The VAE trains on the first 80 % of the held-out digits and is scored on the rest (vae.json)."""
+    import torch
 
     if (path / "model_index.json").is_file():
         return path
@@ -168,26 +231,17 @@ def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int =
                "steps": vae_steps, "scaling_factor": vae.config.scaling_factor}
     print(f"testbed VAE: PSNR {quality['psnr_held_out_db']:.1f} dB on {quality['scored_on']} held-out digits")
     torch.manual_seed(0)
-    tokenizer, text_encoder = text_parts()
-    latent_side = RESOLUTION // 2
-    unet = UNet2DConditionModel(sample_size=latent_side, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-                                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
-                                cross_attention_dim=64, attention_head_dim=8,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
+    {"sd": sd_pipeline, "sd3": sd3_pipeline}[family](vae).save_pretrained(path)
     (path / "vae.json").write_text(json.dumps(quality, indent=2))
     return path
 
 
-def pretrain(out: Path, data: Path, init: Path, steps: int) -> Path:
-    """Memorize: a plain loop (memmit with K = 1, AGC and dedup off) from the random UNet, with Stable
-    Diffusion's 10 % of empty prompts so that classifier-free guidance has an unconditional branch. Cached."""
-    target = out / f"pretrained-{data.name}-{steps}steps"
+def pretrain(out: Path, data: Path, init: Path, steps: int, family: str = "sd") -> Path:
+    """Memorize: a plain loop (memmit with K = 1, AGC and dedup off) from the random denoiser, with Stable
+    Diffusion's 10 % of empty prompts so that classifier-free guidance has an unconditional branch. Cached.
+    The transformer's gradients are clipped (at 1, as the fine-tunes'): unclipped, a transformer at this learning
+    rate is not known to be stable, and the UNet's runs are kept as they were."""
+    target = out / f"pretrained-{data.name}-{steps}steps{suffix(family)}"
     if (target / "model_index.json").is_file():
         print(f"using the cached pretrained pipeline {target}")
         return target
@@ -196,8 +250,14 @@ def pretrain(out: Path, data: Path, init: Path, steps: int) -> Path:
             "--agc_lambda", 0, "--dedup", "none", "--num_rounds", 1, "--local_steps", steps,
             "--learning_rate", 1e-3, "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 200,
             "--max_grad_norm", "null", "--checkpointing_steps", 1000, "--num_validation_images", 0,
-            "--caption_dropout", 0.1, "--report_to", "none", "--seed", 0], accelerate=False)
+            "--caption_dropout", 0.1, "--report_to", "none", "--seed", 0,
+            *(["--max_grad_norm", 1.0] if family != "sd" else [])], accelerate=False)
     return target
+
+
+def suffix(family: str) -> str:
+    """What a family's cached testbed folders are named with (none for the original Stable Diffusion one)."""
+    return "" if family == "sd" else f"-{family}"
 
 
 def eval_flags(data: Path, features: Path, num_samples: int, inference_steps: int) -> list[str]:
@@ -213,12 +273,12 @@ def data_dir(out: Path, source: str, num_unique: int = 256, copies: int = 64) ->
 
 
 def prepare(out: Path, source: str, pretrain_steps: int, num_unique: int = 256, copies: int = 64,
-            vae_steps: int = 1500) -> tuple[Path, Path, Path]:
-    """The testbed's data, digit classifier and pretrained pipeline (each cached under `out`)."""
+            vae_steps: int = 1500, family: str = "sd") -> tuple[Path, Path, Path]:
+    """The testbed's data, digit classifier and pretrained pipeline of `family` (each cached under `out`)."""
     data = build_captioned_dataset(data_dir(out, source, num_unique, copies), source, num_unique, copies=copies)
     features = build_digit_features(features_file(data), data, source)
-    init = build_initial_pipeline(out / f"init-{data.name}", data, source, vae_steps)
-    return data, features, pretrain(out, data, init, pretrain_steps)
+    init = build_initial_pipeline(out / f"init-{data.name}{suffix(family)}", data, source, vae_steps, family)
+    return data, features, pretrain(out, data, init, pretrain_steps, family)
 
 
 # Arms at the testbed recipe's budget: memmit's text-to-image default, the paper's Stable Diffusion setting
@@ -254,7 +314,7 @@ def main(args) -> int:
 
     out = Path(args.output_dir)
     data, features, pretrained = prepare(out, args.digits, args.pretrain_steps, args.num_unique, args.copies,
-                                         args.vae_steps)
+                                         args.vae_steps, args.family)
     rounds = ["--num_rounds", args.num_rounds] if args.num_rounds else []
     runs = {"pretrained": pretrained, **{name: fine_tune(out, data, pretrained, name, *flags, *rounds)
                                          for name, flags in ARMS.items()}}

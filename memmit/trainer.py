@@ -36,7 +36,7 @@ from .loader import TurnInputs, turn_inputs
 from .model import LiveModel
 from .shards import Shard, micro_batches_in_window, windows_per_turn
 from .split import build_split
-from .tasks import load_task
+from .families import load_task
 from .tracking import image_trackers, log_images, log_step, start_trackers
 
 logger = get_logger(__name__)

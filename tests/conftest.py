@@ -153,6 +153,88 @@ def save_sdxl_pipeline(path, text_encoder_2: bool = True) -> str:
     return str(path)
 
 
+def make_t5_tokenizer():
+    """A T5TokenizerFast built offline: a unigram model whose pieces are the printable characters."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -1.0) for c in string.printable if not c.isspace()]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+
+
+def make_t5_encoder(tokenizer, width: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_ff=2 * width, d_kv=8, num_layers=1,
+                                   num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+def clip_config(tokenizer, width: int, projection: int = 16):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                          num_attention_heads=2, num_hidden_layers=2, projection_dim=projection,
+                          max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def save_sd3_pipeline(path) -> str:
+    """A real StableDiffusion3Pipeline with tiny parts: two CLIP encoders (16 and 8 wide, projecting to 8 each),
+    a 32-wide T5, a one-layer SD3Transformer2DModel on 2 x 2 patches, a VAE with a shift factor."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer, t5_tokenizer = make_clip_tokenizer(), make_t5_tokenizer()
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.1, scaling_factor=1.5),
+        text_encoder=CLIPTextModelWithProjection(clip_config(tokenizer, 16, 8)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tokenizer, 8, 8)), tokenizer_2=make_clip_tokenizer(),
+        text_encoder_3=make_t5_encoder(t5_tokenizer), tokenizer_3=t5_tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def save_flux_pipeline(path, in_channels: int = 16) -> str:
+    """A real FluxPipeline with tiny parts: a 16-wide CLIP encoder, a 32-wide T5, a FluxTransformer2DModel with a
+    guidance embedding (as FLUX.1 dev) on 2 x 2 packed latents, a VAE with a shift factor."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer, t5_tokenizer = make_clip_tokenizer(), make_t5_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 2, 2))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    FluxPipeline(transformer=transformer, scheduler=scheduler, vae=tiny_vae(shift_factor=0.1, scaling_factor=0.5),
+                 text_encoder=CLIPTextModel(clip_config(tokenizer, 16)), tokenizer=tokenizer,
+                 text_encoder_2=make_t5_encoder(t5_tokenizer), tokenizer_2=t5_tokenizer).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory) -> str:
+    return save_sd3_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tmp_path_factory) -> str:
+    return save_flux_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-flux")
+
+
 @pytest.fixture(scope="session")
 def tiny_sdxl_pipeline(tmp_path_factory) -> str:
     """A StableDiffusionXLPipeline (~120k parameters in all), saved to disk."""

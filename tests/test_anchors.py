@@ -81,7 +81,7 @@ def test_an_anchored_loss_is_the_distance_to_the_models_own_anchor_prediction(ti
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--dedup_anchor_weight", 2.5, "--snr_gamma", 5.0)
     task.denoiser.requires_grad_(False)
     out = task.per_sample_loss(task.denoiser, inputs, generators(2, 6), torch.device("cpu"))
-    snr = min_snr_weights(task.scheduler, out.timesteps, 5.0, task.prediction_type)
+    snr = min_snr_weights(task.scheduler, out.timesteps, 5.0, task.noise.prediction_type)
     torch.testing.assert_close(out.weights, snr * torch.tensor([2.5, 1, 1, 2.5, 1, 1]))
     assert make_task(tiny_sd_pipeline, captioned_digits_dir, "--dedup_anchor_weight", 1).per_sample_loss(
         task.denoiser, inputs, generators(2, 6), torch.device("cpu")).weights is None
@@ -109,7 +109,7 @@ def test_a_run_anchors_the_kept_copy_and_agc_never_skips_or_banks_it(tiny_sd_pip
     # The two captions whose text-encoder outputs are nearest to "copy"'s, computed here on a fresh load.
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_pipeline)
     with torch.no_grad():
-        ids = tokenize([pipe.tokenizer], ds["text"][:8])["input_ids"]
+        ids = tokenize([pipe.tokenizer], [77], ds["text"][:8])["input_ids"]
         emb = torch.nn.functional.normalize(pipe.text_encoder(ids)[0].flatten(1), dim=1)
     nearest = (emb[:7] @ emb[7]).argsort(descending=True)[:2].tolist()
     report = json.loads((out / "memmit" / "duplicates.json").read_text())

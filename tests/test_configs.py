@@ -33,10 +33,14 @@ def test_text_to_image_recipes_are_the_measured_default_at_the_papers_budget():
         assert (cfg["num_shards"], cfg["dedup"], cfg["dedup_captions"]) == (1, "keep_one", "anchor")
         assert cfg["agc_lambda"] == 0.8
         assert budget(cfg) == budget(paper) and cfg["lr_scheduler"] == paper["lr_scheduler"]
-    sdxl = load("sdxl-lora")  # the same default and number of samples, at SDXL's resolution and memory
-    assert (sdxl["num_shards"], sdxl["dedup"], sdxl["dedup_captions"], sdxl["agc_lambda"]) == (1, "keep_one", "anchor", 0.8)
-    assert budget(sdxl) * sdxl["gradient_accumulation_steps"] == budget(paper) and sdxl["resolution"] == 1024
-    assert sdxl["pretrained_vae_model_name_or_path"] == "madebyollin/sdxl-vae-fp16-fix"
+    for name in ("sdxl-lora", "sd3-lora", "flux-lora"):  # the same default and samples, in each family's memory
+        cfg = load(name)
+        assert (cfg["num_shards"], cfg["dedup"], cfg["dedup_captions"], cfg["agc_lambda"]) == (1, "keep_one", "anchor",
+                                                                                               0.8)
+        assert budget(cfg) * cfg["gradient_accumulation_steps"] == budget(paper) and cfg["export"] == "lora"
+    assert load("sdxl-lora")["pretrained_vae_model_name_or_path"] == "madebyollin/sdxl-vae-fp16-fix"
+    # Each flow-matching family's diffusers example's timesteps.
+    assert (load("sd3-lora")["weighting_scheme"], load("flux-lora")["weighting_scheme"]) == ("logit_normal", "none")
     full = load("sd15-laion")
     assert {k for k in full if full[k] != paper[k]} == {"num_shards", "local_steps", "dedup", "dedup_captions",
                                                        "output_dir"}

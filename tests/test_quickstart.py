@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from memmit.quickstart import main
@@ -130,3 +131,21 @@ def test_text_to_image_testbed_reduced(tmp_path, capsys, monkeypatch):
     assert dup["anchored_captions"] and all(a["caption"] in duplicated and a["copies"] == 4 and len(a["anchors"]) == 4
                                             and not duplicated & set(a["anchors"]) for a in dup["anchored_captions"])
     Image.open(out / "compare.png").verify()
+
+
+@pytest.mark.slow
+def test_text_to_image_testbed_with_an_sd3_transformer_reduced(tmp_path, monkeypatch):
+    """`--family sd3`: the same testbed with an SD3 transformer trained by rectified flow, end to end."""
+    from diffusers import StableDiffusion3Pipeline
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "t2i"
+    assert main(["--task", "text-to-image", "--family", "sd3", "--output_dir", str(out), "--pretrain_steps", "4",
+                 "--num_unique", "16", "--copies", "4", "--vae_steps", "10", "--num_rounds", "1", "--num_samples", "8",
+                 "--num_inference_steps", "2"]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(out / "pretrained-data-t2i-u16-r4-4steps-sd3")
+    assert all(len(pipe.tokenizer_3.tokenize(" " + word)) == 1 for word in ["handwritten", "seven", "slanted"])
+    for label in ("pretrained", "memmit", "paper", "plain"):
+        report = json.loads((out / "eval" / label / "report.json").read_text())
+        assert report["settings"]["pipeline"] == "StableDiffusion3Pipeline"
+        assert report["settings"]["sampler"] == "FlowMatchEulerDiscrete"

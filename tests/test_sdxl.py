@@ -16,7 +16,8 @@ from memmit.config import EvalConfig, parse_args
 from memmit.detect import prompt_scores
 from memmit.evaluate import load_eval_task, sample_generators
 from memmit.data import ImageTransform
-from memmit.tasks import StableDiffusionXLTask, load_task
+from memmit.families import load_task
+from memmit.tasks import StableDiffusionXLTask
 
 from conftest import reset_accelerator, save_sdxl_pipeline, tiny_vae
 from test_text_to_image import generators, rows, seeded, weights

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from memmit.cli import train_main
 from memmit.config import parse_args
-from memmit.tasks import TextToImageTask, load_task, tokenize
+from memmit.families import load_task
+from memmit.tasks import TextToImageTask, tokenize
 from memmit.cli import run
 
 from conftest import save_sd_pipeline
@@ -77,7 +78,7 @@ def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_
     assert torch.equal(choices[0], task.inputs(data, generators(0, 6))["input_ids"])
     assert any(not torch.equal(choices[0], other) for other in choices[1:])
     for ids, captions in zip(choices[0], data["captions"]):
-        assert any(torch.equal(ids, option) for option in tokenize(task.tokenizers, captions)["input_ids"])
+        assert any(torch.equal(ids, option) for option in tokenize(task.tokenizers, task.token_lengths(), captions)["input_ids"])
 
     out = tmp_path / "out"
     run(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "captions",
@@ -88,7 +89,7 @@ def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_
 def test_caption_dropout_one_trains_on_the_empty_prompt_only(tiny_sd_pipeline, captioned_digits_dir):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--caption_dropout", 1.0)
     ids = task.inputs(rows(captioned_digits_dir), generators(0, 6))["input_ids"]
-    assert torch.equal(ids, tokenize(task.tokenizers, [""])["input_ids"].expand_as(ids))
+    assert torch.equal(ids, tokenize(task.tokenizers, task.token_lengths(), [""])["input_ids"].expand_as(ids))
 
 
 def test_empty_or_missing_captions_are_the_empty_prompt_and_bad_ones_are_named(tiny_sd_pipeline, captioned_digits_dir):
@@ -96,7 +97,7 @@ def test_empty_or_missing_captions_are_the_empty_prompt_and_bad_ones_are_named(t
     data = rows(captioned_digits_dir, 3)
     data["text"] = ["", None, "a handwritten digit"]
     batch = task.inputs(data, generators(0, 3))
-    empty = tokenize(task.tokenizers, [""])["input_ids"][0]
+    empty = tokenize(task.tokenizers, task.token_lengths(), [""])["input_ids"][0]
     assert torch.equal(batch["input_ids"][0], empty) and torch.equal(batch["input_ids"][1], empty)
     assert not torch.equal(batch["input_ids"][2], empty)
     out = task.per_sample_loss(task.denoiser, batch, generators(1, 3), torch.device("cpu"))
