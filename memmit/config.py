@@ -192,7 +192,7 @@ class MemmitConfig(ModelDataConfig):
     agc_lambda: Optional[float] = opt(None, "Skip a sample when its loss < agc_lambda * loss_bank[t]; 0 turns AGC off. Default: 0.5 for pixel-space unconditional pipelines, 0.8 for text-to-image.")
     agc_bank_decay: float = opt(0.8, "Decay beta of the per-timestep loss bank: b <- beta*b + (1-beta)*loss.")
     agc_bank_init: str = opt("first", "Loss bank start: first (first observed loss) | zero (as the reference code).", choices=BANK_INITS)
-    agc_bank_bins: Optional[int] = opt(None, "Share one loss-bank entry among consecutive timesteps: this many entries (e.g. 50) instead of one per timestep (the paper).")
+    agc_bank_bins: Optional[int] = opt(None, "Share one loss-bank entry among consecutive timesteps: this many entries (e.g. 50) instead of one per timestep; default: one per timestep (the paper) for DDPM-trained pipelines, 50 for flow matching (SD3, Flux; EFFICACY.md).")
     agc_exclusion: Optional[float] = opt(None, "At each round's end, leave out of all later rounds every sample AGC skipped in at least this share of its visits so far (e.g. 0.5); off by default.")
     agc_exclusion_min_visits: int = opt(4, "Visits a sample needs before agc_exclusion judges it.")
 

@@ -102,6 +102,8 @@ class Trainer:
                                       self.task.channels, acc.device)
         if cfg.agc_lambda is None:
             cfg.agc_lambda = self.task.default_agc_lambda
+        if cfg.agc_bank_bins is None:
+            cfg.agc_bank_bins = self.task.default_agc_bank_bins
         # The frozen parts on the device first: dedup_captions=anchor encodes captions to build the split.
         self.task.prepare(acc.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision,
                                                                                          torch.float32))

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
 from memmit.cli import main, run, train_main
@@ -59,6 +60,8 @@ def test_full_and_lora_fine_tunes_reload_render_and_the_lora_export_loads(family
     for label in ("before", "after"):  # memmit eval renders with the pipeline's own flow-matching sampler
         settings = json.loads((tmp_path / "full" / "memmit" / "eval" / label / "report.json").read_text())["settings"]
         assert (settings["pipeline"], settings["sampler"]) == (pipeline_class.__name__, "FlowMatchEulerDiscrete")
+    saved = yaml.safe_load((tmp_path / "full" / "memmit" / "config.yaml").read_text())
+    assert saved["agc_bank_bins"] == 50  # flow matching's measured default
     full = pipeline_class.from_pretrained(tmp_path / "full")
     before, after = weights(pipe_dir, "transformer"), weights(tmp_path / "full", "transformer")
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -199,8 +202,8 @@ def test_resume_from_mid_round_is_bit_identical(tiny_sd3_pipeline, captioned_dig
 def test_bad_flow_pipelines_and_options_are_named_before_training(tiny_sd3_pipeline, captioned_digits_dir, tmp_path,
                                                                   capsys):
     packed_wrong = save_flux_pipeline(tmp_path / "flux-8-channels", in_channels=8)
-    cases = [(packed_wrong, [], "FluxPipeline's transformer takes 8 input channels; Flux packs 2 x 2 patches of "
-                                "the VAE's 4 latent channels into 16"),
+    cases = [(packed_wrong, [], "FluxPipeline's transformer in_channels 8 does not match 4 x the VAE's "
+                                "latent_channels (Flux packs 2 x 2 latent patches), 16"),
              (tiny_sd3_pipeline, ["--lora_rank", 4, "--lora_target_modules", "to_x"], "to_x"),
              (tiny_sd3_pipeline, ["--snr_gamma", 5], "snr_gamma: min-SNR weighting is for DDPM-trained pipelines"),
              (tiny_sd3_pipeline, ["--cache_latents", "--center_crop"], "--cache_latents does not hold SD3's"),

@@ -36,6 +36,7 @@ def test_quickstart_reduced(tmp_path, capsys, monkeypatch):
     assert "using the cached pretrained pipeline" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 40 s; the MNIST quickstart above runs the same code in `make test`
 def test_quickstart_on_sklearn_digits(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "qs"

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
@@ -62,6 +63,7 @@ def test_full_fine_tune_with_a_replacement_vae_reloads_generates_and_is_evaluate
     images = render(pipe)
     assert images.shape == (1, 16, 16, 3) and images.std() > 0
 
+    assert yaml.safe_load((out / "memmit" / "config.yaml").read_text())["agc_bank_bins"] is None  # per timestep
     for label in ("before", "after"):
         report = json.loads((out / "memmit" / "eval" / label / "report.json").read_text())
         assert report["settings"]["pipeline"] == "StableDiffusionXLPipeline" and report["pixel"]["num_samples"] == 4
