@@ -243,13 +243,12 @@ class ImageTransform:
         img = convert_mode(img, self.channels)
         r = self.resolution
         w, h = original = img.size
-        scale = r / min(w, h)
-        size = (max(r, round(w * scale)), max(r, round(h * scale)))
+        size = self.resized(w, h)
         if size != (w, h):
             img = img.resize(size, Image.BILINEAR)
         w, h = img.size
         if self.center_crop:
-            left, top = (w - r) // 2, (h - r) // 2
+            left, top = self.center(w, h)
         else:
             left = int(torch.randint(0, w - r + 1, (1,), generator=generator))
             top = int(torch.randint(0, h - r + 1, (1,), generator=generator))
@@ -258,6 +257,22 @@ class ImageTransform:
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             x, left = x.flip(-1), w - left - r
         return x / 127.5 - 1.0, (original[1], original[0], top, left)
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image of this size is resized to: its shorter side the resolution."""
+        r = self.resolution
+        scale = r / min(width, height)
+        return max(r, round(width * scale)), max(r, round(height * scale))
+
+    def center(self, width: int, height: int) -> tuple[int, int]:
+        """The left and top edges of the center crop of a resized image of this size."""
+        return (width - self.resolution) // 2, (height - self.resolution) // 2
+
+    def center_crop_geometry(self, width: int, height: int, flipped: bool) -> tuple[int, int, int, int]:
+        """What `with_crop` returns with a center crop of an image of this (original) size, flipped or not."""
+        w, h = self.resized(width, height)
+        left, top = self.center(w, h)
+        return height, width, top, w - left - self.resolution if flipped else left
 
 
 def split_shards(

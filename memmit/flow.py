@@ -19,7 +19,6 @@ class FlowMatchingTask(TextToImageTask):
     (TextToImageTask.per_sample_loss), rectified-flow noise, the pipeline's own sampler, and a T5 encoder whose
     prompts are `max_sequence_length` tokens long in training as in rendering."""
 
-    caches_latents = False  # the cache holds one text encoder's output and no pooled embedding
     # Timestep indices pooled into 50 bank entries: on the SD3 testbed AGC then skipped 81 % of the duplicates'
     # visits and 1.0 % of the unique images' (one entry per index: 46 % and 4.3 %; EFFICACY.md).
     default_agc_bank_bins = 50

@@ -1,10 +1,11 @@
 """--cache_latents: the VAE's latent distribution of every training image (and of its mirror image, with
---random_flip) and the text encoder's output for every training caption and the empty prompt, computed once,
-batched on the accelerator, and kept under cache_root()/latents/<key>/ for later runs.
+--random_flip) and its original size, and the text encoders' output (hidden states, and the pooled embedding of
+SDXL, SD3 and Flux) for every training caption and the empty prompt, computed once, batched on the accelerator,
+and kept under cache_root()/latents/<key>/ for later runs.
 
-The key is a hash of what the values depend on: the VAE's and text encoder's weights and configs, the
-tokenizer, the dataset's fingerprint, the image and caption columns, resolution, crop, flip and the dtype the
-frozen parts run in.
+The key is a hash of what the values depend on: the VAE's and text encoders' weights and configs, the
+tokenizers and their prompt lengths, the dataset's fingerprint, the image and caption columns, resolution, crop,
+flip and the dtype the frozen parts run in.
 A latent is still sampled at every step (mean + std x noise, the noise from the sample's own generator) and the
 flip coin and the prompt are drawn as without the cache, so a run with the cache draws what one without it draws.
 """
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 
 from .cache import cache_root, hash_tensor
 from .data import ImageTransform, iter_images, pick_caption
-from .tasks import CaptionedImageInputs, TextToImageTask
+from .tasks import CaptionedImageInputs, MicroConditionedInputs, TextToImageTask
 
 CACHE_BATCH = 32  # images per VAE call while caching
 
@@ -36,10 +37,6 @@ def check_cache_latents(task) -> None:
     if not isinstance(task, TextToImageTask):
         raise ValueError(f"--cache_latents caches the VAE latents and text-encoder outputs of text-to-image pipelines; "
                          f"{type(task.pipeline).__name__} trains on pixels (nothing to cache)")
-    if not task.caches_latents:
-        raise ValueError(f"--cache_latents does not hold {task.family}'s conditioning yet (it caches one text "
-                         f"encoder's output; {type(task.pipeline).__name__} also takes a pooled embedding and each "
-                         "image's size and crop): train without it")
     root = cache_root() / "latents"
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -67,7 +64,8 @@ def cache_key(task: TextToImageTask, dataset: datasets.Dataset, image_column: st
         h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(json.dumps({"dataset": dataset._fingerprint, "image_column": image_column,
                          "caption_column": caption_column, "resolution": task.resolution, "center_crop": True,
-                         "random_flip": random_flip, "dtype": str(task.weight_dtype), "format": 1},
+                         "random_flip": random_flip, "dtype": str(task.weight_dtype),
+                         "token_lengths": list(task.token_lengths()), "format": 2},
                         sort_keys=True).encode())
     return h.hexdigest()
 
@@ -90,7 +88,9 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
             latents["std" + suffix].append(dist.std.cpu())
 
     pending: list[torch.Tensor] = []
+    sizes = []  # (width, height) before the transform: SDXL's micro-conditioning
     for img in iter_images(dataset, image_column, "caching latents", show_progress):
+        sizes.append(img.size)
         pending.append(transform(img))
         if len(pending) == CACHE_BATCH:
             encode(pending)
@@ -98,12 +98,13 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
     if pending:
         encode(pending)
     prompts = training_prompts(dataset[caption_column], caption_column)
-    text = task.encode_prompts(prompts, device, "caching text embeddings" if show_progress else None)
+    text, pooled = task.encode_prompts(prompts, device, "caching text embeddings" if show_progress else None)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
-    save_file({name: torch.cat(parts).contiguous() for name, parts in latents.items() if parts},
-              str(tmp / "latents.safetensors"))
-    save_file({"text": text.contiguous()}, str(tmp / "text.safetensors"))
+    save_file({**{name: torch.cat(parts).contiguous() for name, parts in latents.items() if parts},
+               "sizes": torch.tensor(sizes)}, str(tmp / "latents.safetensors"))
+    save_file({"text": text.contiguous(), **({"pooled": pooled.contiguous()} if pooled is not None else {})},
+              str(tmp / "text.safetensors"))
     (tmp / "prompts.json").write_text(json.dumps(prompts))
     try:
         os.replace(tmp, directory)
@@ -127,8 +128,9 @@ def cached_inputs(task: TextToImageTask, dataset: datasets.Dataset, image_column
 
 class CachedInputs:
     """Dataset rows -> model inputs from the cache: each sample's latent mean and std (mirrored when its flip coin
-    says so) and its prompt's text embedding; a prompt the caption rules made up is tokenized, for the text
-    encoder to encode in the step. Draws what CaptionedImageInputs draws (a center crop draws nothing)."""
+    says so), its prompt's text embedding (and pooled embedding) and, for SDXL, its time_ids from its original size;
+    a prompt the caption rules made up is tokenized, for the text encoders to encode in the step. Draws what
+    CaptionedImageInputs draws (a center crop draws nothing)."""
 
     def __init__(self, directory: str, random_flip: bool, prompts: CaptionedImageInputs):
         self.directory, self.random_flip, self.prompts = directory, random_flip, prompts
@@ -156,7 +158,14 @@ class CachedInputs:
         mean = torch.cat([self._rows("latents", "mean" + s, [i]) for s, i in zip(suffixes, ids)])
         std = torch.cat([self._rows("latents", "std" + s, [i]) for s, i in zip(suffixes, ids)])
         found = [self.index.get(p) for p in prompts]
-        text = self._rows("text", "text", [0 if i is None else i for i in found])  # row 0 stands in, unused
+        rows_found = [0 if i is None else i for i in found]  # row 0 stands in, unused
         # Anchor captions (dedup_captions=anchor) are encoded in the step, from their tokens.
-        return {**text_inputs, "latent_mean": mean, "latent_std": std, "text": text,
-                "encode": torch.tensor([i is None for i in found])}
+        out = {**text_inputs, "latent_mean": mean, "latent_std": std, "text": self._rows("text", "text", rows_found),
+               "encode": torch.tensor([i is None for i in found])}
+        if "pooled" in self._file("text").keys():
+            out["pooled"] = self._rows("text", "pooled", rows_found)
+        if isinstance(self.prompts, MicroConditionedInputs):
+            sizes = self._rows("latents", "sizes", ids).tolist()
+            out["time_ids"] = self.prompts.time_ids([self.prompts.transform.center_crop_geometry(w, h, flip)
+                                                     for (w, h), flip in zip(sizes, flips)])
+        return out

@@ -133,13 +133,17 @@ class MicroConditionedInputs(CaptionedImageInputs):
     width, the crop's top and left, the target height and width (the order of diffusers' add_time_ids)."""
 
     def __call__(self, rows: dict, generators: Sequence[torch.Generator], ids: Sequence[int] = ()) -> dict:
-        pixels, time_ids = [], []
+        pixels, crops = [], []
         for img, g in zip(rows[self.image_column], generators):
             x, crop = self.transform.with_crop(img, g)
             pixels.append(x)
-            time_ids.append([*crop, self.transform.resolution, self.transform.resolution])
-        return {"pixels": torch.stack(pixels), "time_ids": torch.tensor(time_ids, dtype=torch.float32),
-                **self.text_inputs(rows, generators)[1]}
+            crops.append(crop)
+        return {"pixels": torch.stack(pixels), "time_ids": self.time_ids(crops), **self.text_inputs(rows, generators)[1]}
+
+    def time_ids(self, crops: Sequence[tuple[int, int, int, int]]) -> torch.Tensor:
+        """[N, 6] fp32: each image's ImageTransform.with_crop geometry, then the target height and width."""
+        r = self.transform.resolution
+        return torch.tensor([[*crop, r, r] for crop in crops], dtype=torch.float32)
 
 
 def tokenize(tokenizers: Sequence, max_lengths: Sequence[int], prompts: list[str],
@@ -309,7 +313,6 @@ class TextToImageTask(DenoisingTask):
     optional_parts: tuple[str, ...] = ()  # parts the pipeline may lack (last ones only)
     pipeline_class: type = StableDiffusionPipeline  # what the round-end samples render with
     inputs_class: type = CaptionedImageInputs
-    caches_latents = True  # --cache_latents (latents.py) holds everything the conditioning needs
 
     def __init__(self, pipeline: DiffusionPipeline, resolution: Optional[int] = None,
                  center_crop: bool = False, random_flip: bool = False, image_column: str = "image",
@@ -405,20 +408,24 @@ class TextToImageTask(DenoisingTask):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], device: torch.device, progress: Optional[str] = None
-                       ) -> torch.Tensor:
-        """The text encoder's output for each prompt, [N, tokens, width] on the CPU: batched, under autocast in
-        weight_dtype as in a training step, so the values are the ones a step computes; `progress`: a bar's label."""
+                       ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """encode_text of every prompt on the CPU, [N, tokens, width] (and [N, width] pooled, or None): batched,
+        under autocast in weight_dtype as in a training step, so the values are the ones a step computes;
+        `progress`: a bar's label."""
         autocast = torch.autocast(device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
-        out = []
+        hidden, pooled = [], []
         for i in tqdm(range(0, len(prompts), PROMPT_BATCH), desc=progress, disable=progress is None, leave=False):
             with autocast:
-                out.append(self.encode_text(prompts[i:i + PROMPT_BATCH], device)[0].cpu())
-        return torch.cat(out)
+                h, p = self.encode_text(prompts[i:i + PROMPT_BATCH], device)
+            hidden.append(h.cpu())
+            pooled.append(p if p is None else p.cpu())
+        return torch.cat(hidden), None if pooled[0] is None else torch.cat(pooled)
 
     def caption_embeddings(self, captions: list[str]) -> torch.Tensor:
         """Each caption's text-encoder output, the denoiser's conditioning, flattened: [N, tokens x width] fp32 on
         the CPU (dedup_captions=anchor compares captions by it)."""
-        return self.encode_prompts(captions, next(self.text_encoders[0].parameters()).device).float().flatten(1)
+        device = next(self.text_encoders[0].parameters()).device
+        return self.encode_prompts(captions, device)[0].float().flatten(1)
 
     def use_training_captions(self, captions: Sequence) -> None:
         """The caption column's values: the round-end samples render the first few non-empty ones when no
@@ -492,9 +499,13 @@ class TextToImageTask(DenoisingTask):
         if "text" not in batch:
             return self._encoded(batch, "input_ids", device)
         text, missing = batch["text"].to(device).float(), batch["encode"].to(device)
+        pooled = batch["pooled"].to(device).float() if "pooled" in batch else None
         if missing.any():
-            text[missing] = self._encoded(batch, "input_ids", device, missing)[0]
-        return text, None
+            hidden, extra = self._encoded(batch, "input_ids", device, missing)
+            text[missing] = hidden
+            if pooled is not None:
+                pooled[missing] = extra
+        return text, pooled
 
     def pipeline_options(self) -> dict:
         """pipeline_class's arguments besides its models, for the round-end samples."""
@@ -536,7 +547,6 @@ class StableDiffusionXLTask(TextToImageTask):
     tokenizer_parts = ("tokenizer", "tokenizer_2")
     pipeline_class = StableDiffusionXLPipeline
     inputs_class = MicroConditionedInputs
-    caches_latents = False  # the cache holds one text encoder's output and no pooled embedding or time_ids
 
     @classmethod
     def check_conditioning(cls, pipeline: DiffusionPipeline) -> None:

@@ -206,7 +206,6 @@ def test_bad_flow_pipelines_and_options_are_named_before_training(tiny_sd3_pipel
                                 "latent_channels (Flux packs 2 x 2 latent patches), 16"),
              (tiny_sd3_pipeline, ["--lora_rank", 4, "--lora_target_modules", "to_x"], "to_x"),
              (tiny_sd3_pipeline, ["--snr_gamma", 5], "snr_gamma: min-SNR weighting is for DDPM-trained pipelines"),
-             (tiny_sd3_pipeline, ["--cache_latents", "--center_crop"], "--cache_latents does not hold SD3's"),
              (tiny_sd3_pipeline, ["--resolution", 18], "resolution 18 must be a multiple of 4"),
              (tiny_sd3_pipeline, ["--weighting_scheme", "cosine"], "weighting_scheme='cosine' is not one of")]
     for pipe_dir, extra, message in cases:

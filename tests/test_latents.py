@@ -27,8 +27,18 @@ def cache(monkeypatch, tmp_path):
     return tmp_path / "cache" / "latents"
 
 
-def test_cached_inputs_give_the_losses_that_encoding_every_step_gives(tiny_sd_pipeline, captioned_digits_dir, cache):
-    task = make_task(tiny_sd_pipeline, captioned_digits_dir, *DRAWN)
+# Each family's pipeline fixture and flags (the transformers' T5 prompts kept short).
+FAMILIES = {"sd": ("tiny_sd_pipeline", []), "sdxl": ("tiny_sdxl_pipeline", []),
+            "sd3": ("tiny_sd3_pipeline", ["--resolution", 16, "--max_sequence_length", 32]),
+            "flux": ("tiny_flux_pipeline", ["--resolution", 16, "--max_sequence_length", 32])}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_inputs_give_the_losses_that_encoding_every_step_gives(family, captioned_digits_dir, cache, request):
+    """Every family's conditioning comes from the cache: hidden states, pooled embeddings (SDXL, SD3, Flux) and
+    SDXL's time_ids from each image's original size and flip."""
+    fixture, flags = FAMILIES[family]
+    task = make_task(request.getfixturevalue(fixture), captioned_digits_dir, *DRAWN, *flags)
     ds = datasets.load_from_disk(captioned_digits_dir)
     task.use_training_captions(ds["captions"])
     cached = cached_inputs(task, ds, "image", "captions", random_flip=True, device=torch.device("cpu"))
@@ -41,6 +51,9 @@ def test_cached_inputs_give_the_losses_that_encoding_every_step_gives(tiny_sd_pi
     assert 0 < int(from_cache["encode"].sum()) < len(batch.ids)
     assert torch.equal(plain["input_ids"], from_cache["input_ids"])
     assert torch.equal(plain["anchor_ids"], from_cache["anchor_ids"]) and int(from_cache["anchored"].sum()) == 2
+    assert ("pooled" in from_cache) == (family != "sd")
+    if family == "sdxl":
+        assert torch.equal(from_cache["time_ids"], plain["time_ids"])
     with torch.no_grad():
         want = task.per_sample_loss(task.denoiser, plain, batch.generators(7, NOISE), torch.device("cpu"))
         got = task.per_sample_loss(task.denoiser, from_cache, batch.generators(7, NOISE), torch.device("cpu"))
