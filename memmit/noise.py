@@ -76,8 +76,9 @@ class FlowMatchNoise:
         noise = per_sample_randn(x0.shape[1:], generators)
         u = torch.cat([compute_density_for_timestep_sampling(self.weighting_scheme, 1, self.logit_mean, self.logit_std,
                                                              self.mode_scale, generator=g) for g in generators])
-        # u = 1 exactly (a sigmoid that rounds up in fp32) would index past the end, which diffusers does not guard.
-        indices = (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
+        # u = 1 exactly (a sigmoid that rounds up in fp32, the mode density at 0) would index past the end, which
+        # diffusers does not guard.
+        indices = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
         sigmas = self.scheduler.sigmas[indices].float()
         x0, noise, sigma = x0.to(device), noise.to(device), sigmas.to(device).view(-1, *[1] * (x0.dim() - 1))
         noisy = (1 - sigma) * x0 + sigma * noise

@@ -128,8 +128,13 @@ def reference_loss(name: str, pipe_dir: str, batch: dict, seed: int, scheme: str
         for i, gen in enumerate(generators(seed, len(batch["pixels"]))):
             latents.append(dist.mean[i] + dist.std[i] * torch.randn(dist.mean.shape[1:], generator=gen))
             noise.append(torch.randn(dist.mean.shape[1:], generator=gen))
-            u.append(torch.sigmoid(torch.normal(0.0, 1.0, (1,), generator=gen)) if scheme == "logit_normal"
-                     else torch.rand((1,), generator=gen))
+            if scheme == "logit_normal":
+                u.append(torch.sigmoid(torch.normal(0.0, 1.0, (1,), generator=gen)))
+            else:
+                r = torch.rand((1,), generator=gen)
+                # The mode density (SD3 paper, scale 1.29) maps a uniform draw; u = 1 is the last index.
+                u.append((1 - r - 1.29 * (torch.cos(torch.pi * r / 2) ** 2 - 1 + r)).clamp(max=0.9999)
+                         if scheme == "mode" else r)
         x0 = (torch.stack(latents) - vae.shift_factor) * vae.scaling_factor
         noise, index = torch.stack(noise), (torch.cat(u) * 1000).long()
         sigmas = shifted_sigmas(3.0 if name == "sd3" else 1.0)[index]
@@ -158,6 +163,16 @@ def test_loss_matches_a_written_out_rectified_flow_computation(family, captioned
     assert torch.equal(out.anchored, anchored) and (loss[anchored] > 1e-6).all()
     # logit_normal and none weight every sample alike; anchored ones by dedup_anchor_weight (8, the default).
     assert torch.equal(out.weights, torch.where(anchored, 8.0, 1.0))
+
+
+def test_the_mode_density_draws_its_timesteps(tiny_sd3_pipeline, captioned_digits_dir):
+    task = load_task(parse_args(flags(tiny_sd3_pipeline, captioned_digits_dir, "unused", "--weighting_scheme", "mode")))
+    batch = task.inputs(rows(captioned_digits_dir, 8), generators(1, 8))
+    with torch.no_grad():
+        out = task.per_sample_loss(task.denoiser, batch, generators(2, 8), torch.device("cpu"))
+    loss, index, _ = reference_loss("sd3", tiny_sd3_pipeline, batch, seed=2, scheme="mode")
+    assert torch.equal(out.timesteps, index) and out.weights is None
+    torch.testing.assert_close(out.losses, loss)
 
 
 def test_sigma_sqrt_weighting_and_an_sd3_without_t5(tiny_sd3_pipeline, captioned_digits_dir):
