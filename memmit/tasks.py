@@ -437,9 +437,10 @@ class TextToImageTask(DenoisingTask):
         if noise.replace_prob or noise.insert_prob:
             noise.vocabulary = caption_vocabulary(captions, self.caption_column)
 
-    def per_sample_loss(self, unet: torch.nn.Module, batch: dict, generators: Sequence[torch.Generator],
+    def per_sample_loss(self, denoiser: torch.nn.Module, batch: dict, generators: Sequence[torch.Generator],
                         device: torch.device) -> LossOutput:
-        """Unreduced fp32 loss per sample on VAE latents, its timestep, and min-SNR weights if snr_gamma is set.
+        """Unreduced fp32 loss per sample on VAE latents, its timestep index, and its weights: min-SNR (if
+        snr_gamma is set) or the flow-matching scheme's, times dedup_anchor_weight for anchored samples.
 
         Sample i's latent is drawn from generators[i] before its noise and timestep, and so is its text-embedding
         noise (text_embedding_noise > 0), between them.
@@ -466,7 +467,7 @@ class TextToImageTask(DenoisingTask):
                 anchor_text, anchor_pooled = self._encoded(batch, "anchor_ids", device, mask)
                 anchor = (mask, self.denoiser_kwargs(anchor_text, anchor_pooled,
                                                      None if time_ids is None else time_ids[mask.cpu()]))
-        out = self.denoising_loss(unet, latents, generators, device, anchor,
+        out = self.denoising_loss(denoiser, latents, generators, device, anchor,
                                   **self.denoiser_kwargs(text, pooled, time_ids))
         if self.snr_gamma is not None:
             out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,
@@ -520,18 +521,19 @@ class TextToImageTask(DenoisingTask):
         return {}
 
     @torch.no_grad()
-    def sample(self, unet: torch.nn.Module, num_images: int, num_inference_steps: int,
+    def sample(self, denoiser: torch.nn.Module, num_images: int, num_inference_steps: int,
                generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
-        """Images in [0, 1], NCHW on the CPU: DDIM from the training scheduler's config, cycling over
-        validation_prompts (else the default prompts, else the empty prompt)."""
+        """Images in [0, 1], NCHW on the CPU, from pipeline_class with sampling_scheduler (DDIM from the pipeline's
+        scheduler config; flow matching: its own sampler), cycling over validation_prompts (else the default
+        prompts, else the empty prompt)."""
         parts = {**dict.fromkeys(self.optional_parts), **dict(zip(self.text_names, self.text_encoders)),
-                 **dict(zip(self.tokenizer_names, self.tokenizers)), self.denoiser_name: unet}
+                 **dict(zip(self.tokenizer_names, self.tokenizers)), self.denoiser_name: denoiser}
         pipe = self.pipeline_class(vae=self.vae, scheduler=self.sampling_scheduler(), **parts, **self.pipeline_options())
         pipe.set_progress_bar_config(disable=True)
         prompts = self.validation_prompts or self.default_prompts or [""]
         prompts = [prompts[i % len(prompts)] for i in range(num_images)]
-        # The frozen parts run in weight_dtype and the UNet in fp32, as in training.
-        with torch.autocast(unet.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
+        # The frozen parts run in weight_dtype and the denoiser in fp32, as in training.
+        with torch.autocast(denoiser.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
             out = pipe(prompts, height=self.resolution, width=self.resolution, num_inference_steps=num_inference_steps,
                        generator=generator, output_type="np", **self.render_options()).images
         return _images_nchw(out)
