@@ -25,7 +25,7 @@ from .config import EvalConfig
 from .data import caption_counts
 from .evaluate import load_eval_dataset, load_eval_task, sample_generators
 from .metrics import default_device
-from .tasks import TextToImageTask
+from .tasks import TextToImageTask, fp32
 
 GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default: the sampling whose first steps are scored
 TOP_PRINTED = 10
@@ -42,14 +42,14 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
     scheduler = DDIMScheduler.from_config(task.pipeline.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
     timesteps = scheduler.timesteps[:detect_steps]
-    empty = _fp32(task.encode_text([""], device))
+    empty = fp32(*task.encode_text([""], device))
     latent_side = task.resolution // task.vae_scale_factor
     shape = (denoiser.config.in_channels, latent_side, latent_side)
     pairs = [(i, j) for i in range(len(prompts)) for j in range(num_seeds)]
     totals = torch.zeros(len(prompts))
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring prompts", disable=not show_progress):
         chunk = pairs[start:start + batch_size]
-        text = _fp32(task.encode_text([prompts[i] for i, _ in chunk], device))
+        text = fp32(*task.encode_text([prompts[i] for i, _ in chunk], device))
         # Unconditional then conditional: hidden states (and SDXL's pooled embedding) of the empty prompt, the prompts.
         context = task.denoiser_kwargs(*[None if e is None else torch.cat([u.expand_as(e), e])
                                          for u, e in zip(empty, text)])
@@ -64,10 +64,6 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
             latents = scheduler.step(uncond + GUIDANCE_SCALE * (cond - uncond), t, latents).prev_sample
         totals.index_add_(0, torch.tensor([i for i, _ in chunk]), magnitude.cpu())
     return totals / (num_seeds * len(timesteps))
-
-
-def _fp32(encoded: tuple) -> list:
-    return [None if e is None else e.float() for e in encoded]
 
 
 def read_prompts_file(path: str) -> list[str]:

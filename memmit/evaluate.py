@@ -33,10 +33,10 @@ from .config import EvalConfig, parse_args
 from .data import caption_counts, check_captions, iter_images, load_train_dataset, pick_caption, source_names
 from .detectors import load_detector
 from .draws import keyed_generator
+from .families import load_task
 from .features import Extractor, load_extractor
 from .metrics import (cluster_labels, cluster_memorization_report, default_device, exact_clusters,
                       first_occurrence, frechet_distance, memorization_report)
-from .families import load_task
 from .split import duplicate_clusters
 from .tasks import DenoisingTask, UnconditionalTask
 

@@ -350,11 +350,11 @@ class TextToImageTask(DenoisingTask):
     def check_parts(cls, pipeline: DiffusionPipeline) -> None:
         """Refuse, naming the part, a pipeline this task would train wrongly (a part missing, other conditioning,
         inpainting)."""
-        name, parts = type(pipeline).__name__, ("vae", *cls.text_parts, *cls.tokenizer_parts)
-        missing = [part for part in parts if part not in cls.optional_parts and getattr(pipeline, part, None) is None]
+        required = [part for part in ("vae", *cls.text_parts, *cls.tokenizer_parts) if part not in cls.optional_parts]
+        missing = [part for part in required if getattr(pipeline, part, None) is None]
         if missing:
-            raise ValueError(f"pipeline {name} has no {', '.join(missing)}; memmit trains {cls.family} pipelines with "
-                             f"{', '.join(part for part in parts if part not in cls.optional_parts)}")
+            raise ValueError(f"pipeline {type(pipeline).__name__} has no {', '.join(missing)}; memmit trains "
+                             f"{cls.family} pipelines with {', '.join(required)}")
         cls.check_conditioning(pipeline)
 
     @classmethod
@@ -488,11 +488,9 @@ class TextToImageTask(DenoisingTask):
 
     def _encoded(self, batch: dict, key: str, device: torch.device, mask: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """encode_tokens of the batch's tokens under `key` (of the rows `mask` marks), in fp32: it keeps the fp32
-        UNet working where autocast is off."""
+        """encode_tokens of the batch's tokens under `key` (of the rows `mask` marks), in fp32."""
         tokens = [batch[key + suffix].to(device) for suffix in TOKEN_SUFFIXES[:len(self.tokenizers)]]
-        hidden, pooled = self.encode_tokens([ids if mask is None else ids[mask] for ids in tokens])
-        return hidden.float(), None if pooled is None else pooled.float()
+        return fp32(*self.encode_tokens([ids if mask is None else ids[mask] for ids in tokens]))
 
     def _text_embeddings(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The conditioning of the batch's prompts, fp32; with --cache_latents read from the cache, except for
@@ -593,6 +591,11 @@ class StableDiffusionXLTask(TextToImageTask):
     def pipeline_options(self) -> dict:
         return {"force_zeros_for_empty_prompt": self.pipeline.config.force_zeros_for_empty_prompt,
                 "add_watermarker": False}
+
+
+def fp32(hidden: torch.Tensor, pooled: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Text conditioning in fp32 (pooled may be None): it keeps the fp32 denoiser working where autocast is off."""
+    return hidden.float(), None if pooled is None else pooled.float()
 
 
 def _check_latent_channels(pipeline: DiffusionPipeline) -> None:

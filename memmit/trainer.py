@@ -30,13 +30,13 @@ from .detectors import load_detector
 from .draws import NOISE
 from .ensemble import shard_weights
 from .export import check_export
+from .families import load_task
 from .group import ShardGroup
 from .latents import cached_inputs, check_cache_latents
 from .loader import TurnInputs, turn_inputs
 from .model import LiveModel
 from .shards import Shard, micro_batches_in_window, windows_per_turn
 from .split import build_split
-from .families import load_task
 from .tracking import image_trackers, log_images, log_step, start_trackers
 
 logger = get_logger(__name__)

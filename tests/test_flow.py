@@ -90,7 +90,8 @@ def shifted_sigmas(shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def reference_loss(name: str, pipe_dir: str, batch: dict, seed: int, scheme: str, **parts):
+def reference_loss(name: str, pipe_dir: str, batch: dict, seed: int, scheme: str, logit=(0.0, 1.0),
+                   mode_scale: float = 1.29, guidance: float = 3.5, **parts):
     """Per-sample loss, timestep index and weights written out on a fresh load: sample i draws its latent, its
     noise, then u (sigmoid of a normal, or uniform), the index floor(1000 u); x_t = (1 - sigma) x0 + sigma noise,
     target noise - x0. A sample `batch["anchored"]` marks has the transformer's prediction under its anchor
@@ -117,7 +118,7 @@ def reference_loss(name: str, pipe_dir: str, batch: dict, seed: int, scheme: str
         packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
         ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h // 2.0), torch.arange(w // 2.0),
                                          indexing="ij"), -1).reshape(-1, 3)
-        out = pipe.transformer(hidden_states=packed, timestep=sigma, guidance=torch.full((b,), 3.5),
+        out = pipe.transformer(hidden_states=packed, timestep=sigma, guidance=torch.full((b,), guidance),
                                pooled_projections=pooled, encoder_hidden_states=text, txt_ids=torch.zeros(TOKENS, 3),
                                img_ids=ids).sample
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
@@ -129,11 +130,11 @@ def reference_loss(name: str, pipe_dir: str, batch: dict, seed: int, scheme: str
             latents.append(dist.mean[i] + dist.std[i] * torch.randn(dist.mean.shape[1:], generator=gen))
             noise.append(torch.randn(dist.mean.shape[1:], generator=gen))
             if scheme == "logit_normal":
-                u.append(torch.sigmoid(torch.normal(0.0, 1.0, (1,), generator=gen)))
+                u.append(torch.sigmoid(torch.normal(*logit, (1,), generator=gen)))
             else:
                 r = torch.rand((1,), generator=gen)
-                # The mode density (SD3 paper, scale 1.29) maps a uniform draw; u = 1 is the last index.
-                u.append((1 - r - 1.29 * (torch.cos(torch.pi * r / 2) ** 2 - 1 + r)).clamp(max=0.9999)
+                # The mode density (SD3 paper) maps a uniform draw; u = 1 is the last index.
+                u.append((1 - r - mode_scale * (torch.cos(torch.pi * r / 2) ** 2 - 1 + r)).clamp(max=0.9999)
                          if scheme == "mode" else r)
         x0 = (torch.stack(latents) - vae.shift_factor) * vae.scaling_factor
         noise, index = torch.stack(noise), (torch.cat(u) * 1000).long()
@@ -148,7 +149,9 @@ def reference_loss(name: str, pipe_dir: str, batch: dict, seed: int, scheme: str
 
 def test_loss_matches_a_written_out_rectified_flow_computation(family, captioned_digits_dir):
     name, pipe_dir = family
-    task = load_task(parse_args(flags(pipe_dir, captioned_digits_dir, "unused")))
+    # Options away from their defaults: a task that ignored them would draw other timesteps or guide otherwise.
+    options = {"sd3": ["--logit_mean", 0.5, "--logit_std", 0.7], "flux": ["--guidance_scale", 2.0]}[name]
+    task = load_task(parse_args(flags(pipe_dir, captioned_digits_dir, "unused", *options)))
     assert isinstance(task, FAMILIES[name][1]) and task.num_train_timesteps == 1000
     batch = task.inputs(rows(captioned_digits_dir, 8), generators(1, 8))
     anchored = torch.tensor([True, False, False, False] * 2)
@@ -157,7 +160,9 @@ def test_loss_matches_a_written_out_rectified_flow_computation(family, captioned
     with torch.no_grad():
         out = task.per_sample_loss(task.denoiser, batch, generators(2, 8), torch.device("cpu"))
     # Each family's diffusers example's timesteps: SD3 logit-normal, Flux uniform.
-    loss, index, _ = reference_loss(name, pipe_dir, batch, seed=2, scheme="logit_normal" if name == "sd3" else "none")
+    assert batch["input_ids_3" if name == "sd3" else "input_ids_2"].shape == (8, TOKENS)  # --max_sequence_length
+    loss, index, _ = reference_loss(name, pipe_dir, batch, seed=2, scheme="logit_normal" if name == "sd3" else "none",
+                                    logit=(0.5, 0.7), guidance=2.0)
     assert torch.equal(out.timesteps, index)
     torch.testing.assert_close(out.losses, loss)
     assert torch.equal(out.anchored, anchored) and (loss[anchored] > 1e-6).all()
@@ -166,11 +171,12 @@ def test_loss_matches_a_written_out_rectified_flow_computation(family, captioned
 
 
 def test_the_mode_density_draws_its_timesteps(tiny_sd3_pipeline, captioned_digits_dir):
-    task = load_task(parse_args(flags(tiny_sd3_pipeline, captioned_digits_dir, "unused", "--weighting_scheme", "mode")))
+    task = load_task(parse_args(flags(tiny_sd3_pipeline, captioned_digits_dir, "unused", "--weighting_scheme", "mode",
+                                      "--mode_scale", 1.1)))
     batch = task.inputs(rows(captioned_digits_dir, 8), generators(1, 8))
     with torch.no_grad():
         out = task.per_sample_loss(task.denoiser, batch, generators(2, 8), torch.device("cpu"))
-    loss, index, _ = reference_loss("sd3", tiny_sd3_pipeline, batch, seed=2, scheme="mode")
+    loss, index, _ = reference_loss("sd3", tiny_sd3_pipeline, batch, seed=2, scheme="mode", mode_scale=1.1)
     assert torch.equal(out.timesteps, index) and out.weights is None
     torch.testing.assert_close(out.losses, loss)
 
@@ -222,7 +228,9 @@ def test_bad_flow_pipelines_and_options_are_named_before_training(tiny_sd3_pipel
              (tiny_sd3_pipeline, ["--lora_rank", 4, "--lora_target_modules", "to_x"], "to_x"),
              (tiny_sd3_pipeline, ["--snr_gamma", 5], "snr_gamma: min-SNR weighting is for DDPM-trained pipelines"),
              (tiny_sd3_pipeline, ["--resolution", 18], "resolution 18 must be a multiple of 4"),
-             (tiny_sd3_pipeline, ["--weighting_scheme", "cosine"], "weighting_scheme='cosine' is not one of")]
+             (tiny_sd3_pipeline, ["--weighting_scheme", "cosine"], "weighting_scheme='cosine' is not one of"),
+             (tiny_sd3_pipeline, ["--logit_std", 0], "logit_std must be > 0, got 0.0"),
+             (tiny_sd3_pipeline, ["--max_sequence_length", 0], "max_sequence_length must be >= 1, got 0")]
     for pipe_dir, extra, message in cases:
         out = tmp_path / "out"
         assert train(pipe_dir, captioned_digits_dir, out, *extra) == 2, message
