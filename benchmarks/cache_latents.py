@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from train_throughput import memmit_rate, memmit_seconds, sync
-from memmit.metrics import default_device
-from memmit.testbed import LATENT_CHANNELS, build_captioned_dataset, text_parts
+from memmit.data.neighbours import default_device
+from memmit.testbeds.text_to_image import LATENT_CHANNELS, build_captioned_dataset, text_parts
 
 
 def channels(csv: str) -> tuple[int, ...]:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import datasets
 
-from memmit.data import iter_images
-from memmit.detectors import DEFAULT_THRESHOLDS, load_detector
-from memmit.quickstart import COPY_STYLES, DIGIT_SETS, RESOLUTION, build_dataset, data_dir, digit_arrays, digit_image
+from memmit.data.dataset import iter_images
+from memmit.data.detectors import DEFAULT_THRESHOLDS, load_detector
+from memmit.testbeds.digits import (COPY_STYLES, DIGIT_SETS, RESOLUTION, build_dataset, data_dir, digit_arrays, digit_image)
 
 SWEEP = {"pixels": [0.15, 0.2, 0.25, 0.3, 0.35, 0.4], "phash": [4, 6, 8, 10, 12, 14, 16]}
 

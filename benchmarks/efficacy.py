@@ -15,8 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
-from memmit.quickstart import (COPY_STYLES, DIGIT_SETS, build_dataset, build_digit_features, data_dir,
-                               features_file, measure, mitigate, pretrain)
+from memmit.testbeds.digits import COPY_STYLES, DIGIT_SETS, build_dataset, build_digit_features, data_dir, features_file
+from memmit.testbeds.unconditional import measure, mitigate, pretrain
 
 # configs/quickstart.yaml (memmit's default: K = 1, lambda = 0.5, dedup keep_one, 16 rounds x 24 steps)
 # is the base of every arm. Four shards take 6 steps a round each to keep the 384-step budget.

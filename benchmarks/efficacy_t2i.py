@@ -1,4 +1,4 @@
-"""Text-to-image efficacy: every arm on the testbed (memmit/testbed.py), measured with `memmit eval`.
+"""Text-to-image efficacy: every arm on the testbed (memmit/testbeds/text_to_image.py), measured with `memmit eval`.
 
 Arms share the testbed's cached data and pretrained StableDiffusionPipeline and configs/t2i-testbed.yaml's
 budget (384 optimizer steps of 32 samples); each runs with every seed given. Prompts are training captions;
@@ -22,10 +22,10 @@ import datasets
 import numpy as np
 
 from efficacy import truth_deduplicated
-from memmit.quickstart import ground_truth, held_out_features, held_out_frechet
-from memmit.testbed import ARMS as RECIPE_ARMS
-from memmit.testbed import NO_ANCHOR as RECIPE_NO_ANCHOR
-from memmit.testbed import evaluate_run, fine_tune, prepare
+from memmit.testbeds.digits import ground_truth, held_out_features, held_out_frechet
+from memmit.testbeds.text_to_image import ARMS as RECIPE_ARMS
+from memmit.testbeds.text_to_image import NO_ANCHOR as RECIPE_NO_ANCHOR
+from memmit.testbeds.text_to_image import evaluate_run, fine_tune, prepare
 
 # configs/t2i-testbed.yaml (memmit's text-to-image default: K = 1, lambda = 0.8, dedup keep_one, copied captions
 # anchored with weight 8) is the base of every arm; NO_ANCHOR turns the anchoring off.
@@ -55,8 +55,8 @@ TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source d
 
 def duplicated_truth(samples: np.ndarray, prompts: list[str], duplicated: set[str], train, families) -> float:
     """Ground-truth memorized share among the samples whose prompt is a duplicated caption."""
-    from memmit.evaluate import from_uint8
-    from memmit.metrics import cluster_memorization_report
+    from memmit.eval.sampling import from_uint8
+    from memmit.eval.metrics import cluster_memorization_report
 
     ids = [i for i, q in enumerate(prompts) if q in duplicated]
     rep = cluster_memorization_report(from_uint8(samples[ids]).flatten(1), train.flatten(1), families)

@@ -20,8 +20,8 @@ from diffusers import DDPMPipeline
 
 from common import add_model_args, make_setup, reset_accelerate
 from memmit.config import MemmitConfig
-from memmit.metrics import default_device
-from memmit.trainer import Trainer
+from memmit.data.neighbours import default_device
+from memmit.train.setup import build_trainer
 
 
 def sync() -> None:
@@ -34,7 +34,7 @@ class TransformedImages(torch.utils.data.Dataset):
 
     def __init__(self, data_dir: str, args):
         import datasets
-        from memmit.data import ImageTransform
+        from memmit.data.transform import ImageTransform
 
         self.ds = datasets.load_from_disk(data_dir)
         self.transform = ImageTransform(args.resolution, args.image_channels, center_crop=True)
@@ -89,7 +89,7 @@ def memmit_seconds(pipe_dir: str, data_dir: str, args, steps: int, num_shards: i
                        train_batch_size=args.batch_size, center_crop=True, report_to="none", checkpointing_steps=None,
                        num_validation_images=0, mixed_precision=args.mixed_precision,
                        dataloader_num_workers=args.workers, **options)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     sync()
     start = time.perf_counter()
     trainer.train()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 from .config import parse_args
 
 if TYPE_CHECKING:
-    from .trainer import Trainer
+    from .train.trainer import Trainer
 
 
 @dataclass
@@ -29,13 +28,13 @@ def prepare(cfg) -> Plan:
     with --evaluate, the input pipeline is evaluated (or its cached report found) before training starts."""
     from accelerate import PartialState
 
-    from .audit import evaluate_before
-    from .evaluate import prepare_evaluation
+    from .eval.audit import evaluate_before
+    from .eval.report import prepare_evaluation
     from .hub import check_hub_settings, create_repo_early
-    from .trainer import Trainer  # heavy imports only once the flags are known to be valid
+    from .train.setup import build_trainer  # heavy imports only once the flags are known to be valid
 
     repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     acc = trainer.accelerator
     before_config = cfg.eval_config(cfg.output_dir, before=True) if cfg.evaluate else None
     before = (prepare_evaluation(before_config, acc.is_local_main_process)
@@ -53,8 +52,8 @@ def finish(plan: Plan) -> Path:
     """Train, export the result, evaluate it (--evaluate), write its model card, push it when asked."""
     from accelerate import PartialState
 
-    from .audit import comparison_table, eval_dir, evaluate_after
-    from .export import export_result
+    from .eval.audit import comparison_table, eval_dir, evaluate_after
+    from .train.export import export_result
     from .hub import push, write_model_card
 
     trainer, repo_id = plan.trainer, plan.repo_id
@@ -112,7 +111,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
     from .hub import PushError
-    from .trainer import NonFiniteLossError
+    from .train.trainer import NonFiniteLossError
 
     try:
         finish(plan)
@@ -122,8 +121,26 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COMMANDS = {"train": "memmit.cli:train_main", "eval": "memmit.evaluate:eval_main",
-            "compare": "memmit.evaluate:compare_main", "push": "memmit.hub:push_main"}
+def eval_main(argv: list[str]) -> int:
+    from .eval.cli import eval_main
+
+    return eval_main(argv)
+
+
+def compare_main(argv: list[str]) -> int:
+    from .eval.cli import compare_main
+
+    return compare_main(argv)
+
+
+def push_main(argv: list[str]) -> int:
+    from .hub import push_main
+
+    return push_main(argv)
+
+
+# Each command imports its heavy modules only when chosen: `memmit push --help` loads no torch.
+COMMANDS = {"train": train_main, "eval": eval_main, "compare": compare_main, "push": push_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: memmit {{{','.join(COMMANDS)}}} [options]; `memmit COMMAND --help` for options", file=sys.stderr)
         return 2
-    # Each command imports its heavy modules only when chosen.
-    module, function = COMMANDS[argv[0]].split(":")
-    return getattr(importlib.import_module(module), function)(argv[1:])
+    return COMMANDS[argv[0]](argv[1:])
 
 if __name__ == "__main__":
     sys.exit(main())

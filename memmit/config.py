@@ -86,7 +86,7 @@ class ModelDataConfig:
             need(self.dataset_name is None or self.train_data_dir is None,
                  "give at most one of dataset_name or train_data_dir")
         if self.dedup_threshold is not None:
-            from .detectors import check_detector_options  # torch: only when there is a threshold to check
+            from .data.detectors import check_detector_options  # torch: only when there is a threshold to check
 
             check_detector_options(self.dedup_features, self.dedup_threshold)
 
@@ -207,7 +207,7 @@ class MemmitConfig(ModelDataConfig):
     mode_scale: float = opt(1.29, "SD3/Flux, weighting_scheme=mode: the scale of the mode density.")
     guidance_scale: float = opt(3.5, "Flux with a guidance embedding (FLUX.1 dev): the guidance the transformer is trained at.")
     max_sequence_length: Optional[int] = opt(None, "SD3/Flux: T5 tokens per prompt, in training and in the rendered samples (default: the pipeline's, SD3 256, Flux 512, or its T5 tokenizer's model_max_length if shorter).")
-    # Caption-side mitigations (Somepalli et al. 2023), per sample; see memmit/captions.py and EFFICACY.md
+    # Caption-side mitigations (Somepalli et al. 2023), per sample; see memmit/data/captions.py and EFFICACY.md
     caption_replace_prob: float = opt(0.0, "Random caption replacement: probability that a training caption becomes as many random words of the training captions' vocabulary.")
     caption_insert_prob: float = opt(0.0, "Random word insertion: probability of inserting one random vocabulary word at a random position of a training caption.")
     caption_repeat_prob: float = opt(0.0, "Caption word repetition: probability of repeating one of a training caption's words at a random position.")
@@ -427,3 +427,37 @@ def parse_args(argv: list[str] | None = None, config_class: type[Config] = Memmi
     values = load_yaml(flags.pop("config"), config_class) if "config" in flags else {}
     values.update(flags)
     return config_class(**values)
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def options_table(config_class: type) -> str:
+    """A Markdown table of `config_class`'s options: flag, type, default, help."""
+    hints = typing.get_type_hints(config_class)
+    rows = ["| option | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(config_class):
+        kind = _field_type(hints[f.name])
+        default = ("required" if f.metadata.get("required") else
+                   f"`{f.default if f.default_factory is dataclasses.MISSING else f.default_factory()}`")
+        flag = f"`--{f.name}`" + (f" (`--no-{f.name}`)" if kind is bool else "")
+        choices = f" One of {', '.join(f'`{c}`' for c in f.metadata['choices'])}." if f.metadata.get("choices") else ""
+        rows.append(f"| {flag} | {kind.__name__} | {_markdown_cell(default)} | "
+                    f"{_markdown_cell(f.metadata['help'] + choices)} |")
+    return "\n".join(rows)
+
+
+def options_markdown() -> str:
+    """docs/options.md: every option of `memmit train` and `memmit eval`, generated from the dataclasses here."""
+    return "\n".join([
+        "# Options", "",
+        "Generated from `memmit/config.py` by `make docs` (`python -m memmit.config > docs/options.md`); a test",
+        "fails when this file and the code disagree. Every option is a flag and a key of a `--config` YAML file;",
+        "flags override the file. `none` (or YAML `null`) gives an optional option no value.", "",
+        "## `memmit train` / `accelerate launch train_memmit.py`", "", options_table(MemmitConfig), "",
+        "## `memmit eval`", "", options_table(EvalConfig), ""])
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")

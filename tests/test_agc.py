@@ -1,4 +1,4 @@
-"""The AGC rule (DESIGN.md §1) against hand computations."""
+"""The AGC rule (docs/method.md) against hand computations."""
 
 import pytest
 import torch
@@ -7,8 +7,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from memmit.agc import LossBank, exclusion_mask, kept_sum
-from memmit.shards import ShardStream
+from memmit.train.agc import LossBank, exclusion_mask, kept_sum
+from memmit.train.shards import ShardStream
 
 
 def test_first_init_keeps_unset_then_skips_low_losses():

@@ -11,11 +11,12 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from memmit.captions import ANCHORS
+from memmit.data.captions import ANCHORS
 from memmit.cli import run, train_main
 from memmit.config import parse_args
-from memmit.split import anchored_copies
-from memmit.tasks import min_snr_weights, tokenize
+from memmit.data.captions import anchored_copies
+from memmit.families.inputs import tokenize
+from memmit.families.stable_diffusion import min_snr_weights
 
 from conftest import mnist_images
 from test_text_to_image import generators, make_task, reference_loss, rows, seeded
@@ -52,7 +53,7 @@ def test_an_anchored_row_trains_its_own_caption_and_draws_one_anchor(tiny_sd_pip
     # Dropout (probability 1) empties every other prompt; an anchored one is the caption being unlearned.
     assert prompts == [batch["text"][0], "", batch["text"][2], ""]
     first = ["the number 3", "digit 1"][int(torch.randint(2, (), generator=seeded(1000)))]
-    tokenizer = task.tokenizers[0]
+    tokenizer = task.text.tokenizers[0]
     want = tokenizer([first, "", "digit 5", ""], padding="max_length", max_length=tokenizer.model_max_length,
                      return_tensors="pt").input_ids
     assert torch.equal(text["anchor_ids"], want)

@@ -14,10 +14,10 @@ import torch
 from accelerate import PartialState
 from huggingface_hub import ModelCard
 
-from memmit.audit import evaluate_before
+from memmit.eval.audit import evaluate_before
 from memmit.cli import main, train_main
 from memmit.config import parse_args
-from memmit.evaluate import prepare_evaluation
+from memmit.eval.report import prepare_evaluation
 
 from test_evaluate import encoder_file  # noqa: F401 (a fixture: the TorchScript extractor)
 from test_hub import REPO, TOKEN, hub  # noqa: F401 (a fixture: the fake Hub)
@@ -119,7 +119,7 @@ def test_cache_reuses_the_input_pipelines_report_for_the_same_settings_only(tiny
     assert first.parent == cache / "eval"
     written = (first / "report.json").stat().st_mtime_ns
     # Another output_dir, the same checkpoint and settings: the same cache entry, reused as it is.
-    with caplog.at_level("INFO", logger="memmit.audit"):
+    with caplog.at_level("INFO", logger="memmit.eval.audit"):
         assert before("b") == first
     assert "reusing the before evaluation" in caplog.text
     assert (first / "report.json").stat().st_mtime_ns == written

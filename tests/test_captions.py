@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from memmit.captions import CaptionNoise, caption_vocabulary
+from memmit.data.captions import CaptionNoise, caption_vocabulary
 from memmit.cli import run, train_main
 from memmit.config import parse_args
 
@@ -115,7 +115,7 @@ def test_caption_options_on_an_unconditional_pipeline_are_refused(tiny_pipeline,
 
 
 def test_cluster_captions_are_every_distinct_caption_of_the_cluster_for_its_kept_id():
-    from memmit.split import cluster_captions
+    from memmit.data.captions import cluster_captions
 
     values = ["a", ["b", "a"], "c", "a", "d", "d"]
     assert cluster_captions(values, [[3, 0, 1], [4, 5], [2]]) == {0: ["a", "b"]}  # [4, 5] share one caption

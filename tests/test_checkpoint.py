@@ -5,7 +5,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from memmit import checkpoint as ckpt
+from memmit.train import checkpoint as ckpt
 
 
 @pytest.fixture

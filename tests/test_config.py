@@ -1,5 +1,7 @@
 """Options: YAML defaults, flag overrides, unknown keys, validation."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -58,3 +60,15 @@ def test_help_shows_each_default_and_what_is_required():
     text = " ".join(build_parser().format_help().split())
     assert "with a unet or a transformer. (required)" in text
     assert "(default: ['to_q', 'to_k', 'to_v', 'to_out.0'])" in text and "(default: 0.8)" in text
+
+
+def test_the_option_reference_is_generated_from_the_config():
+    """docs/options.md is `make docs`'s output: an option added, renamed or re-documented without it fails here."""
+    from pathlib import Path
+
+    from memmit.config import EvalConfig, options_markdown
+
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text()
+    assert reference == options_markdown()
+    for f in dataclasses.fields(MemmitConfig) + dataclasses.fields(EvalConfig):
+        assert f"| `--{f.name}`" in reference

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from memmit.data import (ImageTransform, check_images, convert_mode, load_train_dataset, pick_caption, source_names,
-                         split_shards)
+from memmit.data.dataset import check_images, load_train_dataset, pick_caption, source_names
+from memmit.data.split import split_shards
+from memmit.data.transform import ImageTransform, convert_mode
 
 
 @pytest.mark.parametrize("strategy", ["random", "contiguous"])

@@ -1,4 +1,4 @@
-"""Tests for memmit.dedup on hand-built and real (MNIST) images."""
+"""Tests for memmit.data.dedup on hand-built and real (MNIST) images."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from conftest import mnist_images
-from memmit.dedup import (DEFAULT_THRESHOLD, cluster_report, find_duplicate_clusters, keep_one,
-                          split_with_clusters)
+from memmit.data.dedup import DEFAULT_THRESHOLD, cluster_report, find_duplicate_clusters
+from memmit.data.split import keep_one, split_with_clusters
 
 
 def random_images(n: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_threshold_boundary_by_hand():
 def test_a_chain_of_pairwise_close_images_is_not_merged_end_to_end():
     """Ten images on a line, each 0.04 (RMS) from the next: single linkage at 0.05 would make them one
     cluster, though the ends are 0.36 apart. Average linkage keeps every cluster's spread within 0.05."""
-    from memmit.dedup import rms_distance
+    from memmit.data.dedup import rms_distance
 
     direction = random_images(1, dim=256, seed=3)[0]
     direction = direction / direction.square().mean().sqrt()  # unit RMS

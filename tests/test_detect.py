@@ -12,8 +12,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from memmit.cli import main
 from memmit.config import EvalConfig
-from memmit.detect import prompt_scores
-from memmit.evaluate import load_eval_task, sample_generators
+from memmit.eval.detect import prompt_scores
+from memmit.eval.sampling import load_eval_task, sample_generators
 
 from conftest import mnist_images
 

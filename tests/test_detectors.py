@@ -11,10 +11,10 @@ import torch
 from PIL import Image, ImageEnhance
 
 from memmit.cli import main
-from memmit.data import ImageTransform
-from memmit.detectors import DEFAULT_THRESHOLDS, load_detector
-from memmit.evaluate import score_samples
-from memmit.quickstart import digit_arrays, digit_image
+from memmit.data.transform import ImageTransform
+from memmit.data.detectors import DEFAULT_THRESHOLDS, load_detector
+from memmit.eval.scores import score_samples
+from memmit.testbeds.digits import digit_arrays, digit_image
 
 from conftest import mnist_images
 
@@ -158,8 +158,8 @@ def test_eval_and_training_use_the_same_detector_and_the_report_lists_families(t
     assert clusters["detector"] == {"features": "pixels", "kind": "pixels", "threshold": 0.2}
 
     from memmit.config import parse_args
-    from memmit.split import build_split
-    from memmit.detectors import load_detector as load
+    from memmit.data.split import build_split
+    from memmit.data.detectors import load_detector as load
 
     from accelerate import PartialState
 
@@ -172,7 +172,7 @@ def test_eval_and_training_use_the_same_detector_and_the_report_lists_families(t
 
 
 def test_merge_overlapping_unites_groups_that_share_a_member():
-    from memmit.dedup import merge_overlapping
+    from memmit.data.dedup import merge_overlapping
 
     assert merge_overlapping([[1, 2], [5, 6], [2, 3], [7, 8, 9], [3, 5]]) == [[1, 2, 3, 5, 6], [7, 8, 9]]
     assert merge_overlapping([]) == []
@@ -181,7 +181,7 @@ def test_merge_overlapping_unites_groups_that_share_a_member():
 def test_training_merges_large_families_at_the_looser_threshold_and_not_look_alike_pairs():
     """Web-style copies of one digit are farther apart than training's strict threshold allows; at the eval's
     looser one they form a family, as do a few look-alike distinct digits. Only the large family is merged."""
-    from memmit.quickstart import web_copy
+    from memmit.testbeds.digits import web_copy
 
     x, _ = digit_arrays("mnist")
     distinct = [digit_image(a) for a in x[:20]]
@@ -204,8 +204,8 @@ def test_the_training_split_merges_large_families_only_when_asked(tmp_path):
     from accelerate import PartialState
 
     from memmit.config import parse_args
-    from memmit.quickstart import web_copy
-    from memmit.split import build_split
+    from memmit.testbeds.digits import web_copy
+    from memmit.data.split import build_split
 
     x, _ = digit_arrays("mnist")
     rng = np.random.RandomState(0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memmit.ensemble import FlatAverage, floating_tensors, shard_weights
+from memmit.train.ensemble import FlatAverage, floating_tensors, shard_weights
 
 
 class WithBuffers(torch.nn.Module):
@@ -46,7 +46,7 @@ def test_size_weighted_average_of_params_and_float_buffers():
 
 
 def test_round_starts_from_average_and_the_cross_process_sum_is_applied_chunk_by_chunk(monkeypatch):
-    import memmit.ensemble
+    import memmit.train.ensemble
 
     model = torch.nn.Linear(3, 2)
     live = floating_tensors(model)
@@ -56,7 +56,7 @@ def test_round_starts_from_average_and_the_cross_process_sum_is_applied_chunk_by
         model.bias.fill_(-1.0)
     avg.add(live, 0.5)
     calls = []
-    monkeypatch.setattr(memmit.ensemble, "REDUCE_CHUNK", 3)  # 8 values: chunks of 3, 3, 2
+    monkeypatch.setattr(memmit.train.ensemble, "REDUCE_CHUNK", 3)  # 8 values: chunks of 3, 3, 2
 
     def two_processes(t):  # a stand-in for summing two processes' halves
         calls.append(t.numel())

@@ -15,11 +15,14 @@ from PIL import Image
 
 from memmit.cli import main
 from memmit.config import EvalConfig
-from memmit.data import load_train_dataset, source_names
-from memmit.features import load_extractor
-from memmit.evaluate import (compare_rows, evaluate, format_compare, format_report, from_uint8, load_train_images,
-                             rescore, score_samples, to_uint8)
-from memmit.tasks import UnconditionalTask, load_pipeline
+from memmit.data.dataset import load_train_dataset, source_names
+from memmit.data.features import load_extractor
+from memmit.eval.report import evaluate, rescore
+from memmit.eval.sampling import from_uint8, load_train_images, to_uint8
+from memmit.eval.scores import score_samples
+from memmit.eval.tables import compare_rows, format_compare, format_report
+from memmit.families.base import load_pipeline
+from memmit.families.unconditional import UnconditionalTask
 
 # The brief's extractor format is TorchScript, which torch 2.13 marks deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
@@ -255,7 +258,7 @@ def test_compare_prints_both_and_draws(tmp_path, capsys, digits):
 
 def test_module_entry_point_exits_2_on_a_missing_pipeline(tmp_path, digits_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "memmit.evaluate", "--pretrained_model_name_or_path",
+    proc = subprocess.run([sys.executable, "-m", "memmit.cli", "eval", "--pretrained_model_name_or_path",
                            str(tmp_path / "nope"), "--dataset_name", digits_dir, "--output_dir", str(tmp_path / "out")],
                           env=env, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2

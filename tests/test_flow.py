@@ -16,8 +16,9 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from memmit.cli import main, run, train_main
 from memmit.config import parse_args
 from memmit.families import load_task
-from memmit.flow import FluxTask, StableDiffusion3Task
-from memmit.tasks import tokenize
+from memmit.families.flux import FluxTask
+from memmit.families.sd3 import StableDiffusion3Task
+from memmit.families.inputs import tokenize
 
 from conftest import reset_accelerator, save_flux_pipeline
 from test_text_to_image import generators, rows, seeded, weights
@@ -155,7 +156,7 @@ def test_loss_matches_a_written_out_rectified_flow_computation(family, captioned
     assert isinstance(task, FAMILIES[name][1]) and task.num_train_timesteps == 1000
     batch = task.inputs(rows(captioned_digits_dir, 8), generators(1, 8))
     anchored = torch.tensor([True, False, False, False] * 2)
-    batch.update(tokenize(task.tokenizers, task.token_lengths(), ["digit 7 written by hand"] * 8, "anchor_ids"),
+    batch.update(tokenize(task.text.tokenizers, task.text.lengths(), ["digit 7 written by hand"] * 8, "anchor_ids"),
                  anchored=anchored)
     with torch.no_grad():
         out = task.per_sample_loss(task.denoiser, batch, generators(2, 8), torch.device("cpu"))

@@ -17,8 +17,7 @@ from huggingface_hub.utils import _http
 
 from memmit.cli import main
 from memmit.config import MemmitConfig
-from memmit.hub import (PushError, check_hub_settings, create_repo_early, files_to_upload, push, push_main,
-                        write_model_card)
+from memmit.hub import (PushError, check_hub_settings, create_repo_early, files_to_upload, push, push_main, write_model_card)
 
 from conftest import save_pipeline
 

@@ -12,7 +12,7 @@ import pytest
 
 from memmit.cli import train_main
 from memmit.config import check_mixed_precision
-from memmit.data import check_captions, load_train_dataset
+from memmit.data.dataset import check_captions, load_train_dataset
 
 from test_train import ROOT, args
 
@@ -78,7 +78,7 @@ def test_a_caption_of_another_type_is_named_with_the_count_of_bad_samples():
                          ids=["missing", "empty"])
 def test_train_and_eval_refuse_an_image_without_a_caption_naming_its_file(tiny_sd_pipeline, tmp_path, capsys,
                                                                          caption, problem):
-    from memmit.evaluate import eval_main
+    from memmit.cli import eval_main
 
     data = write_captioned_folder(tmp_path / "data", ["a one", "a two", caption, "a four"])
     message = (f"caption_column 'text': sample 2 ({tmp_path / 'data' / 'digit2.png'}) has {problem}; every image "

@@ -6,12 +6,12 @@ import datasets
 import pytest
 import torch
 
-from memmit.captions import ANCHORS
+from memmit.data.captions import ANCHORS
 from memmit.cli import run, train_main
 from memmit.config import parse_args
 from memmit.draws import DATA, NOISE
-from memmit.latents import cached_inputs
-from memmit.shards import MicroBatch
+from memmit.families.latents import cached_inputs
+from memmit.train.shards import MicroBatch
 
 from test_text_to_image import make_task, weights
 from test_train import args

@@ -12,10 +12,10 @@ import torch
 
 from memmit.cli import run
 from memmit.config import parse_args
-from memmit.loader import TurnInputs, turn_inputs, turn_loader
-from memmit.shards import MicroBatch
-from memmit.split import Split
-from memmit.trainer import Trainer
+from memmit.train.loader import TurnInputs, turn_inputs, turn_loader
+from memmit.train.shards import MicroBatch
+from memmit.data.split import Split
+from memmit.train.setup import build_trainer
 
 from conftest import mnist_images
 from test_text_to_image import make_task, weights
@@ -51,7 +51,7 @@ class RecordsProcess:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_inputs_are_made_in_as_many_worker_processes_as_asked_for(tiny_pipeline, digits_dir, tmp_path, workers):
-    trainer = Trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 1, "--num_rounds",
+    trainer = build_trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 1, "--num_rounds",
                                       1, "--local_steps", 4, "--train_batch_size", 2,
                                       "--dataloader_num_workers", workers)))
     log = tmp_path / "pids"

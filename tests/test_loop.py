@@ -10,8 +10,9 @@ from diffusers import DDPMPipeline
 
 from memmit.cli import run, train_main
 from memmit.config import MemmitConfig, parse_args
-from memmit.data import ImageTransform, load_train_dataset
-from memmit.trainer import Trainer
+from memmit.data.dataset import load_train_dataset
+from memmit.data.transform import ImageTransform
+from memmit.train.setup import build_trainer
 
 from conftest import noise_generator, save_pipeline
 from conftest import reset_accelerator
@@ -68,7 +69,7 @@ def test_agc_step_loss_is_the_mean_over_the_kept_samples_of_the_whole_accumulati
                  # A large epsilon: Adam would otherwise blow float noise in ~zero gradients (biases before a
                  # GroupNorm) up to lr-sized steps.
                  "--adam_epsilon", 1e-4)
-    trainer = Trainer(parse_args(flags))
+    trainer = build_trainer(parse_args(flags))
     bank = trainer.shards[0].bank
     bank.values.fill_(1.0)
     bank.is_set.fill_(True)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from memmit.ensemble import FlatAverage, shard_weights
-from memmit.lora import add_lora, add_merged, is_lora_key, lora_layers, svd_lora
+from memmit.train.ensemble import FlatAverage, shard_weights
+from memmit.train.lora import add_lora, add_merged, is_lora_key, lora_layers, svd_lora
 
 
 class Attn(torch.nn.Module):

@@ -1,14 +1,12 @@
-"""Tests for memmit.metrics against brute-force and hand-computed values."""
+"""Tests for memmit.eval.metrics and memmit.data.neighbours against brute-force and hand-computed values."""
 
 import math
 
 import pytest
 import torch
 
-from memmit.metrics import (collapse_duplicates, cosine_similarity_stats, first_occurrence,
-                            frechet_distance, memorization_report,
-                            memorized_fraction_by_threshold, nearest_neighbours,
-                            neighbourhood_normalised_score, nn_ratio_memorized)
+from memmit.data.neighbours import collapse_duplicates, first_occurrence, nearest_neighbours
+from memmit.eval.metrics import (cosine_similarity_stats, frechet_distance, memorization_report, memorized_fraction_by_threshold, neighbourhood_normalised_score, nn_ratio_memorized)
 
 # Training set with two duplicated images: rows 0/2 are (0, 0) and rows 1/4 are (3, 4).
 TRAIN = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [6.0, 8.0], [3.0, 4.0], [20.0, 0.0]])

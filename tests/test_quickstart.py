@@ -53,7 +53,7 @@ def test_sklearn_digit_set_builds_with_known_duplicates_and_a_classifier(tmp_pat
     import numpy as np
     import torch
 
-    from memmit.quickstart import build_dataset, build_digit_features, data_dir, digit_arrays, features_file
+    from memmit.testbeds.digits import build_dataset, build_digit_features, data_dir, digit_arrays, features_file
 
     x, y = digit_arrays("sklearn_digits")
     assert x.shape == (1797, 8, 8) and x.dtype == np.uint8 and x.max() == 255 and set(y.tolist()) == set(range(10))
@@ -75,7 +75,7 @@ def test_shifted_copies_are_the_digit_moved_by_at_most_the_shift(tmp_path):
     import datasets
     import numpy as np
 
-    from memmit.quickstart import build_dataset, data_dir
+    from memmit.testbeds.digits import build_dataset, data_dir
 
     plain = datasets.load_from_disk(str(build_dataset(data_dir(tmp_path, "mnist", 10, 6), "mnist", num_unique=10,
                                                       copies=6)))
@@ -98,7 +98,7 @@ def test_text_to_image_testbed_reduced(tmp_path, capsys, monkeypatch):
     import datasets
     from diffusers import StableDiffusionPipeline
 
-    from memmit.testbed import DIGIT_WORDS
+    from memmit.testbeds.text_to_image import DIGIT_WORDS
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "t2i"

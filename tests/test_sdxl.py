@@ -14,11 +14,11 @@ from PIL import Image
 
 from memmit.cli import train_main
 from memmit.config import EvalConfig, parse_args
-from memmit.data import ImageTransform
-from memmit.detect import prompt_scores
-from memmit.evaluate import load_eval_task, sample_generators
+from memmit.data.transform import ImageTransform
+from memmit.eval.detect import prompt_scores
+from memmit.eval.sampling import load_eval_task, sample_generators
 from memmit.families import load_task
-from memmit.tasks import StableDiffusionXLTask
+from memmit.families.sdxl import StableDiffusionXLTask
 
 from conftest import reset_accelerator, save_sdxl_pipeline, tiny_vae
 from test_text_to_image import generators, rows, seeded, weights
@@ -180,7 +180,7 @@ def test_micro_conditioning_records_the_original_size_and_the_crop_of_the_mirror
 def test_fp16_keeps_an_upcast_vae_in_fp32_and_a_safe_one_in_fp16(tiny_sdxl_pipeline, captioned_digits_dir, tmp_path):
     task = make_task(tiny_sdxl_pipeline, captioned_digits_dir)
     task.prepare(torch.device("cpu"), torch.float16)
-    assert task.vae.dtype == torch.float32 and all(e.dtype == torch.float16 for e in task.text_encoders)
+    assert task.vae.dtype == torch.float32 and all(e.dtype == torch.float16 for e in task.text.encoders)
     with torch.autocast("cpu", dtype=torch.float16):
         posterior = task.encode_pixels(task.inputs(rows(captioned_digits_dir, 2), generators(0, 2))["pixels"],
                                        torch.device("cpu"))

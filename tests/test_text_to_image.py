@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from memmit.cli import train_main
 from memmit.config import parse_args
 from memmit.families import load_task
-from memmit.tasks import TextToImageTask, tokenize
+from memmit.families.inputs import tokenize
+from memmit.families.stable_diffusion import TextToImageTask
 from memmit.cli import run
 
 from conftest import save_sd_pipeline
@@ -78,7 +79,7 @@ def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_
     assert torch.equal(choices[0], task.inputs(data, generators(0, 6))["input_ids"])
     assert any(not torch.equal(choices[0], other) for other in choices[1:])
     for ids, captions in zip(choices[0], data["captions"]):
-        assert any(torch.equal(ids, option) for option in tokenize(task.tokenizers, task.token_lengths(), captions)["input_ids"])
+        assert any(torch.equal(ids, option) for option in tokenize(task.text.tokenizers, task.text.lengths(), captions)["input_ids"])
 
     out = tmp_path / "out"
     run(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "captions",
@@ -89,7 +90,7 @@ def test_a_list_of_captions_trains_and_the_choice_follows_the_generator(tiny_sd_
 def test_caption_dropout_one_trains_on_the_empty_prompt_only(tiny_sd_pipeline, captioned_digits_dir):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--caption_dropout", 1.0)
     ids = task.inputs(rows(captioned_digits_dir), generators(0, 6))["input_ids"]
-    assert torch.equal(ids, tokenize(task.tokenizers, task.token_lengths(), [""])["input_ids"].expand_as(ids))
+    assert torch.equal(ids, tokenize(task.text.tokenizers, task.text.lengths(), [""])["input_ids"].expand_as(ids))
 
 
 def test_empty_or_missing_captions_are_the_empty_prompt_and_bad_ones_are_named(tiny_sd_pipeline, captioned_digits_dir):
@@ -97,7 +98,7 @@ def test_empty_or_missing_captions_are_the_empty_prompt_and_bad_ones_are_named(t
     data = rows(captioned_digits_dir, 3)
     data["text"] = ["", None, "a handwritten digit"]
     batch = task.inputs(data, generators(0, 3))
-    empty = tokenize(task.tokenizers, task.token_lengths(), [""])["input_ids"][0]
+    empty = tokenize(task.text.tokenizers, task.text.lengths(), [""])["input_ids"][0]
     assert torch.equal(batch["input_ids"][0], empty) and torch.equal(batch["input_ids"][1], empty)
     assert not torch.equal(batch["input_ids"][2], empty)
     out = task.per_sample_loss(task.denoiser, batch, generators(1, 3), torch.device("cpu"))
@@ -202,7 +203,7 @@ def test_bf16_runs_frozen_parts_in_bf16_and_keeps_the_unet_and_the_saved_parts_f
                                                                                      captioned_digits_dir):
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--mixed_precision", "bf16")
     task.prepare(torch.device("cpu"), torch.bfloat16)
-    for frozen in (task.vae, *task.text_encoders):
+    for frozen in (task.vae, *task.text.encoders):
         assert frozen.dtype == torch.bfloat16 and not frozen.training
         assert not any(p.requires_grad for p in frozen.parameters())
     assert task.pipeline.vae.dtype == task.pipeline.text_encoder.dtype == torch.float32
@@ -229,7 +230,7 @@ def test_the_denoiser_is_found_by_component_and_a_transformer_pipeline_is_named(
                                                                                 captioned_digits_dir):
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
-    from memmit.tasks import denoiser_component
+    from memmit.families.base import denoiser_component
 
     task = make_task(tiny_sd_pipeline, captioned_digits_dir)
     assert task.denoiser_name == "unet" and task.denoiser is task.pipeline.unet

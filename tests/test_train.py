@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 
 from memmit.cli import train_main
 from memmit.config import parse_args
-from memmit.data import ImageTransform, load_train_dataset
+from memmit.data.dataset import load_train_dataset
+from memmit.data.transform import ImageTransform
 from memmit.cli import run
-from memmit.trainer import Trainer
+from memmit.train.setup import build_trainer
 
 from conftest import noise_generator, reset_accelerator, save_pipeline
 
@@ -380,10 +381,10 @@ def test_fp16_variant_loads_and_trains_in_fp32(digits_dir, tmp_path):
 
 def test_options_reach_the_trainer(tiny_pipeline, digits_dir, tmp_path):
     """Options tested as pure rules elsewhere must also be what the trainer uses."""
-    from memmit.data import split_shards
-    from memmit.ensemble import shard_weights
+    from memmit.data.split import split_shards
+    from memmit.train.ensemble import shard_weights
 
-    trainer = Trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 3,
+    trainer = build_trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 3,
                                       "--aggregation", "uniform", "--agc_bank_decay", 0.3, "--agc_bank_init", "zero", "--dedup", "none",
                                       "--agc_bank_bins", 20,
                                       "--shard_strategy", "stratified", "--label_column", "label", "--seed", 5,
