@@ -20,11 +20,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # pytest exits 5 when no test is marked slow: that is not a failure.
 test-slow: venv
-	$(PY) -m pytest -q -m slow || test $$? -eq 5
+	$(PY) -m pytest -q -m slow --durations=15 || test $$? -eq 5
 
 quickstart: venv
 	$(PY) -m memmit.quickstart

@@ -20,8 +20,6 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constan
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
 TAGS = ["diffusers", "diffusers-training", "memorization-mitigation", "iet-agc"]
-# What memmit eval measures: it samples without prompts, whatever the pipeline.
-EVAL_TASK = "unconditional-image-generation"
 # Not "*.bin": a pipeline component may legitimately hold pytorch_model.bin weights.
 # memmit eval's samples.npy can be hundreds of MB and most_copied.png shows training images next to their copies:
 # both stay local; the reports and compare.png are uploaded.
@@ -49,6 +47,13 @@ def hub_offline() -> bool:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; the variable may have been set since.
     env = os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
     return bool(constants.HF_HUB_OFFLINE) or env
+
+
+def offline_note(name: str) -> str:
+    """What to add to a failed load of `name`: that the Hub was not asked, when offline mode is on."""
+    if not hub_offline() or os.path.exists(name):
+        return ""
+    return " (HF_HUB_OFFLINE is set, so the Hub was not asked: unset it, or pass a local folder)"
 
 
 def default_repo_id(output_dir: str | Path) -> str:
@@ -134,7 +139,7 @@ def _method_lines(cfg: dict) -> list[str]:
         agc += (f"; a sample skipped in at least {cfg['agc_exclusion']:.0%} of its visits (after "
                 f"{cfg['agc_exclusion_min_visits']}) is left out of later rounds (`memmit/excluded.json`)")
     weights = (f"LoRA of rank {cfg['lora_rank']} per shard" if cfg.get("lora_rank")
-               else "full fine-tuning of the UNet")
+               else "full fine-tuning of the denoiser")
     iet = (f"off: one model on all the data (K = 1, memmit's default), {cfg['num_rounds']} rounds of {local}"
            if cfg["num_shards"] == 1 else
            f"K = {cfg['num_shards']} disjoint shards ({cfg['shard_strategy']} split), {cfg['num_rounds']} rounds; "
@@ -166,9 +171,9 @@ def _frechet_label(report: dict) -> str:
     return f"Frechet distance ({report['quality']['extractor']['kind']})"
 
 
-def _eval_results(reports: dict[str, dict], dataset: Optional[str]) -> list[EvalResult]:
+def _eval_results(reports: dict[str, dict], dataset: Optional[str], task: str) -> list[EvalResult]:
     ds_type = _hub_id(dataset) or (Path(dataset).name if dataset else "training-set")
-    common = dict(task_type=EVAL_TASK, dataset_type=ds_type, dataset_name=f"{ds_type} (training images)")
+    common = dict(task_type=task, dataset_type=ds_type, dataset_name=f"{ds_type} (training images)")
     results = []
     for label, r in reports.items():
         results.append(EvalResult(**common, metric_type="memorized_fraction",
@@ -206,7 +211,9 @@ def _eval_data_line(reports: dict[str, dict], dataset: Optional[str]) -> str:
     """What the reports measured: on which images, with how many samples."""
     first = next(iter(reports.values()))
     pixel, settings = first["pixel"], first.get("settings", {})
-    steps = f", {settings['num_inference_steps']} DDIM steps" if "num_inference_steps" in settings else ""
+    # Reports from before the sampler was recorded were all DDIM's.
+    steps = (f", {settings['num_inference_steps']} {settings.get('sampler', 'DDIM')} steps"
+             if "num_inference_steps" in settings else "")
     seed = f", seed {settings['seed']}" if "seed" in settings else ""
     prompts = ", prompts drawn from the training captions" if settings.get("caption_column") else ""
     # Hand-made or older reports may lack the training set's counts.
@@ -273,7 +280,7 @@ def write_model_card(output_dir: str | Path, cfg_dict: dict, base_model: Optiona
         base_model=_hub_id(base_model), library_name="diffusers", tags=[*TAGS, task], pipeline_tag=task,
         datasets=[d] if (d := _hub_id(dataset)) else None,
         model_name=repo_id.split("/")[-1] if eval_reports else None,
-        eval_results=_eval_results(eval_reports, dataset) if eval_reports else None,
+        eval_results=_eval_results(eval_reports, dataset, task) if eval_reports else None,
     )
     figure = bool(eval_reports) and (Path(output_dir) / COMPARE_FIGURE).is_file()
     body = _card_body(cfg_dict, base_model, dataset, eval_reports, repo_id, figure, _pipeline_class(Path(output_dir)))

@@ -137,6 +137,7 @@ def _kill_when(proc, condition, what: str) -> None:
     proc.wait()
 
 
+@pytest.mark.slow  # ~30 s: runs killed and resumed in their own processes
 def test_killed_runs_do_not_repeat_a_finished_evaluation(tiny_pipeline, digits_dir, tmp_path, cache):
     out = tmp_path / "run"
     # Enough steps and samples that the kills land during training and during the after evaluation.
@@ -199,6 +200,7 @@ def assert_close_nested(a, b) -> None:
         assert a == b
 
 
+@pytest.mark.slow  # ~15 s of launched processes; the CLI under accelerate launch runs in make test
 def test_two_processes_split_the_evaluation_and_equal_one(tiny_pipeline, digits_dir, tmp_path):
     out = tmp_path / "two"
     log = finish(launch(2, tiny_pipeline, digits_dir, out, "--num_rounds", "1", "--local_epochs", "1",

@@ -85,15 +85,25 @@ def test_the_task_applies_the_rules_to_the_picked_caption(tiny_sd_pipeline, capt
     assert prompts != data["text"]
 
 
-def test_caption_options_train_and_change_the_result(tiny_sd_pipeline, captioned_digits_dir, tmp_path):
-    from test_text_to_image import weights
+def test_caption_options_are_the_rules_the_trainer_applies(tiny_sd_pipeline, captioned_digits_dir, tmp_path):
+    """The flags reach the trainer's inputs as the rules tested above: the prompts its inputs draw for a batch are
+    the ones CaptionNoise with those probabilities and the training captions' words draws from the same generators,
+    and the embedding noise is the task's (its arithmetic: test_text_to_image)."""
+    from memmit.data.dataset import pick_caption
+    from memmit.train.setup import build_trainer
 
-    common = ["--caption_column", "text", "--num_shards", 1, "--num_rounds", 1, "--local_steps", 2]
-    run(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path / "plain", *common)))
-    run(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path / "noisy", *common,
-                        "--caption_insert_prob", 0.5, "--caption_repeat_prob", 0.5, "--text_embedding_noise", 0.1)))
-    plain, noisy = weights(tmp_path / "plain", "unet"), weights(tmp_path / "noisy", "unet")
-    assert any(not torch.equal(plain[k], noisy[k]) for k in plain)
+    trainer = build_trainer(parse_args(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path / "out", "--caption_column",
+                                            "text", "--num_shards", 1, "--caption_insert_prob", 0.5,
+                                            "--caption_repeat_prob", 0.5, "--text_embedding_noise", 0.1)))
+    batch = trainer.dataset[:12]
+    prompts, _ = trainer.task.inputs.text_inputs(batch, [seeded(i) for i in range(12)])
+    rules = CaptionNoise(0.0, 0.5, 0.5, caption_vocabulary(trainer.dataset["text"], "text"))
+    expected = []
+    for i, value in enumerate(batch["text"]):
+        generator = seeded(i)
+        expected.append(rules(pick_caption(value, generator, "text"), generator))
+    assert prompts == expected and prompts != batch["text"]
+    assert trainer.task.text_embedding_noise == 0.1
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -6,7 +6,11 @@ import torch
 from PIL import Image
 
 from conftest import mnist_images
-from memmit.data.dedup import DEFAULT_THRESHOLD, cluster_report, find_duplicate_clusters
+from memmit.data.dedup import cluster_report, find_duplicate_clusters
+
+# Per-pixel RMS distance in [-1, 1] units (~6 grey levels) on raw pixels: far above +-1 grey-level noise, far
+# below the 0.16 between the closest of 64 distinct MNIST digits at 16x16.
+RAW_PIXEL_THRESHOLD = 0.05
 from memmit.data.split import keep_one, split_with_clusters
 
 
@@ -21,9 +25,9 @@ def test_exact_and_near_copies_are_clustered_distinct_images_are_not():
     images = torch.stack([base[0], base[1], base[0], base[2], base[1] + noise, base[3],
                           base[4], base[0], base[5]])
     expected = [[0, 2, 7], [1, 4]]
-    assert find_duplicate_clusters(images, device="cpu") == expected
+    assert find_duplicate_clusters(images, RAW_PIXEL_THRESHOLD, device="cpu") == expected
     # Tiny chunks and a tiny k give the same answer.
-    assert find_duplicate_clusters(images, k_max=1, query_chunk=2, ref_chunk=3,
+    assert find_duplicate_clusters(images, RAW_PIXEL_THRESHOLD, k_max=1, query_chunk=2, ref_chunk=3,
                                    pair_chunk=1, device="cpu") == expected
 
 
@@ -64,16 +68,16 @@ def test_clusters_larger_than_k_are_found_whole():
     exact = base[0].expand(40, -1)
     near = base[1] + 0.005 * random_images(40, seed=2)
     images = torch.cat([exact, near, base[2:]])  # 40 + 40 + 20 distinct
-    clusters = find_duplicate_clusters(images, k_max=16, device="cpu")
+    clusters = find_duplicate_clusters(images, RAW_PIXEL_THRESHOLD, k_max=16, device="cpu")
     assert clusters == [list(range(40)), list(range(40, 80))]
 
 
 def test_input_checks():
     with pytest.raises(ValueError, match=r"\[N, D\]"):
-        find_duplicate_clusters(torch.zeros(4))
+        find_duplicate_clusters(torch.zeros(4), RAW_PIXEL_THRESHOLD)
     with pytest.raises(ValueError, match="threshold"):
         find_duplicate_clusters(torch.zeros(3, 4), -0.1)
-    assert find_duplicate_clusters(torch.zeros(1, 4), device="cpu") == []
+    assert find_duplicate_clusters(torch.zeros(1, 4), RAW_PIXEL_THRESHOLD, device="cpu") == []
 
 
 def test_keep_one_keeps_smallest_id_per_cluster_and_all_singletons():
@@ -140,8 +144,8 @@ def test_real_digits_with_duplicates():
     distinct = torch.stack([to_tensor(p) for p in pixels])
     sq_dists = torch.cdist(distinct.double(), distinct.double()).square()
     closest = (sq_dists + torch.eye(64) * 1e9).min().sqrt().item() / 16
-    print(f"closest distinct digits: RMS {closest:.4f} = {closest / DEFAULT_THRESHOLD:.1f}x threshold")
-    assert closest > 3 * DEFAULT_THRESHOLD
+    print(f"closest distinct digits: RMS {closest:.4f} = {closest / RAW_PIXEL_THRESHOLD:.1f}x threshold")
+    assert closest > 3 * RAW_PIXEL_THRESHOLD
 
     rng = np.random.default_rng(0)
     copies, expected = [], []
@@ -154,4 +158,4 @@ def test_real_digits_with_duplicates():
         expected.append(ids)
     images = torch.cat([distinct, torch.stack(copies)])
     assert torch.unique(images, dim=0).shape[0] == 64 + 6  # the noisy copies are not exact
-    assert find_duplicate_clusters(images, device="cpu") == expected
+    assert find_duplicate_clusters(images, RAW_PIXEL_THRESHOLD, device="cpu") == expected

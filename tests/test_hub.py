@@ -17,7 +17,8 @@ from huggingface_hub.utils import _http
 
 from memmit.cli import main
 from memmit.config import MemmitConfig
-from memmit.hub import (PushError, check_hub_settings, create_repo_early, files_to_upload, push, push_main, write_model_card)
+from memmit.hub import (PushError, check_hub_settings, create_repo_early, files_to_upload, push, push_main,
+                        write_model_card)
 
 from conftest import save_pipeline
 
@@ -352,3 +353,16 @@ def test_push_cli_puts_eval_reports_into_the_card(hub, output_dir, tmp_path, cap
     assert {m["name"] for m in metrics} >= {"memorized fraction (d1/d2 < 0.333), before",
                                              "memorized fraction (d1/d2 < 0.333), after"}
     assert "25.0" in card.text and "6.2" in card.text
+
+
+def test_text_to_image_card_tags_its_evaluations_and_names_the_sampler(tmp_path):
+    """An SD3 run's card: the eval results are text-to-image ones, the steps are its sampler's, not DDIM's, and the
+    weights are its denoiser's (a transformer), not a UNet's."""
+    sd3 = {name: {**r, "settings": {**r["settings"], "sampler": "FlowMatchEulerDiscrete", "caption_column": "text",
+                                    "num_inference_steps": 50}}
+           for name, r in REPORTS.items()}
+    card = ModelCard.load(write_model_card(tmp_path, run_config(caption_column="text"), BASE, DATASET, sd3,
+                                           repo_id=REPO))
+    assert {r.task_type for r in card.data.eval_results} == {"text-to-image"}
+    assert "50 FlowMatchEulerDiscrete steps" in card.text and "DDIM" not in card.text
+    assert "full fine-tuning of the denoiser" in card.text and "UNet" not in card.text

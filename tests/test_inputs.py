@@ -119,6 +119,7 @@ def test_fp16_is_refused_where_there_is_no_gradient_scaler(mixed_precision, devi
         check_mixed_precision(mixed_precision, device_type)
 
 
+@pytest.mark.slow  # ~25 s: a whole run in its own interpreter
 def test_no_torchvision_warning_on_a_run(tiny_pipeline, digits_dir, tmp_path):
     """transformers warns at diffusers' import that its image processors fall back to PIL; memmit runs drop it."""
     warning = "requires torchvision (not installed)"

@@ -51,9 +51,9 @@ class RecordsProcess:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_inputs_are_made_in_as_many_worker_processes_as_asked_for(tiny_pipeline, digits_dir, tmp_path, workers):
-    trainer = build_trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 1, "--num_rounds",
-                                      1, "--local_steps", 4, "--train_batch_size", 2,
-                                      "--dataloader_num_workers", workers)))
+    trainer = build_trainer(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", 1,
+                                            "--num_rounds", 1, "--local_steps", 4, "--train_batch_size", 2,
+                                            "--dataloader_num_workers", workers)))
     log = tmp_path / "pids"
     trainer.task.inputs = RecordsProcess(trainer.task.inputs, log)
     trainer.train()

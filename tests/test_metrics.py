@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from memmit.data.neighbours import collapse_duplicates, first_occurrence, nearest_neighbours
-from memmit.eval.metrics import (cosine_similarity_stats, frechet_distance, memorization_report, memorized_fraction_by_threshold, neighbourhood_normalised_score, nn_ratio_memorized)
+from memmit.eval.metrics import (cosine_similarity_stats, frechet_distance, memorization_report,
+                                 memorized_fraction_by_threshold, neighbourhood_normalised_score, nn_ratio_memorized)
 
 # Training set with two duplicated images: rows 0/2 are (0, 0) and rows 1/4 are (3, 4).
 TRAIN = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [6.0, 8.0], [3.0, 4.0], [20.0, 0.0]])

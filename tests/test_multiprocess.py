@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -49,6 +50,7 @@ def weights(out: Path) -> dict:
     return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow  # ~60 s of launched processes; the one-shard group test below runs in make test
 def test_two_processes_equal_one_and_resume_exactly(tiny_pipeline, digits_dir, tmp_path):
     finish(launch(1, tiny_pipeline, digits_dir, tmp_path / "one"))
     log = finish(launch(2, tiny_pipeline, digits_dir, tmp_path / "two", "--checkpointing_steps", "1000"))
@@ -89,6 +91,7 @@ def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
 
 
+@pytest.mark.slow  # ~30 s of launched processes
 def test_checkpoint_mid_turn_on_two_processes_resumes_exactly_and_every_process_logs(tiny_pipeline, digits_dir,
                                                                                    tmp_path):
     """K = P = 2: each round is one turn slot, so every checkpoint falls inside it. 19 samples at batch 3 make
@@ -140,6 +143,7 @@ def test_one_shard_on_two_processes_equals_one_process_with_twice_the_batch(tiny
     assert '"round": 0' in excluded and excluded == (tmp_path / "two" / "memmit" / "excluded.json").read_text()
 
 
+@pytest.mark.slow  # ~60 s: four launched processes, three times
 def test_two_shards_on_four_processes_resume_exactly_from_mid_round(tiny_pipeline, digits_dir, tmp_path):
     """Two groups of two; killed inside the first round's turn (with a data-loading worker each), resumed."""
     extra = ["--num_shards", "2", "--train_batch_size", "2", "--dataloader_num_workers", "1", "--random_flip"]
@@ -155,9 +159,9 @@ def test_two_shards_on_four_processes_resume_exactly_from_mid_round(tiny_pipelin
     assert all(torch.equal(resumed[k], ref[k]) for k in ref)
 
 
-def test_shards_that_cannot_share_the_processes_evenly_are_refused(tiny_pipeline, digits_dir, tmp_path):
-    proc = launch(3, tiny_pipeline, digits_dir, tmp_path / "out", "--num_shards", "2")
-    log = proc.communicate()[0].decode()
-    assert proc.returncode != 0
-    assert "num_shards=2 does not divide the 3 processes" in log and "pass --num_shards 1 | 3" in log, log
-    assert not (tmp_path / "out" / "model_index.json").exists()
+def test_shards_that_cannot_share_the_processes_evenly_are_refused():
+    from memmit.train.group import group_size
+
+    assert [group_size(k, 4) for k in (1, 2, 4, 6)] == [4, 2, 1, 1]
+    with pytest.raises(ValueError, match=r"num_shards=2 does not divide the 3 processes.*pass --num_shards 1 \| 3"):
+        group_size(2, 3)

@@ -8,6 +8,7 @@ from PIL import Image
 from memmit.quickstart import main
 
 
+@pytest.mark.slow  # ~80 s: make quickstart's whole path, reduced
 def test_quickstart_reduced(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "qs"
@@ -36,7 +37,7 @@ def test_quickstart_reduced(tmp_path, capsys, monkeypatch):
     assert "using the cached pretrained pipeline" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # 40 s; the MNIST quickstart above runs the same code in `make test`
+@pytest.mark.slow  # 40 s: the MNIST quickstart above, on the other digit set
 def test_quickstart_on_sklearn_digits(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "qs"
@@ -94,6 +95,7 @@ def test_shifted_copies_are_the_digit_moved_by_at_most_the_shift(tmp_path):
     assert len(moves) > 3  # the copies really move, in several directions
 
 
+@pytest.mark.slow  # ~60 s: the text-to-image testbed's whole path, reduced
 def test_text_to_image_testbed_reduced(tmp_path, capsys, monkeypatch):
     import datasets
     from diffusers import StableDiffusionPipeline

@@ -12,10 +12,6 @@ from torch import Tensor
 
 from .neighbours import collapse_duplicates, nearest_neighbours
 
-# Per-pixel RMS distance in [-1, 1] units (~6 grey levels): far above +-1 grey-level noise, far
-# below the 0.16 between the closest of 64 distinct MNIST digits at 16x16 (among 5,000 of them,
-# two pairs of near-identical plain "1" strokes do fall under it).
-DEFAULT_THRESHOLD = 0.05
 MAX_REPORTED_CLUSTERS = 50
 Distance = Callable[[Tensor, Tensor], Tensor]  # paired rows [P, D], [P, D] -> distances [P]
 
@@ -44,7 +40,7 @@ def _cross_distances(rows: Tensor, a: list[int], b: list[int], distance: Distanc
     return distance(rows[ia], rows[ib])
 
 
-def find_duplicate_clusters(features: Tensor, threshold: float = DEFAULT_THRESHOLD,
+def find_duplicate_clusters(features: Tensor, threshold: float,
                             distance: Distance = rms_distance, *, search_metric: str = "l2", k_max: int = 16,
                             query_chunk: int = 1024, ref_chunk: int = 8192, pair_chunk: int = 4096,
                             device: torch.device | str | None = None) -> list[list[int]]:
@@ -56,7 +52,8 @@ def find_duplicate_clusters(features: Tensor, threshold: float = DEFAULT_THRESHO
     cross pairs is within the threshold too. So a chain of pairwise-close but end-to-end distinct images
     never becomes one cluster (single linkage's failure), while a family of variants, whose members can
     differ from each other by more than from their source (web-style copies), still does (complete
-    linkage's). Sorted by size descending, then first id.
+    linkage's). Sorted by size descending, then first id. The threshold is the detector's (detectors.py holds
+    the measured defaults).
     """
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"expected a non-empty [N, D] tensor, got {tuple(features.shape)}")

@@ -23,23 +23,25 @@ def eval_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_args(argv, EvalConfig, prog="memmit eval")
-        if config.detect_prompts:  # one process: a few UNet steps per prompt
-            report = detect_prompts(config)
+        # Under `accelerate launch`, its processes (ACCELERATE_USE_CPU: gloo processes on CPUs, as for training).
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        if config.detect_prompts:  # a few denoiser steps per prompt: the main process alone
+            report = detect_prompts(config) if state.is_main_process else None
         else:
-            # Under `accelerate launch`, its processes (ACCELERATE_USE_CPU: gloo processes on CPUs, as for training).
-            state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
             # Only the main process loads and checks; the others wait for its prompts, and the launcher stops them.
             report = evaluate(config, state.is_local_main_process, state)
-            # Left to the interpreter's exit, gloo's threads may abort a process ("terminate called without an
-            # active exception") that has finished its share while the main process still scores.
-            state.destroy_process_group()
+        # Left to the interpreter's exit, gloo's threads may abort a process ("terminate called without an
+        # active exception") that has finished its share while the main process still scores.
+        state.destroy_process_group()
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
+    if report is None:  # a process that was not the main one
+        return 0
     if config.detect_prompts:
         print(format_detection(report))
         print(f"memmit: ranking written to {Path(config.output_dir) / 'detect_prompts.json'}")
-    elif report is not None:
+    else:
         print(format_report(report))
         print(f"memmit: report written to {Path(config.output_dir) / 'report.json'}")
     return 0

@@ -9,14 +9,12 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics.image.fid import _compute_fid
 
 from ..data.neighbours import collapse_duplicates, default_device, first_occurrence, nearest_neighbours
 
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Somepalli et al. (2023) count a generation as a copy above this similarity.
 COPY_COSINE = 0.5
-
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -204,5 +202,9 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
         raise ValueError("feature sets must be [n, d] and [m, d] with the same d")
     mu_a, sigma_a = _gaussian_fit(feats_a)
     mu_b, sigma_b = _gaussian_fit(feats_b)
-    # torchmetrics has no public functional FID; _compute_fid is what its FID metric calls.
-    return _compute_fid(mu_a, sigma_a, mu_b, sigma_b).item()
+    # ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2), the trace of the root as the sum of the roots of
+    # S_a S_b's eigenvalues: written out because torchmetrics has no public functional FID (its metric computes
+    # this, in this order, in a private function).
+    mean_term = (mu_a - mu_b).square().sum(dim=-1)
+    trace_root = torch.linalg.eigvals(sigma_a @ sigma_b).sqrt().real.sum(dim=-1)
+    return (mean_term + (sigma_a.trace() + sigma_b.trace()) - 2 * trace_root).item()

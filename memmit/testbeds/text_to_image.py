@@ -250,9 +250,9 @@ def pretrain(out: Path, data: Path, init: Path, steps: int, family: str = "sd") 
             "--output_dir", target, "--overwrite_output_dir", "--train_batch_size", 32, "--num_shards", 1,
             "--agc_lambda", 0, "--dedup", "none", "--num_rounds", 1, "--local_steps", steps,
             "--learning_rate", 1e-3, "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", 200,
-            "--max_grad_norm", "null", "--checkpointing_steps", 1000, "--num_validation_images", 0,
-            "--caption_dropout", 0.1, "--report_to", "none", "--seed", 0,
-            *(["--max_grad_norm", 1.0] if family != "sd" else [])], accelerate=False)
+            "--max_grad_norm", "null" if family == "sd" else 1.0, "--checkpointing_steps", 1000,
+            "--num_validation_images", 0, "--caption_dropout", 0.1, "--report_to", "none", "--seed", 0],
+           accelerate=False)
     return target
 
 
