@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from .cache import writable_cache
 from .config import parse_args
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ def prepare(cfg) -> Plan:
     from .train.setup import build_trainer  # heavy imports only once the flags are known to be valid
 
     repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
+    if cfg.evaluate:  # the "before" report is kept there: a folder that cannot hold it fails now, not after sampling
+        writable_cache("eval")
     trainer = build_trainer(cfg)
     acc = trainer.accelerator
     before_config = cfg.eval_config(cfg.output_dir, before=True) if cfg.evaluate else None

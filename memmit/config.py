@@ -13,7 +13,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
 
@@ -26,6 +26,14 @@ WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
 SECRET_OPTIONS = ("hub_token",)
 # Every tracker accelerate supports, "all" of those installed, or "none" (as diffusers' examples).
 TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "aim", "all", "none")
+# Options that mean something only for a pipeline conditioned on text (min-SNR weighting: memmit implements it for
+# the latent text-to-image families only): an unconditional pipeline refuses each one given, by name.
+TEXT_TO_IMAGE_OPTIONS = (
+    "caption_column", "caption_dropout", "snr_gamma", "validation_prompts", "caption_replace_prob",
+    "caption_insert_prob", "caption_repeat_prob", "text_embedding_noise", "dedup_captions", "dedup_anchors",
+    "dedup_anchor_weight", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    "guidance_scale", "max_sequence_length", "alignment_classifier", "class_names", "detect_prompts", "prompts_file",
+)
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
@@ -99,11 +107,11 @@ class EvalConfig(ModelDataConfig):
     # Data
     caption_column: Optional[str] = opt(None, "Text-to-image pipelines: dataset column of captions; each sample's prompt is a training caption drawn with seed (saved in prompts.json).")
     max_train_samples: Optional[int] = opt(None, "Compare against the first N training images only.")
-    resolution: Optional[int] = opt(None, "Sampling and comparison resolution; defaults to the UNet's sample_size.")
+    resolution: Optional[int] = opt(None, "Sampling and comparison resolution; defaults to the denoiser's sample_size (times the VAE's downsampling for latent pipelines).")
 
     # Sampling
     num_samples: int = opt(256, "Images to sample.")
-    num_inference_steps: int = opt(50, "DDIM steps.")
+    num_inference_steps: int = opt(50, "Sampling steps: DDIM for DDPM-trained pipelines, the pipeline's own sampler for flow matching (SD3, Flux).")
     batch_size: int = opt(64, "Sampling and embedding batch size.")
     seed: int = opt(0, "Seed of the sampling noise and of the prompts' draw.")
 
@@ -169,7 +177,7 @@ class MemmitConfig(ModelDataConfig):
     caption_column: Optional[str] = opt(None, "Dataset column of captions (a non-empty string or list of them per image) for text-to-image pipelines.")
     label_column: Optional[str] = opt(None, "Dataset column of labels, used by shard_strategy=stratified.")
     max_train_samples: Optional[int] = opt(None, "Keep only the first N samples (for debugging or quick runs).")
-    resolution: Optional[int] = opt(None, "Training resolution; defaults to the UNet's sample_size.")
+    resolution: Optional[int] = opt(None, "Training resolution; defaults to the denoiser's sample_size (times the VAE's downsampling for latent pipelines).")
     center_crop: bool = opt(False, "Center-crop to the resolution (otherwise random crop).")
     random_flip: bool = opt(False, "Randomly flip images horizontally.")
     cache_latents: bool = opt(False, "Text-to-image: encode every training image with the VAE (and its mirror image, with --random_flip) and every training caption with the text encoder once, store them under $MEMMIT_CACHE/latents (default ~/.cache/memmit), and train from them; later runs with the same model, data and settings reuse them. Needs --center_crop.")
@@ -214,10 +222,10 @@ class MemmitConfig(ModelDataConfig):
     text_embedding_noise: float = opt(0.0, "Gaussian noise injection: standard deviation of noise added to the text encoder's output in training.")
 
     # LoRA
-    lora_rank: Optional[int] = opt(None, "Train a LoRA adapter of this rank per shard instead of the full UNet.")
+    lora_rank: Optional[int] = opt(None, "Train a LoRA adapter of this rank per shard instead of the whole denoiser (UNet or transformer).")
     lora_alpha: Optional[float] = opt(None, "LoRA alpha (default: the rank, i.e. scale 1).")
     lora_dropout: float = opt(0.0, "LoRA dropout.")
-    lora_target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters.")
+    lora_target_modules: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "Denoiser modules that get LoRA adapters.")
 
     # Export
     export: str = opt("full", "What output_dir holds: full (the merged pipeline) | lora (one LoRA of the whole change).", choices=("full", "lora"), resume="free")
@@ -239,8 +247,8 @@ class MemmitConfig(ModelDataConfig):
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: Optional[float] = opt(1.0, "Clip gradients to this norm; null disables clipping.")
     seed: int = opt(0, "Seed of the shard split, data order, noise and timesteps.")
-    mixed_precision: str = opt("no", "Autocast precision: no | fp16 (CUDA only) | bf16 (the UNet stays fp32).", choices=MIXED_PRECISIONS)
-    gradient_checkpointing: bool = opt(False, "Trade compute for memory in the UNet.", resume="free")
+    mixed_precision: str = opt("no", "Autocast precision: no | fp16 (CUDA only) | bf16 (the trained denoiser stays fp32).", choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory in the denoiser.", resume="free")
     use_8bit_adam: bool = opt(False, "bitsandbytes' 8-bit AdamW (needs bitsandbytes and a GPU).")
 
     # Output, logging and checkpoints
@@ -255,7 +263,7 @@ class MemmitConfig(ModelDataConfig):
     hub_private_repo: bool = opt(False, "Create the Hub repo private.", resume="free")
     report_to: str = opt("tensorboard", "Tracker for logs (every process's shards): tensorboard | wandb | trackio | comet_ml | mlflow | clearml | dvclive | swanlab | aim | all | none.", choices=TRACKERS, resume="free")
     num_validation_images: int = opt(16, "Images sampled into the logs at each round's end; 0 disables.", resume="free")
-    validation_inference_steps: int = opt(50, "DDIM steps for the round-end sample grid.", resume="free")
+    validation_inference_steps: int = opt(50, "Sampling steps of the round-end sample grid (DDIM, or the flow-matching pipeline's own sampler).", resume="free")
 
     # Memorization before and after (memmit eval's options, named eval_<name>)
     evaluate: bool = opt(False, "Run `memmit eval` on the input pipeline before training (cached) and on the result after export; the model card and the run's last lines compare them.", resume="free")
@@ -306,9 +314,11 @@ class MemmitConfig(ModelDataConfig):
         need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         need(self.num_validation_images >= 0, f"num_validation_images must be >= 0, got {self.num_validation_images}")
-        need(self.dedup_captions == "ignore" or (self.dedup == "keep_one" and self.caption_column is not None),
+        need(self.dedup_captions == "ignore" or self.caption_column is not None,
+             f"dedup_captions={self.dedup_captions} acts on captions, and no --caption_column is given")
+        need(self.dedup_captions == "ignore" or self.dedup == "keep_one",
              f"dedup_captions={self.dedup_captions} acts on the captions of the copies dedup=keep_one drops, so it "
-             f"needs --dedup keep_one (got {self.dedup}) and a --caption_column")
+             f"needs --dedup keep_one (got {self.dedup})")
         need(self.dedup_anchors >= 1, f"dedup_anchors must be >= 1, got {self.dedup_anchors}")
         need(self.dedup_anchor_weight > 0, f"dedup_anchor_weight must be > 0, got {self.dedup_anchor_weight}")
         need(self.dedup_family_size == 0 or self.dedup_family_size >= 2,
@@ -372,6 +382,7 @@ def _parse_value(hint: Any):
 
     def parse(text: str):
         return None if optional and text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__  # argparse's error names it: "invalid int value: '1.7'"
     return parse
 
 
@@ -402,22 +413,81 @@ def build_parser(config_class: type = MemmitConfig, prog: Optional[str] = None) 
     return parser
 
 
+def _typed(name: str, hint: Any, value: Any, where: str) -> Any:
+    """A YAML value as the field's type, or a ValueError naming the option and where it was written. Strict: a
+    quoted boolean, a float for an integer or a list for a single value is an error, never a guess."""
+    optional = type(None) in typing.get_args(hint)
+    kind = _field_type(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} ({where}) needs a value; it cannot be null")
+    if kind is list:
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        raise ValueError(f"{name} ({where}) must be a list of strings, got {value!r}")
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{name} ({where}) takes one {kind.__name__}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} ({where}) must be true or false (unquoted), got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} ({where}) must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-4" (no dot) as a string: a number written so is still a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{name} ({where}) must be a number, got {value!r}")
+    if isinstance(value, bool):  # YAML 1.1 reads unquoted no/yes/off/on as booleans
+        raise ValueError(f"{name} ({where}) must be a string, got {value!r}: YAML reads an unquoted no, yes, off or "
+                         "on as a boolean; quote it")
+    if not isinstance(value, str):
+        raise ValueError(f"{name} ({where}) must be a string, got {value!r}; quote it")
+    return value
+
+
 def load_yaml(path: str | Path, config_class: type = MemmitConfig) -> dict:
-    """Options of `config_class` from a YAML file; an unknown key is an error naming the valid ones."""
+    """Options of `config_class` from a YAML file, each checked against its field's type and choices; an error
+    names the option, the file and the line (an unknown key: the valid ones)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config file {str(path)!r}{where} is not valid YAML: {problem}") from exc
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
-    hints = typing.get_type_hints(config_class)
-    valid = [f.name for f in dataclasses.fields(config_class)]
-    unknown = sorted(set(data) - set(valid))
+    lines = {key.value: key.start_mark.line + 1 for key, _ in node.value}
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} in {str(path)!r}; valid options: {valid}")
-    # YAML 1.1 reads "1e-4" as a string: coerce numbers with the field's own type.
-    kinds = {name: _field_type(hints[name]) for name in valid}
-    return {k: kinds[k](v) if isinstance(v, str) and kinds[k] in (int, float) else v for k, v in data.items()}
+        raise ValueError(f"unknown option(s) {unknown} in {str(path)!r} (line {lines.get(unknown[0], '?')}); "
+                         f"valid options: {list(fields)}")
+    hints = typing.get_type_hints(config_class)
+    values = {}
+    for name, value in data.items():
+        where = f"{str(path)!r}, line {lines[name]}"
+        values[name] = _typed(name, hints[name], value, where)
+        choices = fields[name].metadata.get("choices")
+        if choices is not None and values[name] not in choices:
+            raise ValueError(f"{name}={values[name]!r} ({where}) is not one of {list(choices)}")
+    return values
 
 
 def parse_args(argv: list[str] | None = None, config_class: type[Config] = MemmitConfig,
@@ -427,6 +497,14 @@ def parse_args(argv: list[str] | None = None, config_class: type[Config] = Memmi
     values = load_yaml(flags.pop("config"), config_class) if "config" in flags else {}
     values.update(flags)
     return config_class(**values)
+
+
+def options_given(cfg: Any, names: Sequence[str]) -> list[str]:
+    """Which of `names` `cfg` (either config, or a namespace of one's values) sets to something other than the
+    option's default."""
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for cls in (EvalConfig, MemmitConfig) for f in dataclasses.fields(cls)}
+    return [name for name in names if hasattr(cfg, name) and getattr(cfg, name) != defaults[name]]
 
 
 def _markdown_cell(text: str) -> str:

@@ -72,3 +72,47 @@ def test_the_option_reference_is_generated_from_the_config():
     assert reference == options_markdown()
     for f in dataclasses.fields(MemmitConfig) + dataclasses.fields(EvalConfig):
         assert f"| `--{f.name}`" in reference
+
+
+@pytest.mark.parametrize("body, message", [
+    ('num_shards: 2\ncenter_crop: "false"\n', "center_crop ('{path}', line 2) must be true or false (unquoted), got 'false'"),
+    ("num_rounds: 1.7\n", "num_rounds ('{path}', line 1) must be an integer, got 1.7"),
+    ("num_rounds: two\n", "num_rounds ('{path}', line 1) must be an integer, got 'two'"),
+    ("seed: 1\nnum_rounds: [1, 2]\n", "num_rounds ('{path}', line 2) takes one int, got [1, 2]"),
+    ("mixed_precision: no\n", "mixed_precision ('{path}', line 1) must be a string, got False: YAML reads an unquoted no"),
+    ("dedup: maybe\n", "dedup='maybe' ('{path}', line 1) is not one of ['none', 'keep_one', 'same_shard']"),
+    ("lora_target_modules: to_q\n", "lora_target_modules ('{path}', line 1) must be a list of strings, got 'to_q'"),
+    ("num_shards: 2\nnum_rounds: [\n", "config file '{path}', line 3 is not valid YAML"),
+    ("seed: 1\nbogus: 3\n", "unknown option(s) ['bogus'] in '{path}' (line 2)"),
+])
+def test_yaml_is_read_strictly_naming_the_option_file_and_line(tmp_path, body, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(body)
+    with pytest.raises(ValueError) as exc:
+        parse_args(["--config", str(path), *BASE])
+    assert message.format(path=path) in str(exc.value)
+
+
+def test_yaml_numbers_in_float_options_and_quoted_strings_read_as_meant(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text('learning_rate: 1e-4\nagc_lambda: 1\nmixed_precision: "no"\nnum_shards: 3\n')
+    cfg = parse_args(["--config", str(path), *BASE])
+    assert (cfg.learning_rate, cfg.agc_lambda, cfg.mixed_precision, cfg.num_shards) == (1e-4, 1.0, "no", 3)
+    assert isinstance(cfg.agc_lambda, float)
+
+
+def test_a_bad_config_writes_nothing(tiny_pipeline, digits_dir, tmp_path, capsys):
+    from memmit.cli import train_main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("num_rounds: 1.7\n")
+    out = tmp_path / "out"
+    assert train_main(["--config", str(path), "--pretrained_model_name_or_path", tiny_pipeline, "--dataset_name",
+                       digits_dir, "--output_dir", str(out)]) == 2
+    assert "num_rounds" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_flag_of_the_wrong_type_names_the_option(capsys):
+    with pytest.raises(SystemExit):
+        parse_args([*BASE, "--num_rounds", "1.7"])
+    assert "argument --num_rounds: invalid int value: '1.7'" in capsys.readouterr().err

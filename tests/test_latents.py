@@ -10,6 +10,7 @@ from memmit.data.captions import ANCHORS
 from memmit.cli import run, train_main
 from memmit.config import parse_args
 from memmit.draws import DATA, NOISE
+from memmit.data.content import sample_digests
 from memmit.families.latents import cached_inputs
 from memmit.train.shards import MicroBatch
 
@@ -41,7 +42,8 @@ def test_cached_inputs_give_the_losses_that_encoding_every_step_gives(family, ca
     task = make_task(request.getfixturevalue(fixture), captioned_digits_dir, *DRAWN, *flags)
     ds = datasets.load_from_disk(captioned_digits_dir)
     task.use_training_captions(ds["captions"])
-    cached = cached_inputs(task, ds, "image", "captions", random_flip=True, device=torch.device("cpu"))
+    content = sample_digests(ds, "image", "captions")
+    cached = cached_inputs(task, ds, content, "image", "captions", random_flip=True, device=torch.device("cpu"))
     batch = MicroBatch(0, 3, tuple(range(4, 24)), tuple(range(20)))
     rows = ds[list(batch.ids)]
     # Two copies anchored (dedup_captions=anchor): their anchors are encoded in the step, cache or not.
@@ -97,6 +99,6 @@ def test_what_the_cache_cannot_serve_is_refused_before_training(tiny_pipeline, t
     monkeypatch.setenv("MEMMIT_CACHE", str(blocker / "cache"))
     assert train_main(args(tiny_sd_pipeline, captioned_digits_dir, out, "--caption_column", "text",
                            "--cache_latents", "--center_crop")) == 2
-    assert f"--cache_latents: the cache directory {blocker / 'cache' / 'latents'} is not writable (Not a directory)" \
+    assert f"memmit's cache folder {str(blocker / 'cache' / 'latents')!r} cannot be written (Not a directory)" \
         in capsys.readouterr().err
     assert not (out / "model_index.json").exists()

@@ -16,6 +16,8 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..hub import offline_note
+
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # what datasets' imagefolder reads
 NAMED_FILES = 5  # unlisted image files named in the error; the rest are counted
 
@@ -52,7 +54,8 @@ def load_train_dataset(
         reason = str(cause).splitlines()[0]
         if data_files_dir and not isinstance(exc, ValueError):  # no data files, or files that are not data
             raise ValueError(_not_a_dataset(dataset_name, f"datasets cannot read its files as data ({reason})")) from exc
-        raise ValueError(f"cannot load dataset {source!r} (missing, empty or not a dataset?): {reason}") from exc
+        raise ValueError(f"cannot load dataset {source!r} (missing, empty or not a dataset?): {reason}"
+                         f"{offline_note(source)}") from exc
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise ValueError(f"dataset {dataset_name!r} has no 'train' split (splits: {list(ds)})")

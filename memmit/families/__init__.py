@@ -5,6 +5,7 @@ from __future__ import annotations
 from diffusers import (FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel, UNet2DModel)
 
+from ..config import TEXT_TO_IMAGE_OPTIONS, options_given
 from ..data.captions import CAPTION_OPTIONS
 from .base import DenoisingTask, denoiser_component, load_pipeline, replace_vae
 from .flux import FluxTask
@@ -39,7 +40,7 @@ def load_task(cfg, captions: bool = True) -> DenoisingTask:
     name = type(pipeline).__name__
     denoiser = getattr(pipeline, denoiser_component(pipeline))
     if isinstance(denoiser, UNet2DModel):
-        if given := [option for option in TEXT_OPTIONS if getattr(cfg, option, None)]:
+        if given := options_given(cfg, TEXT_TO_IMAGE_OPTIONS):
             raise ValueError(f"{', '.join(given)}: text-to-image options, and {name} is unconditional (it has no "
                              "text to caption)")
         return UnconditionalTask(pipeline, **_options(cfg, IMAGE_OPTIONS))

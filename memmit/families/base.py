@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from ..data.transform import ImageTransform
+from ..hub import offline_note
 from .inputs import ImageInputs
 from .noise import DDPMNoise
 
@@ -33,7 +34,7 @@ def load_pipeline(name_or_path: str, revision: Optional[str] = None, variant: Op
     try:
         index = DiffusionPipeline.load_config(name_or_path, revision=revision)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load pipeline {name_or_path!r}: {exc}") from exc
+        raise ValueError(f"cannot load pipeline {name_or_path!r}: {exc}{offline_note(name_or_path)}") from exc
     if not any(name in index for name in DENOISER_COMPONENTS):
         raise ValueError(f"pipeline {index.get('_class_name')} at {name_or_path!r} has neither a unet nor a "
                          "transformer component: memmit trains a diffusion pipeline's denoiser")

@@ -4,7 +4,8 @@ SDXL, SD3 and Flux) for every training caption and the empty prompt, computed on
 and kept under cache_root()/latents/<key>/ for later runs.
 
 The key is a hash of what the values depend on: the VAE's and text encoders' weights and configs, the
-tokenizers and their prompt lengths, the dataset's fingerprint, the image and caption columns, resolution, crop,
+tokenizers and their prompt lengths, the data's content (data/content.py: each image's bytes and caption, not
+its file's name or mtime), the image and caption columns, resolution, crop,
 flip and the dtype the frozen parts run in.
 A latent is still sampled at every step (mean + std x noise, the noise from the sample's own generator) and the
 flip coin and the prompt are drawn as without the cache, so a run with the cache draws what one without it draws.
@@ -25,7 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..cache import cache_root, hash_tensor
+from ..cache import cache_root, hash_tensor, writable_cache
+from ..data.content import content_key
 from ..data.dataset import iter_images, pick_caption
 from ..data.transform import ImageTransform
 from .inputs import CaptionedImageInputs, MicroConditionedInputs
@@ -39,13 +41,7 @@ def check_cache_latents(task) -> None:
     if not isinstance(task, TextToImageTask):
         raise ValueError(f"--cache_latents caches the VAE latents and text-encoder outputs of text-to-image pipelines; "
                          f"{type(task.pipeline).__name__} trains on pixels (nothing to cache)")
-    root = cache_root() / "latents"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=root).close()
-    except OSError as exc:
-        raise ValueError(f"--cache_latents: the cache directory {root} is not writable ({exc.strerror}); set "
-                         "MEMMIT_CACHE to a writable folder") from exc
+    writable_cache("latents")
 
 
 def training_prompts(captions: Sequence, column: str) -> list[str]:
@@ -54,7 +50,7 @@ def training_prompts(captions: Sequence, column: str) -> list[str]:
                                       for c in (value if isinstance(value, (list, tuple)) else [value])]))
 
 
-def cache_key(task: TextToImageTask, dataset: datasets.Dataset, image_column: str, caption_column: str,
+def cache_key(task: TextToImageTask, content: list[str], image_column: str, caption_column: str,
               random_flip: bool) -> str:
     h = hashlib.sha256()
     for name, module in [("vae", task.vae), *zip(task.text.names, task.text.encoders)]:
@@ -64,10 +60,10 @@ def cache_key(task: TextToImageTask, dataset: datasets.Dataset, image_column: st
             module.config, dict) else module.config.to_dict(), sort_keys=True, default=str).encode())
     for tokenizer in task.text.tokenizers:
         h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    h.update(json.dumps({"dataset": dataset._fingerprint, "image_column": image_column,
+    h.update(json.dumps({"content": content_key(content), "image_column": image_column,
                          "caption_column": caption_column, "resolution": task.resolution, "center_crop": True,
                          "random_flip": random_flip, "dtype": str(task.weight_dtype),
-                         "token_lengths": list(task.text.lengths()), "format": 2},
+                         "token_lengths": list(task.text.lengths()), "format": 3},
                         sort_keys=True).encode())
     return h.hexdigest()
 
@@ -114,10 +110,12 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
         shutil.rmtree(tmp)
 
 
-def cached_inputs(task: TextToImageTask, dataset: datasets.Dataset, image_column: str, caption_column: str,
-                  random_flip: bool, device: torch.device, show_progress: bool = True) -> "CachedInputs":
-    """The cache for this run's settings, built if no earlier run left it; inputs that read it."""
-    directory = cache_root() / "latents" / cache_key(task, dataset, image_column, caption_column, random_flip)
+def cached_inputs(task: TextToImageTask, dataset: datasets.Dataset, content: list[str], image_column: str,
+                  caption_column: str, random_flip: bool, device: torch.device,
+                  show_progress: bool = True) -> "CachedInputs":
+    """The cache for this run's settings and data (`content`: its samples' digests), built if no earlier run left
+    it; inputs that read it."""
+    directory = cache_root() / "latents" / cache_key(task, content, image_column, caption_column, random_flip)
     if (directory / "prompts.json").is_file():
         said = f"reusing the cached latents and text embeddings in {directory}"
     else:

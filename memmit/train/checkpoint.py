@@ -17,6 +17,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from ..data.content import first_difference
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -75,30 +77,38 @@ def load(accelerator: Accelerator, path: Path) -> tuple[dict, dict]:
     return shared, process_state
 
 
-def check_resume(path: Path, saved_config: dict, saved_shards: list[list[int]], cfg: dict, free: set[str],
-                 shards: list[list[int]]) -> dict[str, tuple]:
-    """Refuse a resume whose arithmetic differs from the checkpoint's: one error naming every changed option
-    with both values. Returns the free options (logging, checkpointing, push, ...) that did change."""
+def check_resume(path: Path, shared: dict, cfg: dict, free: set[str], shards: list[list[int]], content: list[str],
+                 sources: list[str]) -> dict[str, tuple]:
+    """Refuse a resume whose arithmetic differs from the checkpoint's `shared` state: one error naming every changed
+    option with both values, or the first sample whose content changed. Returns the free options (logging,
+    checkpointing, push, ...) that did change."""
+    saved_config = shared["config"]
+    if "content" not in shared:
+        raise ValueError(f"checkpoint {path} was written by an older memmit, which did not record the data's content; "
+                         "start a new run (without --resume_from_checkpoint)")
+    if difference := first_difference(shared["content"], content, sources):
+        raise ValueError(f"cannot resume from {path}: the training data changed since it was written ({difference}); "
+                         "restore the data, or start a new run")
     changed = {k: (saved_config.get(k), v) for k, v in cfg.items() if k in saved_config and saved_config[k] != v}
     fixed = {k: pair for k, pair in changed.items() if k not in free}
     if fixed:
         listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in fixed.items())
         raise ValueError(f"cannot resume from {path}: options that change the run's arithmetic differ from the "
                          f"checkpoint's ({listed}); pass the checkpoint's values or start a new run")
-    if saved_shards != shards:
+    if shared["shards"] != shards:
         raise ValueError(f"cannot resume from {path}: it was made with another shard split (the data, "
                          "max_train_samples or duplicate detection changed); resume needs the same data")
     return {k: pair for k, pair in changed.items() if k in free}
 
 
 def run_state(model, shards: dict, counts, position: dict, step: int, nonfinite_run: int, split: list[list[int]],
-              config: dict) -> tuple[dict, dict]:
-    """What a checkpoint holds: the part every process shares (θ̄, position, split, exclusions, the settings
-    resume checks) and this process's (its shards' streams, banks and optimizer states, its share of the round's
+              content: list[str], config: dict) -> tuple[dict, dict]:
+    """What a checkpoint holds: the part every process shares (θ̄, position, split, the data's content digests,
+    exclusions, the settings resume checks) and this process's (its shards' streams, banks and optimizer states, its share of the round's
     sum, its counts, its RNG, and the live weights when a shard is in the middle of its turn)."""
     # θ̄ is the same everywhere; the round's sum so far holds each process's own shards, so it is the process's.
     shared = {"model": model.state_dict("average"), "position": position, "step": step, "shards": split,
-              "excluded": counts.excluded, "config": config}
+              "content": content, "excluded": counts.excluded, "config": config}
     process = {"shards": {k: s.state_dict() for k, s in shards.items()}, "counts": counts.state_dict(),
                "torch_rng": torch.get_rng_state(), "nonfinite_run": nonfinite_run,
                "round_sum": model.state_dict("accumulator")}

@@ -70,13 +70,12 @@ def remove_previous_run(out: Path) -> None:
 class Trainer:
     """Trains the shards this process holds, round by round, and aggregates them (setup.build_trainer wires it)."""
 
-    def __init__(self, cfg: MemmitConfig, accelerator: Accelerator, task: DenoisingTask, model: LiveModel,
-                 dataset: datasets.Dataset, split: Split):
-        self.cfg, self.accelerator, self.task, self.model = cfg, accelerator, task, model
-        self.dataset, self.split = dataset, split
+    def __init__(self, cfg: MemmitConfig, accelerator: Accelerator, group: ShardGroup, task: DenoisingTask,
+                 model: LiveModel, dataset: datasets.Dataset, split: Split, content: list[str]):
+        self.cfg, self.accelerator, self.group, self.task, self.model = cfg, accelerator, group, task, model
+        self.dataset, self.split, self.content = dataset, split, content
         self.out = Path(cfg.output_dir)
         acc = accelerator
-        self.group = ShardGroup(cfg.num_shards, acc.num_processes, acc.process_index, acc.device)
         # One micro-batch of a shard: train_batch_size on each process of its group, as in diffusers' examples.
         self.batch_size = cfg.train_batch_size * self.group.size
         shards = self.split.shards
@@ -97,7 +96,7 @@ class Trainer:
         self.counts = SampleCounts(len(dataset))
         self.position, self.global_step, self.last_checkpoint_step = Position(), 0, 0
         self.nonfinite_run = 0
-        self.resumed_changes: Optional[dict] = None
+        self.resumed_changes: Optional[dict] = None  # options changed since the checkpoint resumed, if one was
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over processes (on the accelerator: NCCL reduces nothing on the CPU)."""
@@ -156,8 +155,9 @@ class Trainer:
             if logs is not None:
                 bar.set_postfix(round=rnd, shard=shard.index, loss=f"{logs['loss']:.4f}",
                                 skip=f"{100 * logs['skip_fraction']:.0f}%")
-            leads = shard is not None and self.group.leads
-            log_step(self.accelerator, shard.index if leads else None, logs if leads else None, self.global_step)
+            if self.cfg.report_to != "none":  # a collective: every process takes part, or none
+                leads = shard is not None and self.group.leads
+                log_step(self.accelerator, shard.index if leads else None, logs if leads else None, self.global_step)
             if w + 1 < windows and self._checkpoint_due():
                 self.save_checkpoint()
         self.position = Position(rnd, turn + 1, 0)
@@ -295,7 +295,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         meta = self.out / "memmit"
-        if self.cfg.overwrite_output_dir and not self.cfg.resume_from_checkpoint:
+        if self.cfg.overwrite_output_dir and self.resumed_changes is None:  # a new run, not a resumed one
             remove_previous_run(self.out)
         meta.mkdir(parents=True, exist_ok=True)
         # On resume the arithmetic equals the checkpoint's (checked), so this is the config the run uses.
@@ -309,7 +309,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         shared, process = ckpt.run_state(self.model, self.shards, self.counts, asdict(self.position), self.global_step,
-                                         self.nonfinite_run, self.split.shards, self.cfg.to_dict())
+                                         self.nonfinite_run, self.split.shards, self.content, self.cfg.to_dict())
         path = ckpt.save(self.accelerator, self.out / "checkpoints", self.global_step, shared, process,
                          self.cfg.checkpoints_total_limit)
         self.last_checkpoint_step = self.global_step
@@ -331,9 +331,10 @@ class Trainer:
                              "start a new run (without --resume_from_checkpoint)")
         # resume_from_checkpoint always differs from the checkpoint's own run: no change worth recording.
         now = {k: v for k, v in self.cfg.to_dict().items() if k != "resume_from_checkpoint"}
-        self.resumed_changes = ckpt.check_resume(path, shared["config"], shared["shards"], now,
+        self.resumed_changes = ckpt.check_resume(path, shared, now,
                                                  set(self.cfg.to_dict()) - set(self.cfg.arithmetic_options()),
-                                                 self.split.shards)
+                                                 self.split.shards, self.content,
+                                                 source_names(self.dataset, self.cfg.image_column))
         position, self.global_step, self.nonfinite_run = ckpt.restore_run(shared, process, self.model, self.shards,
                                                                           self.counts)
         self.position, self.last_checkpoint_step = Position(**position), self.global_step
