@@ -145,6 +145,40 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tiny_pipeline, digits_di
     assert (out / "memmit" / "candidates.csv").read_text() == (tmp_path / "ref" / "memmit" / "candidates.csv").read_text()
 
 
+@pytest.mark.slow  # ~30 s a seed: a reference run, then runs killed at random moments until one finishes
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_runs_killed_at_random_moments_resume_to_the_uninterrupted_result(tiny_pipeline, digits_dir, tmp_path,
+                                                                          seed):
+    """Fault injection: SIGKILL at a moment drawn from the seed (while loading, training, checkpointing or
+    exporting), then the same command again (--resume_from_checkpoint latest --overwrite_output_dir: resume when a
+    checkpoint exists, start over when none does) until a run finishes: weights and candidates.csv bit for bit."""
+    import random
+
+    common = ["--num_shards", 3, "--num_rounds", 2, "--local_epochs", 2, "--agc_lambda", 0.8, "--random_flip",
+              "--checkpointing_steps", 1, "--checkpoints_total_limit", 2, "--use_ema"]
+    start = time.time()
+    reference = run_script(args(tiny_pipeline, digits_dir, tmp_path / "ref", *common))
+    assert reference.communicate()[0] is not None and reference.returncode == 0
+    duration = time.time() - start
+    out = tmp_path / "killed"
+    flags = args(tiny_pipeline, digits_dir, out, *common, "--resume_from_checkpoint", "latest",
+                 "--overwrite_output_dir")
+    rng, kills = random.Random(seed), 0
+    while True:
+        proc = run_script(flags)
+        try:  # the first two runs are killed at a random moment, the third runs to its end
+            log = proc.communicate(timeout=rng.uniform(0.2, 0.9) * duration if kills < 2 else None)[0].decode()
+            break
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            kills += 1
+    assert proc.returncode == 0 and kills >= 1, log  # a whole run outlasts the first timeout
+    a, b = unet_weights(tmp_path / "ref"), unet_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "memmit" / "candidates.csv").read_text() == (tmp_path / "ref" / "memmit" / "candidates.csv").read_text()
+
+
 def test_script_exit_code_and_message_for_bad_input(tmp_path, digits_dir):
     proc = run_script(["--pretrained_model_name_or_path", str(tmp_path / "nope"), "--dataset_name", digits_dir,
                        "--output_dir", str(tmp_path / "out")])
