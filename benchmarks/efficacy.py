@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--copies", default="exact", choices=COPY_STYLES,
                         help="exact copies, or web-style copies (each copy re-cropped, re-lit, noised and JPEG'd: "
-                             "web as issue 10 specifies, mild as FINDINGS.md saw copied most)")
+                             "web as issue 10 specifies, mild where a plain fine-tune copied most, EFFICACY.md)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS) + [TRUTH_ORACLE], choices=list(ARMS) + [TRUTH_ORACLE])
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true",

@@ -57,7 +57,8 @@ def finish(plan: Plan) -> Path:
 
     from .eval.audit import comparison_table, eval_dir, evaluate_after
     from .train.export import export_result
-    from .hub import push, write_model_card
+    from .card import write_model_card
+    from .hub import push
 
     trainer, repo_id = plan.trainer, plan.repo_id
     cfg, acc = trainer.cfg, trainer.accelerator

@@ -101,7 +101,7 @@ def test_a_prompts_file_needs_no_dataset(tiny_sd_pipeline, tmp_path):
 
 @pytest.mark.parametrize("pipe, extra, message", [
     ("sd", ["--prompts_file", "missing.txt"], "prompts_file 'missing.txt' cannot be read"),
-    ("ddpm", ["--prompts_file", "PROMPTS"], "--detect_prompts needs a text-to-image pipeline; DDPMPipeline"),
+    ("ddpm", ["--prompts_file", "PROMPTS"], "detect_prompts, prompts_file: text-to-image options, and DDPMPipeline is unconditional"),
     ("sd", ["--dataset_name", "DATA"], "pass one of prompts_file or caption_column"),
     ("sd", ["--prompts_file", "PROMPTS", "--detect_steps", "60"], "detect_steps must be between 1 and"),
 ])

@@ -15,10 +15,10 @@ import yaml
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http
 
+from memmit.card import write_model_card
 from memmit.cli import main
 from memmit.config import MemmitConfig
-from memmit.hub import (PushError, check_hub_settings, create_repo_early, files_to_upload, push, push_main,
-                        write_model_card)
+from memmit.hub import PushError, check_hub_settings, create_repo_early, files_to_upload, push, push_main
 
 from conftest import save_pipeline
 

@@ -16,7 +16,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..hub import offline_note
+from ..offline import offline_note
 
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")  # what datasets' imagefolder reads
 NAMED_FILES = 5  # unlisted image files named in the error; the rest are counted

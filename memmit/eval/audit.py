@@ -24,8 +24,7 @@ import memmit
 from ..cache import cache_root, hash_tensor
 from ..config import EvalConfig, MemmitConfig
 from .figures import draw_compare
-from .report import Prepared, prepare_evaluation, run_evaluation
-from .sampling import sample_on_processes
+from .report import Prepared, prepare_evaluation, run_evaluation, sample_on_processes
 from .tables import compare_rows, format_compare
 
 logger = logging.getLogger(__name__)

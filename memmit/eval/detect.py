@@ -92,10 +92,7 @@ def training_prompts(config: EvalConfig, task: TextToImageTask) -> tuple[list[st
 
 def detect_prompts(config: EvalConfig, show_progress: bool = True) -> dict:
     """Score the prompts, write detect_prompts.json to config.output_dir and return it."""
-    task = load_eval_task(config)
-    if not isinstance(task, TextToImageTask):
-        raise ValueError(f"--detect_prompts needs a text-to-image pipeline; {type(task.pipeline).__name__} is "
-                         "unconditional (it has no prompt)")
+    task = load_eval_task(config)  # an unconditional pipeline refuses --detect_prompts by name
     if task.sampler != "DDIM":
         raise ValueError(f"--detect_prompts scores DDIM sampling's guidance of DDPM-trained pipelines; "
                          f"{type(task.pipeline).__name__} is trained by flow matching and samples with {task.sampler}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,6 +16,7 @@ import diffusers
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from torch import Tensor
 
 import memmit
@@ -26,8 +29,10 @@ from ..data.split import duplicate_clusters
 from ..families.base import DenoisingTask
 from .figures import draw_most_copied
 from .metrics import default_device
-from .sampling import from_uint8, load_eval_task, load_train_images, sample_on_processes, sample_prompts
+from .sampling import from_uint8, load_eval_task, load_train_images, sample_images, sample_prompts
 from .scores import score_samples
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -163,6 +168,23 @@ def rescore(report_dir: str | Path, show_progress: bool = False) -> dict:
     config = EvalConfig(**{k: v for k, v in settings.items() if k in options}, output_dir=str(report_dir))
     return run_evaluation(prepare_evaluation(config, show_progress), show_progress,
                           samples=np.load(report_dir / "samples.npy"))
+
+
+def sample_on_processes(p: Optional[Prepared], config: EvalConfig, state: Optional[PartialState],
+                        show_progress: bool = True) -> np.ndarray:
+    """Every process calls this, the main one with its Prepared (the others with None): each renders its share of
+    the samples, on its own device, from the main process's prompts; every process returns all the samples."""
+    distributed = state is not None and state.num_processes > 1
+    # Only the main process loads data and extractors; the others load the pipeline and take its prompts.
+    prompts = broadcast_object_list([p.prompts if p is not None else None])[0] if distributed else p.prompts
+    task = p.task if p is not None else load_eval_task(config)
+    if distributed:
+        batches = len(range(0, config.num_samples, config.batch_size)[state.process_index::state.num_processes])
+        logger.info("memmit: process %d of %d samples %d of the %d batches", state.process_index,
+                    state.num_processes, batches, math.ceil(config.num_samples / config.batch_size))
+    return sample_images(task, config.num_samples, config.num_inference_steps, config.batch_size, config.seed,
+                         state.device if distributed else p.device, show_progress, prompts,
+                         state if distributed else None)
 
 
 def evaluate(config: EvalConfig, show_progress: bool = True,

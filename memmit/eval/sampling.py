@@ -4,16 +4,14 @@ sample, batches split across processes, and the training images loaded as the sa
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import datasets
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -23,11 +21,6 @@ from ..draws import keyed_generator
 from ..families import load_task
 from ..families.base import DenoisingTask
 from ..families.unconditional import UnconditionalTask
-
-if TYPE_CHECKING:
-    from .report import Prepared
-
-logger = logging.getLogger(__name__)
 
 
 def to_uint8(images01: Tensor) -> np.ndarray:
@@ -77,23 +70,6 @@ def sample_images(task: DenoisingTask, num_samples: int, num_inference_steps: in
         mine.append((start, to_uint8(images)))
     batches = gather_object(mine) if world > 1 else mine
     return np.concatenate([images for _, images in sorted(batches, key=lambda batch: batch[0])])
-
-
-def sample_on_processes(p: Optional[Prepared], config: EvalConfig, state: Optional[PartialState],
-                        show_progress: bool = True) -> np.ndarray:
-    """Every process calls this, the main one with its Prepared (the others with None): each renders its share of
-    the samples, on its own device, from the main process's prompts; every process returns all the samples."""
-    distributed = state is not None and state.num_processes > 1
-    # Only the main process loads data and extractors; the others load the pipeline and take its prompts.
-    prompts = broadcast_object_list([p.prompts if p is not None else None])[0] if distributed else p.prompts
-    task = p.task if p is not None else load_eval_task(config)
-    if distributed:
-        batches = len(range(0, config.num_samples, config.batch_size)[state.process_index::state.num_processes])
-        logger.info("memmit: process %d of %d samples %d of the %d batches", state.process_index,
-                    state.num_processes, batches, math.ceil(config.num_samples / config.batch_size))
-    return sample_images(task, config.num_samples, config.num_inference_steps, config.batch_size, config.seed,
-                         state.device if distributed else p.device, show_progress, prompts,
-                         state if distributed else None)
 
 
 def sample_prompts(captions: list, num_samples: int, seed: int, column: str) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
 from ..data.transform import ImageTransform
-from ..hub import offline_note
+from ..offline import offline_note
 from .inputs import ImageInputs
 from .noise import DDPMNoise
 

@@ -39,7 +39,7 @@ def digit_image(array: np.ndarray) -> Image.Image:
 
 # How far a copy strays: area kept by the random resized crop, aspect ratio, brightness and contrast
 # factor, pixel noise (grey levels), JPEG quality. "web" is the regime of issue 10; "mild" the one where
-# FINDINGS.md saw a plain fine-tune copy most (strong variation itself keeps a model from copying).
+# EFFICACY.md measured a plain fine-tune copying most (strong variation itself keeps a model from copying).
 COPY_VARIATION = {"web": {"area": 0.85, "aspect": 1.1, "light": 0.15, "noise": 8.0, "quality": 50},
                   "mild": {"area": 0.95, "aspect": 1.03, "light": 0.05, "noise": 3.0, "quality": 80}}
 
