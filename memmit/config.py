@@ -93,10 +93,6 @@ class ModelDataConfig:
         else:
             need(self.dataset_name is None or self.train_data_dir is None,
                  "give at most one of dataset_name or train_data_dir")
-        if self.dedup_threshold is not None:
-            from .data.detectors import check_detector_options  # torch: only when there is a threshold to check
-
-            check_detector_options(self.dedup_features, self.dedup_threshold)
 
 
 @dataclass
@@ -187,7 +183,7 @@ class MemmitConfig(ModelDataConfig):
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2; with fewer shards than processes, P/K processes train each shard data-parallel). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
     dedup: str = opt("keep_one", "Near-duplicate training images: keep_one (train on one copy; see EFFICACY.md) | same_shard (all copies in one shard) | none (the paper).", choices=("none", "keep_one", "same_shard"))
-    dedup_captions: str = opt("ignore", "Text-to-image with dedup keep_one: ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost) | empty (a cluster whose copies share one caption trains its kept copy on the empty prompt: that caption no longer points at the image; merge for the other clusters) | anchor (unlearn a copied caption: the kept copy of a cluster whose copies share one caption trains the model's prediction for that caption towards its own, gradient-stopped prediction for one of the dedup_anchors training captions nearest to it in the text encoder's output, outside every cluster, after Kumari et al. 2023's concept ablation; AGC neither banks nor skips it; merge for the other clusters).", choices=("ignore", "merge", "empty", "anchor"))
+    dedup_captions: Optional[str] = opt(None, "Text-to-image with dedup keep_one; default: anchor for text-to-image pipelines with dedup keep_one (memmit's measured text-to-image default, EFFICACY.md), else ignore. ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost) | empty (a cluster whose copies share one caption trains its kept copy on the empty prompt: that caption no longer points at the image; merge for the other clusters) | anchor (unlearn a copied caption: the kept copy of a cluster whose copies share one caption trains the model's prediction for that caption towards its own, gradient-stopped prediction for one of the dedup_anchors training captions nearest to it in the text encoder's output, outside every cluster, after Kumari et al. 2023's concept ablation; AGC neither banks nor skips it; merge for the other clusters).", choices=(None, "ignore", "merge", "empty", "anchor"))
     dedup_anchors: int = opt(4, "dedup_captions=anchor: how many of the nearest other training captions a copied caption is pulled towards; each step draws one.")
     dedup_anchor_weight: float = opt(8.0, "dedup_captions=anchor: the loss weight of an anchored copy's samples (1 = as any sample): how fast its copied caption unlearns the image (EFFICACY.md).")
     dedup_family_size: int = opt(8, "Training also merges every near-duplicate family of at least this many images found at the eval's looser threshold (dedup_threshold or the eval default): many variants of one image are copies, two look-alike images are not; 0 turns it off.")
@@ -314,9 +310,9 @@ class MemmitConfig(ModelDataConfig):
         need(self.checkpointing_steps is None or self.checkpointing_steps >= 1, f"checkpointing_steps must be >= 1, got {self.checkpointing_steps}")
         need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, f"checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
         need(self.num_validation_images >= 0, f"num_validation_images must be >= 0, got {self.num_validation_images}")
-        need(self.dedup_captions == "ignore" or self.caption_column is not None,
+        need(self.dedup_captions in (None, "ignore") or self.caption_column is not None,
              f"dedup_captions={self.dedup_captions} acts on captions, and no --caption_column is given")
-        need(self.dedup_captions == "ignore" or self.dedup == "keep_one",
+        need(self.dedup_captions in (None, "ignore") or self.dedup == "keep_one",
              f"dedup_captions={self.dedup_captions} acts on the captions of the copies dedup=keep_one drops, so it "
              f"needs --dedup keep_one (got {self.dedup})")
         need(self.dedup_anchors >= 1, f"dedup_anchors must be >= 1, got {self.dedup_anchors}")

@@ -11,14 +11,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from memmit.data.captions import ANCHORS
 from memmit.cli import run, train_main
 from memmit.config import parse_args
-from memmit.data.captions import anchored_copies
+from memmit.data.captions import ANCHORS, anchored_copies
 from memmit.families.inputs import tokenize
 from memmit.families.stable_diffusion import min_snr_weights
 
-from conftest import mnist_images
+from conftest import mnist_images, reset_accelerator
 from test_text_to_image import generators, make_task, reference_loss, rows, seeded
 from test_train import args
 
@@ -153,3 +152,40 @@ def test_anchored_copies_train_alike_on_two_processes_and_on_one(tiny_sd_pipelin
     with open(tmp_path / "one" / "memmit" / "candidates.csv") as f:
         rows = {int(r["sample_id"]): r for r in csv.DictReader(f)}
     assert int(rows[7]["seen"]) > 0 and int(rows[7]["skipped"]) == 0
+
+
+def test_text_to_image_anchors_copied_captions_by_default(tiny_sd_pipeline, tiny_pipeline, digits_dir, tmp_path):
+    """With no caption option, a text-to-image run with dedup keep_one trains what EFFICACY.md measured as the
+    default: the run with --dedup_captions anchor, bit for bit. Without keep_one, and for an unconditional
+    pipeline, nothing is anchored; the saved config says what ran."""
+    import yaml
+
+    from test_text_to_image import weights
+
+    data = copied_caption_dataset(tmp_path / "data")
+    common = ["--caption_column", "text", "--num_shards", 1, "--num_rounds", 1, "--local_steps", 2]
+    run(parse_args(args(tiny_sd_pipeline, data, tmp_path / "default", *common)))
+    reset_accelerator()
+    run(parse_args(args(tiny_sd_pipeline, data, tmp_path / "anchor", *common, "--dedup_captions", "anchor")))
+    default, anchor = weights(tmp_path / "default", "unet"), weights(tmp_path / "anchor", "unet")
+    assert all(torch.equal(default[k], anchor[k]) for k in anchor)
+
+    def saved(out) -> str:
+        return yaml.safe_load((out / "memmit" / "config.yaml").read_text())["dedup_captions"]
+
+    assert saved(tmp_path / "default") == "anchor"
+    reset_accelerator()
+    run(parse_args(args(tiny_sd_pipeline, data, tmp_path / "none", *common, "--dedup", "none")))
+    reset_accelerator()
+    run(parse_args(args(tiny_pipeline, digits_dir, tmp_path / "ddpm", "--num_shards", 1, "--num_rounds", 1,
+                        "--local_steps", 1)))
+    assert saved(tmp_path / "none") == saved(tmp_path / "ddpm") == "ignore"
+
+
+def test_anchor_options_without_anchoring_are_refused(tiny_sd_pipeline, captioned_digits_dir, tmp_path, capsys):
+    for flags in (["--dedup_captions", "merge", "--dedup_anchor_weight", 4],
+                  ["--dedup", "none", "--dedup_anchors", 2]):
+        assert train_main(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path / "out", "--caption_column", "text",
+                               *flags)) == 2
+        assert ": options of anchored captions, and this run anchors none" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -141,7 +141,8 @@ def detector_kind(features: str) -> str:
 
 
 def check_detector_options(features: str, threshold: Optional[float]) -> None:
-    """The option checks that need no model: a threshold inside its detector's range."""
+    """The option checks that need no model: a threshold inside its detector's range (load_detector's first step,
+    before any data is read)."""
     if threshold is None:
         return
     low, high = THRESHOLD_RANGES[detector_kind(features)]

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from ..config import MemmitConfig, check_mixed_precision
+from ..config import MemmitConfig, check_mixed_precision, options_given
 from ..data.content import sample_digests
 from ..data.dataset import check_captions, check_images, load_train_dataset
 from ..data.detectors import Detector, load_detector
@@ -81,12 +81,22 @@ def make_accelerator(cfg: MemmitConfig) -> Accelerator:
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
+ANCHOR_OPTIONS = ("dedup_anchors", "dedup_anchor_weight")  # what only anchored captions read
+
+
 def with_family_defaults(cfg: MemmitConfig, task: DenoisingTask) -> MemmitConfig:
     """The config with the options whose default depends on the pipeline family filled in (a copy: the caller's
-    config stays as given). This is the config the run saves and a resume compares with."""
-    return dataclasses.replace(
+    config stays as given). This is the config the run saves and a resume compares with. Text-to-image with
+    dedup keep_one anchors copied captions unless told otherwise: the default EFFICACY.md measured."""
+    anchor = isinstance(task, TextToImageTask) and cfg.dedup == "keep_one"
+    resolved = dataclasses.replace(
         cfg, agc_lambda=task.default_agc_lambda if cfg.agc_lambda is None else cfg.agc_lambda,
-        agc_bank_bins=task.default_agc_bank_bins if cfg.agc_bank_bins is None else cfg.agc_bank_bins)
+        agc_bank_bins=task.default_agc_bank_bins if cfg.agc_bank_bins is None else cfg.agc_bank_bins,
+        dedup_captions=cfg.dedup_captions or ("anchor" if anchor else "ignore"))
+    if resolved.dedup_captions != "anchor" and (given := options_given(cfg, ANCHOR_OPTIONS)):
+        raise ValueError(f"{', '.join(given)}: options of anchored captions, and this run anchors none "
+                         f"(dedup_captions={resolved.dedup_captions}, dedup={cfg.dedup})")
+    return resolved
 
 
 def load_training_data(cfg: MemmitConfig, task: DenoisingTask, detector: Detector,
