@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, TypeVar
 import yaml
 
 SHARD_STRATEGIES = ("random", "contiguous", "stratified")
+DEDUP_SEARCHES = ("auto", "exact", "ivf", "hnsw")
 AGGREGATIONS = ("size", "uniform")
 BANK_INITS = ("first", "zero")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -72,6 +73,7 @@ class ModelDataConfig:
 
     # Near duplicates: one detector for training-time dedup and for the eval's clusters
     dedup_features: str = opt("pixels", "Near-duplicate detector: pixels (blurred, normalised, best of +-1 px shifts) | phash (perceptual hash) | a TorchScript file, transformers model directory or Hub id (embeddings, cosine).")
+    dedup_search: str = opt("auto", "How near-duplicate candidates are searched: exact (work quadratic in the images), ivf or hnsw (a faiss index: about linear, approximate; benchmarks/scale.py measures the recall), auto (exact up to 100,000 distinct images, ivf beyond).", choices=DEDUP_SEARCHES)
     dedup_threshold: Optional[float] = opt(None, "Near duplicates are closer than this, in the detector's units: pixels RMS in [0, 2], phash Hamming bits of 64, embeddings 1 - cosine; default: the detector's measured threshold, stricter for training (pixels 0.15, phash 4, embeddings 0.05) than for the eval's families (0.3, 10, 0.1).")
 
     def __post_init__(self) -> None:

@@ -159,3 +159,41 @@ def test_real_digits_with_duplicates():
     images = torch.cat([distinct, torch.stack(copies)])
     assert torch.unique(images, dim=0).shape[0] == 64 + 6  # the noisy copies are not exact
     assert find_duplicate_clusters(images, RAW_PIXEL_THRESHOLD, device="cpu") == expected
+
+
+@pytest.mark.parametrize("search", ["ivf", "hnsw"])
+def test_an_index_search_finds_the_clusters_exact_search_finds(search):
+    """Where both run, the faiss path gives the exact path's clusters (benchmarks/scale.py measures recall at
+    sizes exact search cannot reach)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from scale import cosine_distance, planted
+
+    rows, families = planted(3000, 32, copies=3)
+    exact = find_duplicate_clusters(rows, 0.05, cosine_distance, search_metric="cosine", search="exact")
+    assert sorted(map(sorted, exact)) == sorted(map(sorted, families))
+    assert find_duplicate_clusters(rows, 0.05, cosine_distance, search_metric="cosine", search=search) == exact
+
+
+def test_the_search_is_chosen_by_size_and_an_index_that_cannot_fit_is_refused():
+    from memmit.data.neighbours import EXACT_MAX, IVF_MIN_ROWS, resolve_search
+
+    assert resolve_search("auto", EXACT_MAX) == "exact" and resolve_search("auto", EXACT_MAX + 1) == "ivf"
+    assert resolve_search("hnsw", 10) == "hnsw" and resolve_search("ivf", IVF_MIN_ROWS) == "ivf"
+    with pytest.raises(ValueError, match="dedup_search=ivf trains its index on the data and needs at least 1,000 rows; "
+                                         "this data has 24: use exact"):
+        resolve_search("ivf", 24)
+    with pytest.raises(ValueError, match="dedup_search 'annoy' is not one of"):
+        resolve_search("annoy", 24)
+
+
+def test_an_index_that_cannot_fit_the_data_fails_before_training(tiny_pipeline, digits_dir, tmp_path, capsys):
+    from memmit.cli import train_main
+
+    from test_train import args
+
+    assert train_main(args(tiny_pipeline, digits_dir, tmp_path / "out", "--dedup_search", "ivf")) == 2
+    assert "dedup_search=ivf trains its index on the data" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "memmit").exists()

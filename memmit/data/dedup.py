@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .neighbours import collapse_duplicates, nearest_neighbours
+from .neighbours import collapse_duplicates, index_nearest_neighbours, nearest_neighbours, resolve_search
 
 MAX_REPORTED_CLUSTERS = 50
 Distance = Callable[[Tensor, Tensor], Tensor]  # paired rows [P, D], [P, D] -> distances [P]
@@ -21,15 +21,19 @@ def rms_distance(a: Tensor, b: Tensor) -> Tensor:
     return (a.double() - b.double()).square().mean(1).sqrt()
 
 
-def _candidate_pairs(distinct: Tensor, k_max: int, metric: str, query_chunk: int, ref_chunk: int,
+def _candidate_pairs(distinct: Tensor, k_max: int, metric: str, search: str, query_chunk: int, ref_chunk: int,
                      device) -> Tensor:
-    """Pairs (i < j) of distinct rows among each other's k_max nearest in the search metric."""
+    """Pairs (i < j) of distinct rows among each other's k_max nearest in the search metric (exactly, or by a
+    faiss index: neighbours.resolve_search)."""
     k = min(distinct.shape[0], k_max + 1)  # + 1: a row finds itself too
-    _, idx = nearest_neighbours(distinct, distinct, k, metric=metric, query_chunk=query_chunk,
-                                ref_chunk=ref_chunk, device=device)
+    if resolve_search(search, distinct.shape[0]) == "exact":
+        _, idx = nearest_neighbours(distinct, distinct, k, metric=metric, query_chunk=query_chunk,
+                                    ref_chunk=ref_chunk, device=device)
+    else:
+        _, idx = index_nearest_neighbours(distinct, k, resolve_search(search, distinct.shape[0]), metric)
     rows = torch.arange(distinct.shape[0])[:, None].expand_as(idx)
-    # Drop the query's own index, not the first column: rounding can rank another row first.
-    keep = idx != rows
+    # Drop the query's own index, not the first column: rounding can rank another row first; -1: not found.
+    keep = (idx != rows) & (idx >= 0)
     pairs = torch.stack([rows[keep], idx[keep]], dim=1).sort(dim=1).values
     return torch.unique(pairs, dim=0) if pairs.numel() else pairs
 
@@ -42,12 +46,13 @@ def _cross_distances(rows: Tensor, a: list[int], b: list[int], distance: Distanc
 
 def find_duplicate_clusters(features: Tensor, threshold: float,
                             distance: Distance = rms_distance, *, search_metric: str = "l2", k_max: int = 16,
-                            query_chunk: int = 1024, ref_chunk: int = 8192, pair_chunk: int = 4096,
-                            device: torch.device | str | None = None) -> list[list[int]]:
+                            search: str = "auto", query_chunk: int = 1024, ref_chunk: int = 8192,
+                            pair_chunk: int = 4096, device: torch.device | str | None = None) -> list[list[int]]:
     """Clusters of sample ids (size >= 2): families of near copies, by average linkage.
 
     Identical feature rows are grouped whole. Near copies are searched among each distinct row's k_max
-    nearest (in `search_metric`) and measured exactly with `distance` (paired rows -> [P]); pairs within
+    nearest (in `search_metric`; `search`: exact, or a faiss index beyond neighbours.EXACT_MAX rows, so memory
+    and work grow about linearly with the rows) and measured exactly with `distance` (paired rows -> [P]); pairs within
     `threshold` are taken closest first, and their two clusters join when the mean distance over all their
     cross pairs is within the threshold too. So a chain of pairwise-close but end-to-end distinct images
     never becomes one cluster (single linkage's failure), while a family of variants, whose members can
@@ -64,7 +69,7 @@ def find_duplicate_clusters(features: Tensor, threshold: float,
     members = {i: [i] for i in range(distinct.shape[0])}
     owner = list(range(distinct.shape[0]))
     if distinct.shape[0] > 1:
-        pairs = _candidate_pairs(distinct, k_max, search_metric, query_chunk, ref_chunk, device)
+        pairs = _candidate_pairs(distinct, k_max, search_metric, search, query_chunk, ref_chunk, device)
         dists = torch.cat([distance(distinct[p[:, 0]], distinct[p[:, 1]]).cpu() for p in pairs.split(pair_chunk)]
                           ) if pairs.numel() else torch.empty(0, dtype=torch.float64)
         close = dists <= threshold

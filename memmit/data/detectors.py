@@ -48,6 +48,7 @@ class Detector:
     name: str  # "pixels", "phash", or the embedding model's path or Hub id
     kind: str  # "pixels", "phash" or "embedding"
     threshold: float
+    search: str = "auto"  # exact or indexed candidate search (neighbours.resolve_search)
     search_metric = "l2"  # the nearest_neighbours metric that ranks candidates like `distance`
 
     def features(self, images: Iterable[Image.Image]) -> Tensor:
@@ -63,10 +64,12 @@ class Detector:
         within `family_threshold` (a looser one: many variants of one image are copies, where two
         look-alike distinct images are not many)."""
         feats = self.features(images)
-        clusters = find_duplicate_clusters(feats, self.threshold, self.distance, search_metric=self.search_metric)
+        clusters = find_duplicate_clusters(feats, self.threshold, self.distance, search_metric=self.search_metric,
+                                           search=self.search)
         if not family_size:
             return clusters
-        families = find_duplicate_clusters(feats, family_threshold, self.distance, search_metric=self.search_metric)
+        families = find_duplicate_clusters(feats, family_threshold, self.distance, search_metric=self.search_metric,
+                                           search=self.search)
         return merge_overlapping(clusters + [f for f in families if len(f) >= family_size])
 
     def describe(self) -> dict:
@@ -157,15 +160,18 @@ def threshold_for(features: str, threshold: Optional[float], use: str) -> float:
 
 
 def load_detector(features: str, threshold: Optional[float], resolution: int, channels: int,
-                  device: Optional[torch.device] = None, use: str = "dedup") -> Detector:
+                  device: Optional[torch.device] = None, use: str = "dedup", search: str = "auto") -> Detector:
     """The detector `--dedup_features` names, with `--dedup_threshold` or its measured default for `use`
     ("dedup": training; "eval": memmit eval's families); a model that does not load, or fails on images of
-    this size, is a ValueError naming the option."""
+    this size, is a ValueError naming the option. `search`: how it searches candidates (--dedup_search)."""
     check_detector_options(features, threshold)
     kind = detector_kind(features)
     threshold = threshold_for(features, threshold, use)
     if kind == "pixels":
-        return PixelDetector(threshold, resolution, channels)
-    if kind == "phash":
-        return PHashDetector(threshold)
-    return EmbeddingDetector(features, threshold, resolution, channels, device or torch.device("cpu"))
+        detector = PixelDetector(threshold, resolution, channels)
+    elif kind == "phash":
+        detector = PHashDetector(threshold)
+    else:
+        detector = EmbeddingDetector(features, threshold, resolution, channels, device or torch.device("cpu"))
+    detector.search = search
+    return detector

@@ -1,7 +1,7 @@
-"""Exact nearest-neighbour search over flattened images or embeddings, chunked so memory stays bounded; used by
-near-duplicate detection, anchor choice and the memorization metrics alike.
-
-Pure torch: callers flatten their data to ``[num_items, dim]``.
+"""Nearest-neighbour search over flattened images or embeddings, used by near-duplicate detection, anchor choice
+and the memorization metrics alike: exact (torch, chunked so memory stays bounded, work quadratic in the rows), or,
+for a search of a large set against itself, approximate with a faiss index (IVF, or HNSW), whose work grows
+about linearly. Callers flatten their data to ``[num_items, dim]``.
 """
 
 from __future__ import annotations
@@ -9,7 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..config import DEDUP_SEARCHES
+
 _NORM_EPS = 1e-12  # same guard as torch.nn.functional.normalize
+# `auto` searches exactly up to this many references: below it exact search takes seconds to minutes on a CPU,
+# above it the quadratic work is hours (benchmarks/scale.py), and the index's recall is measured there.
+EXACT_MAX = 100_000
+IVF_MIN_ROWS = 1_000  # an IVF index trains its coarse clusters on the data: fewer rows train too few
+IVF_POINTS_PER_LIST = 39  # faiss' minimum training points per coarse cluster
+IVF_NPROBE = 16  # coarse clusters visited per query (faiss' default is 1: too low a recall for near copies)
+HNSW_LINKS = 32  # graph neighbours per node (M)
+HNSW_EF_SEARCH = 128  # candidates kept while searching
 
 
 def default_device() -> torch.device:
@@ -83,3 +93,42 @@ def first_occurrence(inverse: Tensor, num_unique: int) -> Tensor:
     first = torch.full((num_unique,), inverse.numel(), dtype=torch.long, device=inverse.device)
     rows = torch.arange(inverse.numel(), device=inverse.device)
     return first.scatter_reduce_(0, inverse, rows, reduce="amin")
+
+
+def resolve_search(search: str, num_refs: int) -> str:
+    """The search `search` names for this many references: `auto` is exact up to EXACT_MAX, IVF above; an index
+    that cannot fit the data is refused by name."""
+    if search not in DEDUP_SEARCHES:
+        raise ValueError(f"dedup_search {search!r} is not one of {list(DEDUP_SEARCHES)}")
+    if search == "auto":
+        return "exact" if num_refs <= EXACT_MAX else "ivf"
+    if search == "ivf" and num_refs < IVF_MIN_ROWS:
+        raise ValueError(f"dedup_search=ivf trains its index on the data and needs at least {IVF_MIN_ROWS:,} rows; "
+                         f"this data has {num_refs:,}: use exact (auto does)")
+    return search
+
+
+def index_nearest_neighbours(rows: Tensor, k: int, search: str, metric: str = "l2") -> tuple[Tensor, Tensor]:
+    """Each row's k nearest rows (itself usually first) by a faiss index, `search` "ivf" or "hnsw": squared L2
+    ascending or cosine descending, as nearest_neighbours returns them; an index that finds fewer than k gives
+    index -1 there. Approximate: benchmarks/scale.py measures its recall against exact search."""
+    import faiss  # only this path needs it
+
+    _check_search_args(rows, rows, k, metric, 1, 1)
+    x = _prepared(rows, torch.device("cpu"), torch.float32, metric).contiguous().numpy()
+    n, d = x.shape
+    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    if search == "ivf":
+        lists = max(1, min(int(4 * n ** 0.5), n // IVF_POINTS_PER_LIST))
+        index = faiss.IndexIVFFlat(faiss.IndexFlat(d, faiss_metric), d, lists, faiss_metric)
+        # Training on an evenly spaced subset: k-means needs ~40-256 points per list, not all of a million rows.
+        index.train(x[::max(1, n // (256 * lists))])
+        index.nprobe = min(IVF_NPROBE, lists)
+    elif search == "hnsw":
+        index = faiss.IndexHNSWFlat(d, HNSW_LINKS, faiss_metric)
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+    else:
+        raise ValueError(f"no faiss index for search {search!r}")
+    index.add(x)
+    values, indices = index.search(x, k)
+    return torch.from_numpy(values), torch.from_numpy(indices).long()

@@ -142,13 +142,13 @@ def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, sho
     if cfg.dedup == "same_shard":
         return Split(split_with_clusters(n, cfg.num_shards, clusters, cfg.shard_strategy, cfg.seed), report)
     # A list, read once: the caption rules index rows one by one (a datasets Column reads Arrow on every index).
-    values = list(ds[cfg.caption_column]) if cfg.dedup_captions != "ignore" else []
+    rule = cfg.dedup_captions or "ignore"  # a config the family defaults did not resolve (setup.py) anchors nothing
+    values = list(ds[cfg.caption_column]) if rule != "ignore" else []
     kept = keep_one(n, clusters)
-    anchors = anchored_copies(values, clusters, embed, cfg.dedup_anchors) if cfg.dedup_captions == "anchor" else {}
+    anchors = anchored_copies(values, clusters, embed, cfg.dedup_anchors) if rule == "anchor" else {}
     local = split_shards(len(kept), cfg.num_shards, cfg.shard_strategy, cfg.seed,
                          [labels[i] for i in kept] if labels is not None else None)
-    captions = (cluster_captions(values, clusters, shared_empty=cfg.dedup_captions == "empty")
-                if cfg.dedup_captions != "ignore" else {})
+    captions = cluster_captions(values, clusters, shared_empty=rule == "empty") if rule != "ignore" else {}
     if captions:
         report["kept_copies_with_merged_captions"] = len(captions)
     if anchors:

@@ -25,6 +25,7 @@ from ..config import EvalConfig
 from ..data.dataset import caption_counts, check_captions, load_train_dataset, source_names
 from ..data.detectors import load_detector
 from ..data.features import Extractor, load_extractor
+from ..data.neighbours import resolve_search
 from ..data.split import duplicate_clusters
 from ..families.base import DenoisingTask
 from .figures import draw_most_copied
@@ -71,8 +72,9 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepar
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
         raise ValueError("the training set needs at least two distinct images at this resolution")
     device = default_device()
+    resolve_search(config.dedup_search, len(ds))  # an index that cannot fit the data fails before any work
     detector = load_detector(config.dedup_features, config.dedup_threshold, task.resolution, task.channels, device,
-                             use="eval")
+                             use="eval", search=config.dedup_search)
     clusters = duplicate_clusters(ds, config.image_column, detector, show_progress)
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(path, device, probe, role) if path else None

@@ -18,6 +18,7 @@ from ..config import MemmitConfig, check_mixed_precision, options_given
 from ..data.content import sample_digests
 from ..data.dataset import check_captions, check_images, load_train_dataset
 from ..data.detectors import Detector, load_detector
+from ..data.neighbours import resolve_search
 from ..data.split import Split, build_split
 from ..families import load_task
 from ..families.base import DenoisingTask
@@ -108,6 +109,7 @@ def load_training_data(cfg: MemmitConfig, task: DenoisingTask, detector: Detecto
         check_captions(dataset, task.caption_column, cfg.image_column)
         if cfg.dedup == "none":  # otherwise duplicate detection decodes (and checks) every image
             check_images(dataset, cfg.image_column, show_progress=accelerator.is_local_main_process)
+        resolve_search(cfg.dedup_search, len(dataset))  # an index that cannot fit the data fails before any work
         if len(dataset) < cfg.num_shards:
             raise ValueError(f"the dataset has {len(dataset)} samples, fewer than num_shards={cfg.num_shards}")
         embed = task.text.caption_embeddings if isinstance(task, TextToImageTask) else None
@@ -131,7 +133,8 @@ def build_trainer(cfg: MemmitConfig, accelerator: Optional[Accelerator] = None) 
     if cfg.cache_latents:
         check_cache_latents(task)
     # Loaded before the data: a detector model that does not load fails in seconds.
-    detector = load_detector(cfg.dedup_features, cfg.dedup_threshold, task.resolution, task.channels, acc.device)
+    detector = load_detector(cfg.dedup_features, cfg.dedup_threshold, task.resolution, task.channels, acc.device,
+                             search=cfg.dedup_search)
     cfg = with_family_defaults(cfg, task)
     # The frozen parts on the device first: dedup_captions=anchor encodes captions to build the split.
     task.prepare(acc.device, WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32))
