@@ -35,7 +35,7 @@ WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the frozen pa
 
 @dataclass
 class TrainingData:
-    """The training set and its fixed shard split."""
+    """The training set, its fixed shard split and its samples' content digests."""
 
     dataset: datasets.Dataset
     split: Split
@@ -107,9 +107,10 @@ def load_training_data(cfg: MemmitConfig, task: DenoisingTask, detector: Detecto
         dataset = load_train_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.image_column, cfg.label_column,
                                      cfg.max_train_samples, cfg.dataset_config_name, extra_columns=task.extra_columns)
         check_captions(dataset, task.caption_column, cfg.image_column)
-        if cfg.dedup == "none":  # otherwise duplicate detection decodes (and checks) every image
+        if cfg.dedup != "none":  # an index that cannot fit the data fails before any image is read
+            resolve_search(cfg.dedup_search, len(dataset))
+        else:  # otherwise duplicate detection decodes (and checks) every image
             check_images(dataset, cfg.image_column, show_progress=accelerator.is_local_main_process)
-        resolve_search(cfg.dedup_search, len(dataset))  # an index that cannot fit the data fails before any work
         if len(dataset) < cfg.num_shards:
             raise ValueError(f"the dataset has {len(dataset)} samples, fewer than num_shards={cfg.num_shards}")
         embed = task.text.caption_embeddings if isinstance(task, TextToImageTask) else None
