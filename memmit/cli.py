@@ -55,10 +55,10 @@ def finish(plan: Plan) -> Path:
     """Train, export the result, evaluate it (--evaluate), write its model card, push it when asked."""
     from accelerate import PartialState
 
-    from .eval.audit import comparison_table, eval_dir, evaluate_after
-    from .train.export import export_result
     from .card import write_model_card
+    from .eval.audit import comparison_table, eval_dir, evaluate_after
     from .hub import push
+    from .train.export import export_result
 
     trainer, repo_id = plan.trainer, plan.repo_id
     cfg, acc = trainer.cfg, trainer.accelerator
