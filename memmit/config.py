@@ -384,11 +384,15 @@ def _parse_value(hint: Any):
     return parse
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+
 def _help(f: dataclasses.Field) -> str:
     """What --help says of a field: its help, then its default or that it is required."""
     if f.metadata.get("required"):
         return f"{f.metadata['help']} (required)"
-    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    default = _default(f)
     return f"{f.metadata['help']} (default: {default})"
 
 
@@ -459,14 +463,17 @@ def load_yaml(path: str | Path, config_class: type = MemmitConfig) -> dict:
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+    loader = yaml.SafeLoader(text)
+    try:  # one parse: the node tree gives each key's line, the document its values
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValueError(f"config file {str(path)!r}{where} is not valid YAML: {problem}") from exc
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -500,8 +507,7 @@ def parse_args(argv: list[str] | None = None, config_class: type[Config] = Memmi
 def options_given(cfg: Any, names: Sequence[str]) -> list[str]:
     """Which of `names` `cfg` (either config, or a namespace of one's values) sets to something other than the
     option's default."""
-    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for cls in (EvalConfig, MemmitConfig) for f in dataclasses.fields(cls)}
+    defaults = {f.name: _default(f) for cls in (EvalConfig, MemmitConfig) for f in dataclasses.fields(cls)}
     return [name for name in names if hasattr(cfg, name) and getattr(cfg, name) != defaults[name]]
 
 
@@ -515,8 +521,7 @@ def options_table(config_class: type) -> str:
     rows = ["| option | type | default | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(config_class):
         kind = _field_type(hints[f.name])
-        default = ("required" if f.metadata.get("required") else
-                   f"`{f.default if f.default_factory is dataclasses.MISSING else f.default_factory()}`")
+        default = "required" if f.metadata.get("required") else f"`{_default(f)}`"
         flag = f"`--{f.name}`" + (f" (`--no-{f.name}`)" if kind is bool else "")
         choices = f" One of {', '.join(f'`{c}`' for c in f.metadata['choices'])}." if f.metadata.get("choices") else ""
         rows.append(f"| {flag} | {kind.__name__} | {_markdown_cell(default)} | "

@@ -142,6 +142,9 @@ def replace_keeping_mtime(target: Path, source: Path) -> None:
 
 
 def test_digests_follow_the_bytes_and_captions_not_the_names_or_times(tmp_path):
+    import hashlib
+    import json
+
     import datasets
 
     from conftest import mnist_images
@@ -152,7 +155,10 @@ def test_digests_follow_the_bytes_and_captions_not_the_names_or_times(tmp_path):
     load = lambda: datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")  # noqa: E731
     before = sample_digests(load(), "image", "text")
     assert len(set(before)) == 4 and sample_digests(load(), "image", "text") == before
-    assert sample_digests(load(), "image") != before  # the caption is part of a sample's content
+    # The contract written out: sha256 of the file's bytes, then of the caption as JSON, 32 hex digits.
+    for caption, digests in (("digit 1", before), (None, sample_digests(load(), "image"))):
+        expected = hashlib.sha256((folder / "digit1.png").read_bytes() + json.dumps(caption).encode())
+        assert digests[1] == expected.hexdigest()[:32]
     images[4].save(tmp_path / "other.png")
     replace_keeping_mtime(folder / "digit2.png", tmp_path / "other.png")
     after = sample_digests(load(), "image", "text")

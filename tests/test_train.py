@@ -157,7 +157,8 @@ def test_runs_killed_at_random_points_resume_to_the_uninterrupted_result(tiny_pi
     common = ["--num_shards", 3, "--num_rounds", 2, "--local_epochs", 2, "--agc_lambda", 0.8, "--random_flip",
               "--checkpointing_steps", 1, "--checkpoints_total_limit", 2, "--use_ema"]
     reference = run_script(args(tiny_pipeline, digits_dir, tmp_path / "ref", *common))
-    assert reference.communicate()[0] is not None and reference.returncode == 0
+    log = reference.communicate()[0].decode()
+    assert reference.returncode == 0, log
     total = max(int(p.name.split("-")[1]) for p in (tmp_path / "ref" / "checkpoints").glob("checkpoint-*"))
     out = tmp_path / "killed"
     flags = args(tiny_pipeline, digits_dir, out, *common, "--resume_from_checkpoint", "latest",

@@ -26,11 +26,12 @@ def _candidate_pairs(distinct: Tensor, k_max: int, metric: str, search: str, que
     """Pairs (i < j) of distinct rows among each other's k_max nearest in the search metric (exactly, or by a
     faiss index: neighbours.resolve_search)."""
     k = min(distinct.shape[0], k_max + 1)  # + 1: a row finds itself too
-    if resolve_search(search, distinct.shape[0]) == "exact":
+    search = resolve_search(search, distinct.shape[0])
+    if search == "exact":
         _, idx = nearest_neighbours(distinct, distinct, k, metric=metric, query_chunk=query_chunk,
                                     ref_chunk=ref_chunk, device=device)
     else:
-        _, idx = index_nearest_neighbours(distinct, k, resolve_search(search, distinct.shape[0]), metric)
+        _, idx = index_nearest_neighbours(distinct, k, search, metric)
     rows = torch.arange(distinct.shape[0])[:, None].expand_as(idx)
     # Drop the query's own index, not the first column: rounding can rank another row first; -1: not found.
     keep = (idx != rows) & (idx >= 0)
