@@ -41,7 +41,7 @@ ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
         # dedup_agc_replace: the text-to-image default until 2026-12-03
         **{f"dedup_agc_{name}": NO_ANCHOR + rule for name, rule in CAPTION_RULES.items()},
         "dedup_agc_empty": ("--dedup_captions", "empty"),
-        **{f"memmit_weight{w}": ("--dedup_anchor_weight", w) for w in (1, 4)},
+        **{f"memmit_weight{w}": ("--dedup_anchor_weight", w) for w in (1, 4, 16, 32)},
         "memmit_anchors8": ("--dedup_anchors", 8),
         "memmit_replace": CAPTION_RULES["replace"],
         # AGC's loss bank pooled into bins of consecutive timesteps (flow matching: of timestep indices)
@@ -50,6 +50,8 @@ ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
 # configs/sd15-lora.yaml's adapter (rank 16 on the attention projections), exported merged for the eval.
 LORA = ("--lora_rank", 16, "--lora_alpha", 16, "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0")
 ARMS.update({"plain_lora": tuple(RECIPE_ARMS["plain"]) + LORA, "memmit_lora": LORA})
+ARMS.update({f"{arm}_lr{tag}": ARMS[arm] + ("--learning_rate", lr) for arm in ("plain_lora", "memmit_lora")
+             for tag, lr in (("1e3", 1e-3), ("3e4", 3e-4))})
 TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source digit (ground truth)
 
 

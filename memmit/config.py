@@ -32,7 +32,7 @@ TRACKERS = ("tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", 
 TEXT_TO_IMAGE_OPTIONS = (
     "caption_column", "caption_dropout", "snr_gamma", "validation_prompts", "caption_replace_prob",
     "caption_insert_prob", "caption_repeat_prob", "text_embedding_noise", "dedup_captions", "dedup_anchors",
-    "dedup_anchor_weight", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    "dedup_anchor_weight", "dedup_anchor_noisiest", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
     "guidance_scale", "max_sequence_length", "alignment_classifier", "class_names", "detect_prompts", "prompts_file",
 )
 LR_SCHEDULERS = (
@@ -187,6 +187,7 @@ class MemmitConfig(ModelDataConfig):
     dedup: str = opt("keep_one", "Near-duplicate training images: keep_one (train on one copy; see EFFICACY.md) | same_shard (all copies in one shard) | none (the paper).", choices=("none", "keep_one", "same_shard"))
     dedup_captions: Optional[str] = opt(None, "Text-to-image with dedup keep_one; default: anchor for text-to-image pipelines with dedup keep_one (memmit's measured text-to-image default, EFFICACY.md), else ignore. ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost) | empty (a cluster whose copies share one caption trains its kept copy on the empty prompt: that caption no longer points at the image; merge for the other clusters) | anchor (unlearn a copied caption: the kept copy of a cluster whose copies share one caption trains the model's prediction for that caption towards its own, gradient-stopped prediction for one of the dedup_anchors training captions nearest to it in the text encoder's output, outside every cluster, after Kumari et al. 2023's concept ablation; AGC neither banks nor skips it; merge for the other clusters).", choices=(None, "ignore", "merge", "empty", "anchor"))
     dedup_anchors: int = opt(4, "dedup_captions=anchor: how many of the nearest other training captions a copied caption is pulled towards; each step draws one.")
+    dedup_anchor_noisiest: float = opt(1.0, "dedup_captions=anchor: anchored samples draw their timesteps from this noisiest fraction of the schedule (1 = the whole schedule, as any sample): a copy is decided in the first, noisiest sampling steps.")
     dedup_anchor_weight: float = opt(8.0, "dedup_captions=anchor: the loss weight of an anchored copy's samples (1 = as any sample): how fast its copied caption unlearns the image (EFFICACY.md).")
     dedup_family_size: int = opt(8, "Training also merges every near-duplicate family of at least this many images found at the eval's looser threshold (dedup_threshold or the eval default): many variants of one image are copies, two look-alike images are not; 0 turns it off.")
     aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
@@ -318,6 +319,7 @@ class MemmitConfig(ModelDataConfig):
              f"dedup_captions={self.dedup_captions} acts on the captions of the copies dedup=keep_one drops, so it "
              f"needs --dedup keep_one (got {self.dedup})")
         need(self.dedup_anchors >= 1, f"dedup_anchors must be >= 1, got {self.dedup_anchors}")
+        need(0 < self.dedup_anchor_noisiest <= 1, f"dedup_anchor_noisiest must be in (0, 1], got {self.dedup_anchor_noisiest}")
         need(self.dedup_anchor_weight > 0, f"dedup_anchor_weight must be > 0, got {self.dedup_anchor_weight}")
         need(self.dedup_family_size == 0 or self.dedup_family_size >= 2,
              f"dedup_family_size must be 0 (off) or >= 2, got {self.dedup_family_size}")

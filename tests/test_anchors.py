@@ -85,6 +85,15 @@ def test_an_anchored_loss_is_the_distance_to_the_models_own_anchor_prediction(ti
     torch.testing.assert_close(out.weights, snr * torch.tensor([2.5, 1, 1, 2.5, 1, 1]))
     assert make_task(tiny_sd_pipeline, captioned_digits_dir, "--dedup_anchor_weight", 1).per_sample_loss(
         task.denoiser, inputs, generators(2, 6), torch.device("cpu")).weights is None
+    # dedup_anchor_noisiest: the anchored samples' timesteps move into the noisiest 40 % (20 of the 50); the
+    # others' draws stay as they were.
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--dedup_anchor_noisiest", 0.4)
+    task.denoiser.requires_grad_(False)
+    out = task.per_sample_loss(task.denoiser, inputs, generators(2, 6), torch.device("cpu"))
+    loss, moved, _ = reference_loss(tiny_sd_pipeline, inputs, seed=2, noisiest=0.4)
+    assert torch.equal(out.timesteps, moved) and (moved[out.anchored] >= 30).all()
+    assert torch.equal(moved[~out.anchored], t[~out.anchored]) and not torch.equal(moved, t)
+    torch.testing.assert_close(out.losses, loss)
 
 
 def copied_caption_dataset(path) -> str:
@@ -130,6 +139,9 @@ def test_bad_anchor_options_are_named(tiny_sd_pipeline, captioned_digits_dir, tm
     assert train_main(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path, "--caption_column", "text",
                            "--dedup_captions", "anchor", "--dedup_anchor_weight", 0)) == 2
     assert "dedup_anchor_weight must be > 0, got 0" in capsys.readouterr().err
+    assert train_main(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path, "--caption_column", "text",
+                           "--dedup_captions", "anchor", "--dedup_anchor_noisiest", 0)) == 2
+    assert "dedup_anchor_noisiest must be in (0, 1], got 0" in capsys.readouterr().err
     assert train_main(args(tiny_sd_pipeline, captioned_digits_dir, tmp_path, "--caption_column", "text",
                            "--dedup_captions", "anchor", "--dedup", "same_shard")) == 2
     assert "dedup_captions=anchor acts on the captions of the copies" in capsys.readouterr().err

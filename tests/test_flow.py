@@ -94,11 +94,12 @@ def shifted_sigmas(shift: float) -> torch.Tensor:
 
 
 def reference_loss(name: str, pipe_dir: str, batch: dict, seed: int, scheme: str, logit=(0.0, 1.0),
-                   mode_scale: float = 1.29, guidance: float = 3.5, **parts):
+                   mode_scale: float = 1.29, guidance: float = 3.5, noisiest: float = 1.0, **parts):
     """Per-sample loss, timestep index and weights written out on a fresh load: sample i draws its latent, its
     noise, then u (sigmoid of a normal, or uniform), the index floor(1000 u); x_t = (1 - sigma) x0 + sigma noise,
     target noise - x0. A sample `batch["anchored"]` marks has the transformer's prediction under its anchor
-    prompt as its target. `parts`: components replaced at loading."""
+    prompt as its target, at index floor(index * n / 1000) of the n = 1000 * `noisiest` noisiest (lowest) indices.
+    `parts`: components replaced at loading."""
     pipe = FAMILIES[name][0].from_pretrained(pipe_dir, **parts)
     vae = pipe.vae.config
 
@@ -141,6 +142,8 @@ def reference_loss(name: str, pipe_dir: str, batch: dict, seed: int, scheme: str
                          if scheme == "mode" else r)
         x0 = (torch.stack(latents) - vae.shift_factor) * vae.scaling_factor
         noise, index = torch.stack(noise), (torch.cat(u) * 1000).long()
+        if "anchored" in batch:
+            index = torch.where(batch["anchored"], index * int(noisiest * 1000) // 1000, index)
         sigmas = shifted_sigmas(3.0 if name == "sd3" else 1.0)[index]
         sigma = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - sigma) * x0 + sigma * noise
@@ -169,6 +172,16 @@ def test_loss_matches_a_written_out_rectified_flow_computation(family, captioned
     assert torch.equal(out.timesteps, index)
     torch.testing.assert_close(out.losses, loss)
     assert torch.equal(out.anchored, anchored) and (loss[anchored] > 1e-6).all()
+    # dedup_anchor_noisiest: the anchored samples' indices move into the noisiest 30 % (sigma falls as they grow).
+    squeezed = load_task(parse_args(flags(pipe_dir, captioned_digits_dir, "unused", *options,
+                                          "--dedup_anchor_noisiest", 0.3)))
+    with torch.no_grad():
+        out = squeezed.per_sample_loss(squeezed.denoiser, batch, generators(2, 8), torch.device("cpu"))
+    loss, moved, _ = reference_loss(name, pipe_dir, batch, seed=2, scheme="logit_normal" if name == "sd3" else "none",
+                                    logit=(0.5, 0.7), guidance=2.0, noisiest=0.3)
+    assert torch.equal(out.timesteps, moved) and (moved[anchored] < 300).all()
+    assert torch.equal(moved[~anchored], index[~anchored]) and not torch.equal(moved, index)
+    torch.testing.assert_close(out.losses, loss)
     # logit_normal and none weight every sample alike; anchored ones by dedup_anchor_weight (8, the default).
     assert torch.equal(out.weights, torch.where(anchored, 8.0, 1.0))
 

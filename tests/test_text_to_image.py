@@ -133,12 +133,13 @@ def test_conditional_pipelines_this_task_cannot_train_are_refused(tiny_sd_pipeli
         TextToImageTask(pipe, caption_column="text")
 
 
-def reference_loss(pipe_dir: str, batch: dict, seed: int,
-                   text_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_loss(pipe_dir: str, batch: dict, seed: int, text_noise: float = 0.0,
+                   noisiest: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample loss, timesteps and SNR written out from the schedule's alphas_cumprod, on a fresh load.
     Sample i draws from its own generator: its latent, then (`text_noise`: GNI of that std) its text-embedding
     noise, its noise, its timestep. A sample `batch["anchored"]` marks has the UNet's prediction under its
-    anchor prompt (`batch["anchor_ids"]`) as its target."""
+    anchor prompt (`batch["anchor_ids"]`) as its target, at timestep T - n + floor(t * n / T) of the n = T *
+    `noisiest` noisiest (highest) ones."""
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
     with torch.no_grad():
         dist = pipe.vae.encode(batch["pixels"]).latent_dist
@@ -151,6 +152,10 @@ def reference_loss(pipe_dir: str, batch: dict, seed: int,
             t.append(torch.randint(0, pipe.scheduler.config.num_train_timesteps, (), generator=gen))
         latents, text = torch.stack(latents) * pipe.vae.config.scaling_factor, torch.stack(texts)
         noise, t = torch.stack(noise), torch.stack(t)
+        if "anchored" in batch:
+            steps = pipe.scheduler.config.num_train_timesteps
+            span = int(noisiest * steps)
+            t = torch.where(batch["anchored"], steps - span + t * span // steps, t)
         alpha_bar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
         if pipe.scheduler.config.prediction_type == "epsilon":

@@ -49,7 +49,8 @@ def load_task(cfg, captions: bool = True) -> DenoisingTask:
             if captions and getattr(cfg, "caption_column", None) is None:
                 raise ValueError("caption_column is required for text-to-image pipelines (pass --caption_column "
                                  f"with the dataset column of captions to train {name})")
-            return task(pipeline, **_options(cfg, IMAGE_OPTIONS + ("caption_column", "dedup_anchor_weight")
+            return task(pipeline, **_options(cfg, IMAGE_OPTIONS + ("caption_column", "dedup_anchor_weight",
+                                                                     "dedup_anchor_noisiest")
                                              + TEXT_OPTIONS + options))
     raise ValueError(f"pipeline {name} with a {type(denoiser).__name__} is not supported yet (supported: "
                      f"{SUPPORTED})")

@@ -68,6 +68,17 @@ class LossOutput:
     anchored: Optional[torch.Tensor] = None
 
 
+@dataclass
+class Anchor:
+    """dedup_captions=anchor's part of a batch: which samples are anchored (a bool mask on the device), the
+    denoiser's conditioning for their anchor captions, and the noisiest fraction of the schedule their timesteps
+    are drawn from (1: the whole schedule, as any sample)."""
+
+    mask: torch.Tensor
+    conditioning: dict
+    noisiest: float = 1.0
+
+
 
 def images_nchw(images: np.ndarray) -> torch.Tensor:
     """A pipeline's output_type="np" images (NHWC) as the NCHW tensor the trainer logs."""
@@ -124,22 +135,24 @@ class DenoisingTask:
         self.inputs = ImageInputs(image_column, self.transform)
 
     def denoising_loss(self, denoiser: torch.nn.Module, x0: torch.Tensor, generators: Sequence[torch.Generator],
-                       device: torch.device, anchor: Optional[tuple[torch.Tensor, dict]] = None,
+                       device: torch.device, anchor: Optional[Anchor] = None,
                        **conditioning) -> LossOutput:
         """Unreduced fp32 loss per sample of denoising x0, its timestep index, and the noise's loss weights.
 
-        Sample i's noise, then its timestep, come from generators[i] on the CPU (noise.py). `anchor` = (mask,
-        conditioning): the masked samples' target is the model's own prediction, gradient stopped, under that
-        conditioning instead (Kumari et al. 2023's model-based concept ablation), in the space of the target.
+        Sample i's noise, then its timestep, come from generators[i] on the CPU (noise.py). With an `anchor`, the
+        anchored samples' target is the model's own prediction, gradient stopped, under their anchor conditioning
+        instead (Kumari et al. 2023's model-based concept ablation), in the space of the target, at timesteps in the
+        noisiest `anchor.noisiest` of the schedule (where a sample's layout, and so a copy, is decided).
         """
-        draw = self.noise(x0, generators, device)
+        squeeze = None if anchor is None or anchor.noisiest == 1 else (anchor.mask, anchor.noisiest)
+        draw = self.noise(x0, generators, device, squeeze=squeeze)
         pred = self.predict(denoiser, draw.noisy, draw.timesteps, conditioning)
         if anchor is None:
             return LossOutput(self.squared_error(pred, draw.target), draw.indices, draw.weights)
-        mask, anchor_conditioning = anchor
+        mask = anchor.mask
         with torch.no_grad():
             draw.target[mask] = self.predict(denoiser, draw.noisy[mask], draw.timesteps[mask],
-                                             anchor_conditioning).to(draw.target.dtype)
+                                             anchor.conditioning).to(draw.target.dtype)
         return LossOutput(self.squared_error(pred, draw.target), draw.indices, draw.weights, anchored=mask.cpu())
 
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,

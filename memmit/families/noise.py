@@ -30,6 +30,15 @@ class Noised:
     weights: Optional[torch.Tensor] = None
 
 
+def noisiest(indices: torch.Tensor, fraction: float, num_train_timesteps: int, noisier_up: bool) -> torch.Tensor:
+    """Timestep indices moved into the noisiest `fraction` of the schedule, keeping their order and spread within it:
+    index i of [0, T) becomes one of the top fraction*T indices (DDPM: noise grows with i) or of the bottom ones
+    (flow matching: sigma falls as i grows). A mapping, not a fresh draw: the sample's generator draws what it did."""
+    span = max(1, int(fraction * num_train_timesteps))
+    scaled = indices * span // num_train_timesteps
+    return num_train_timesteps - span + scaled if noisier_up else scaled
+
+
 class DDPMNoise:
     """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise at a uniform integer t, from the DDPM schedule of the pipeline's
     scheduler config, whatever sampler the pipeline ships with (SDXL's EulerDiscreteScheduler.add_noise is not
@@ -42,9 +51,14 @@ class DDPMNoise:
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
 
-    def __call__(self, x0: torch.Tensor, generators: Sequence[torch.Generator], device: torch.device) -> Noised:
+    def __call__(self, x0: torch.Tensor, generators: Sequence[torch.Generator], device: torch.device,
+                 squeeze: Optional[tuple[torch.Tensor, float]] = None) -> Noised:
+        """`squeeze` = (mask, fraction): the masked samples' timesteps move into the noisiest fraction (noisiest)."""
         noise = per_sample_randn(x0.shape[1:], generators)
         timesteps = per_sample_randint(self.num_train_timesteps, generators)
+        if squeeze is not None:
+            mask, fraction = squeeze
+            timesteps = torch.where(mask.cpu(), noisiest(timesteps, fraction, self.num_train_timesteps, True), timesteps)
         x0, noise, t = x0.to(device), noise.to(device), timesteps.to(device)
         return Noised(self.scheduler.add_noise(x0, noise, t), t, timesteps, self.target(x0, noise, t))
 
@@ -72,13 +86,18 @@ class FlowMatchNoise:
         self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale = (weighting_scheme, logit_mean,
                                                                                    logit_std, mode_scale)
 
-    def __call__(self, x0: torch.Tensor, generators: Sequence[torch.Generator], device: torch.device) -> Noised:
+    def __call__(self, x0: torch.Tensor, generators: Sequence[torch.Generator], device: torch.device,
+                 squeeze: Optional[tuple[torch.Tensor, float]] = None) -> Noised:
+        """`squeeze` = (mask, fraction): the masked samples' timesteps move into the noisiest fraction (noisiest)."""
         noise = per_sample_randn(x0.shape[1:], generators)
         u = torch.cat([compute_density_for_timestep_sampling(self.weighting_scheme, 1, self.logit_mean, self.logit_std,
                                                              self.mode_scale, generator=g) for g in generators])
         # u = 1 exactly (a sigmoid that rounds up in fp32, the mode density at 0) would index past the end, which
         # diffusers does not guard.
         indices = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        if squeeze is not None:
+            mask, fraction = squeeze
+            indices = torch.where(mask.cpu(), noisiest(indices, fraction, self.num_train_timesteps, False), indices)
         sigmas = self.scheduler.sigmas[indices].float()
         x0, noise, sigma = x0.to(device), noise.to(device), sigmas.to(device).view(-1, *[1] * (x0.dim() - 1))
         noisy = (1 - sigma) * x0 + sigma * noise

@@ -15,7 +15,7 @@ from diffusers.training_utils import compute_snr
 from ..data.captions import CaptionNoise, caption_vocabulary
 from ..data.dataset import pick_caption
 from ..draws import per_sample_randn
-from .base import DenoisingTask, LossOutput, check_resolution, denoiser_component, images_nchw, side
+from .base import Anchor, DenoisingTask, LossOutput, check_resolution, denoiser_component, images_nchw, side
 from .inputs import CaptionedImageInputs
 from .text import TextEncoders, frozen_copy
 
@@ -53,7 +53,8 @@ class TextToImageTask(DenoisingTask):
                  caption_column: Optional[str] = None, caption_dropout: float = 0.0,
                  snr_gamma: Optional[float] = None, validation_prompts: Optional[list[str]] = None,
                  caption_replace_prob: float = 0.0, caption_insert_prob: float = 0.0, caption_repeat_prob: float = 0.0,
-                 text_embedding_noise: float = 0.0, dedup_anchor_weight: float = 1.0, noise=None):
+                 text_embedding_noise: float = 0.0, dedup_anchor_weight: float = 1.0,
+                 dedup_anchor_noisiest: float = 1.0, noise=None):
         self.check_parts(pipeline)
         vae = pipeline.vae
         self.vae_scale_factor = vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -71,6 +72,7 @@ class TextToImageTask(DenoisingTask):
             self.text.lengths())
         self.text_embedding_noise = text_embedding_noise
         self.anchor_weight = dedup_anchor_weight
+        self.anchor_noisiest = dedup_anchor_noisiest
         self.validation_prompts = validation_prompts
         self.default_prompts: list[str] = []
         self.vae = vae
@@ -164,8 +166,9 @@ class TextToImageTask(DenoisingTask):
             if "anchored" in batch:
                 mask = batch["anchored"].to(device)
                 anchor_text, anchor_pooled = self.text.encoded(batch, "anchor_ids", device, mask)
-                anchor = (mask, self.denoiser_kwargs(anchor_text, anchor_pooled,
-                                                     None if time_ids is None else time_ids[mask.cpu()]))
+                anchor = Anchor(mask, self.denoiser_kwargs(anchor_text, anchor_pooled,
+                                                           None if time_ids is None else time_ids[mask.cpu()]),
+                                self.anchor_noisiest)
         out = self.denoising_loss(denoiser, latents, generators, device, anchor,
                                   **self.denoiser_kwargs(text, pooled, time_ids))
         if self.snr_gamma is not None:
@@ -175,7 +178,7 @@ class TextToImageTask(DenoisingTask):
             # A copied caption keeps one anchored sample per epoch, where its copies had dozens: its loss weight
             # sets how fast that caption unlearns the image (EFFICACY.md measured 1, 4 and 8).
             weights = torch.ones_like(out.losses) if out.weights is None else out.weights
-            out.weights = torch.where(anchor[0], self.anchor_weight * weights, weights)
+            out.weights = torch.where(anchor.mask, self.anchor_weight * weights, weights)
         return out
 
     def encode_pixels(self, pixels: torch.Tensor, device: torch.device):

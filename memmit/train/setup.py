@@ -82,7 +82,7 @@ def make_accelerator(cfg: MemmitConfig) -> Accelerator:
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
 
 
-ANCHOR_OPTIONS = ("dedup_anchors", "dedup_anchor_weight")  # what only anchored captions read
+ANCHOR_OPTIONS = ("dedup_anchors", "dedup_anchor_weight", "dedup_anchor_noisiest")  # what only anchored captions read
 
 
 def with_family_defaults(cfg: MemmitConfig, task: DenoisingTask) -> MemmitConfig:
