@@ -18,7 +18,7 @@ import torch
 
 from train_throughput import memmit_rate, memmit_seconds, sync
 from memmit.data.neighbours import default_device
-from memmit.testbeds.text_to_image import LATENT_CHANNELS, build_captioned_dataset, text_parts
+from memmit.testbeds.text_to_image import LATENT_CHANNELS, build_captioned_dataset, caption_words, text_parts
 
 
 def channels(csv: str) -> tuple[int, ...]:
@@ -29,7 +29,7 @@ def make_pipeline(path: Path, args) -> str:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
-    tokenizer, text_encoder = text_parts()
+    tokenizer, text_encoder = text_parts(caption_words())
     vae_channels = channels(args.vae_channels)
     vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=LATENT_CHANNELS, block_out_channels=vae_channels,
                         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),

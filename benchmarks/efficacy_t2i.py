@@ -9,6 +9,10 @@ the prompt's digit, over all prompts and over the other (unique-caption) ones, w
 Prints a markdown table for EFFICACY.md. Usage:
     python benchmarks/efficacy_t2i.py [--output_dir efficacy-t2i-output] [--seeds 0 1] [--arms plain memmit ...]
         [--family sd3]  (the same testbed with an SD3 transformer trained by rectified flow)
+        [--copy_style web]  (web-style copies: each copy its own crop/light/noise/JPEG variant, carrying one of
+                             several captions: memmit/testbeds/text_to_image.py's web_captions)
+Duplicated-caption prompts are the captions duplicated digits carry; "shared" ones are carried by >= 2 copies,
+"single" ones by one copy each (web only: the copies that share no caption).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -43,6 +48,10 @@ ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
         "dedup_agc_empty": ("--dedup_captions", "empty"),
         **{f"memmit_weight{w}": ("--dedup_anchor_weight", w) for w in (1, 4, 16, 32)},
         "memmit_anchors8": ("--dedup_anchors", 8),
+        # anchored samples' timesteps from the noisiest half, third or fifth of the schedule, at weights 8 and 16
+        **{f"memmit_noisy{f}{'' if w == 8 else f'_weight{w}'}": ("--dedup_anchor_noisiest", f / 10,
+                                                               "--dedup_anchor_weight", w)
+           for f in (2, 3, 5) for w in (8, 16)},
         "memmit_replace": CAPTION_RULES["replace"],
         # AGC's loss bank pooled into bins of consecutive timesteps (flow matching: of timestep indices)
         **{f"{arm}_bins{b}": tuple(RECIPE_ARMS[arm]) + ("--agc_bank_bins", b) for arm in ("memmit", "paper")
@@ -56,11 +65,13 @@ TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source d
 
 
 def duplicated_truth(samples: np.ndarray, prompts: list[str], duplicated: set[str], train, families) -> float:
-    """Ground-truth memorized share among the samples whose prompt is a duplicated caption."""
+    """Ground-truth memorized share among the samples whose prompt is one of `duplicated` (nan when none is)."""
     from memmit.eval.sampling import from_uint8
     from memmit.eval.metrics import cluster_memorization_report
 
     ids = [i for i, q in enumerate(prompts) if q in duplicated]
+    if not ids:
+        return float("nan")
     rep = cluster_memorization_report(from_uint8(samples[ids]).flatten(1), train.flatten(1), families)
     return rep["summary"]["fraction_memorized_ratio"]
 
@@ -75,13 +86,17 @@ def main() -> None:
     parser.add_argument("--pretrain_steps", type=int, default=1000)
     parser.add_argument("--family", default="sd", choices=("sd", "sd3"),
                         help="the testbed's denoiser: Stable Diffusion's UNet or an SD3 transformer (flow matching)")
+    parser.add_argument("--copy_style", default="exact", choices=("exact", "web"))
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true", help="train nothing: rescore saved reports")
     args = parser.parse_args()
     out = Path(args.output_dir or "efficacy-t2i-output" + ("" if args.digits == "mnist" else f"-{args.digits}"))
-    data, features, pretrained = prepare(out, args.digits, args.pretrain_steps, family=args.family)
+    data, features, pretrained = prepare(out, args.digits, args.pretrain_steps, family=args.family,
+                                         copy_style=args.copy_style)
     ds = datasets.load_from_disk(str(data))
-    duplicated = {t for t, dup in zip(ds["text"], ds["is_duplicate"]) if dup}
+    carried = Counter(t for t, dup in zip(ds["text"], ds["is_duplicate"]) if dup)
+    duplicated = {t for t, n in carried.items() if n > 1}
+    single = {t for t, n in carried.items() if n == 1}
     train, families = ground_truth(ds)
     extractor, held_out = held_out_features(features, data, args.digits)
 
@@ -97,6 +112,7 @@ def main() -> None:
         p = report["prompts"]
         return {"dup_eval": p["duplicated"]["fraction_memorized_ratio"],
                 "dup_truth": duplicated_truth(samples, prompts, duplicated, train, families),
+                "single_truth": duplicated_truth(samples, prompts, single, train, families),
                 "other_eval": p["other"]["fraction_memorized_ratio"],
                 "frechet": report["quality"]["frechet_distance"],
                 "frechet_held_out": held_out_frechet(samples, extractor, held_out),
@@ -118,16 +134,16 @@ def main() -> None:
         results[arm] = rows
     (out / "efficacy.json").write_text(json.dumps(results, indent=2))
     plain = statistics.mean(r["dup_truth"] for r in results["plain"]) if "plain" in results else None
-    print("| arm | dup. prompts memorized, truth % | vs plain | dup. prompts, eval % | other prompts, eval % | "
-          "Fréchet, distinct training | Fréchet, held-out | aligned % | aligned, other prompts % |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arm | dup. prompts memorized, truth % | vs plain | single-copy captions, truth % | dup. prompts, eval % | "
+          "other prompts, eval % | Fréchet, distinct training | Fréchet, held-out | aligned % | aligned, other prompts % |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for arm, rows in results.items():
         def col(key, scale=100.0):
             values = [r[key] * scale for r in rows]
             return f"{statistics.mean(values):.1f} ({'; '.join(f'{v:.1f}' for v in values)})"
         mean_truth = statistics.mean(r["dup_truth"] for r in rows)
         change = f"{mean_truth / plain - 1:+.0%}" if plain else "-"
-        print(f"| {arm} | {col('dup_truth')} | {change} | {col('dup_eval')} | {col('other_eval')} | "
+        print(f"| {arm} | {col('dup_truth')} | {change} | {col('single_truth')} | {col('dup_eval')} | {col('other_eval')} | "
               f"{col('frechet', 1.0)} | {col('frechet_held_out', 1.0)} | {col('aligned')} | {col('aligned_other')} |")
 
 

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 
 from memmit.cli import run, train_main
 from memmit.config import parse_args
-from memmit.data.captions import ANCHORS, anchored_copies
+from memmit.data.captions import ANCHORS, anchor_captions, plan_anchors
 from memmit.families.inputs import tokenize
 from memmit.families.stable_diffusion import min_snr_weights
 
@@ -23,7 +23,7 @@ from test_train import args
 
 
 def test_anchors_are_the_nearest_captions_of_images_outside_every_cluster():
-    # Rows 3 and 4 are copies sharing "dup"; rows 1 and 5 are copies with two captions (merged, not anchored).
+    # Rows 3 and 4 are copies sharing "dup"; rows 1 and 5 are copies sharing no caption (merged, not anchored).
     values = ["zero", "one", "two", "dup", "dup", "five", "dup", ""]
     vectors = {"zero": [1.0, 0.0], "one": [0.0, 1.0], "two": [1.0, 1.1], "dup": [1.0, 1.0], "five": [0.9, 1.0]}
     seen = []
@@ -33,15 +33,33 @@ def test_anchors_are_the_nearest_captions_of_images_outside_every_cluster():
         return torch.tensor([vectors[c] for c in captions])
 
     clusters = [[4, 3], [1, 5]]
+    plan = plan_anchors(values, clusters)
+    assert (plan.copied, plan.copies, plan.captions, plan.kept) == ({3: "dup"}, {3: 2}, {1: ["one", "five"]}, [1, 3])
     # Candidates: the captions of rows 0, 2 (row 6 repeats the copied caption, row 7 has none), nearest first by
     # cosine; only the kept copy (the smallest id) is anchored.
-    assert anchored_copies(values, clusters, embed, 1) == {3: ["two"]}
+    assert anchor_captions(values, clusters, plan.copied, embed, 1) == {3: ["two"]}
     assert seen[-1] == ["dup", "zero", "two"]
-    assert anchored_copies(values, clusters, embed, 5) == {3: ["two", "zero"]}
-    # A cluster whose copies disagree, or share the empty caption, is not anchored.
-    assert anchored_copies(["a", "b", "c", "", "", "f", "", ""], clusters, embed, 2) == {}
+    assert anchor_captions(values, clusters, plan.copied, embed, 5) == {3: ["two", "zero"]}
+    # Copies that share the empty caption are not anchored: their kept copy trains it.
+    plan = plan_anchors(["a", "b", "c", "", "", "f", "", ""], clusters)
+    assert (plan.copied, plan.captions, plan.kept) == ({}, {1: ["b", "f"]}, [1, 3])
     with pytest.raises(ValueError, match="none has a caption of its own"):
-        anchored_copies(["", "one", "", "dup", "dup", "five", "dup", ""], clusters, embed, 2)
+        anchor_captions(["", "one", "", "dup", "dup", "five", "dup", ""], clusters, {3: "dup"}, embed, 2)
+
+
+def test_every_caption_that_two_copies_carry_is_unlearned_on_a_copy_of_its_own():
+    """Web duplicates: one picture re-uploaded under several captions. Each caption >= 2 copies carry gets its own
+    anchored row; the captions one copy carries train on one more row, merged; copies that share no caption merge."""
+    values = ["photo of a cat", "a cat", "photo of a cat", "a cat", "my pet", "cat!", "x", "y", ["p", "q"], ["p", "q"]]
+    plan = plan_anchors(values, [[5, 4, 3, 2, 1, 0], [6, 7], [8, 9]])
+    assert plan.copied == {0: "photo of a cat", 1: "a cat", 8: "p", 9: "q"}
+    assert plan.copies == {0: 2, 1: 2, 8: 2, 9: 2}
+    # Row 4 (a row carrying one of them) trains the two captions one copy carries each; rows 6 and 7 share nothing: 6 trains both, as merge does;
+    # a list-valued anchored row trains only the caption it unlearns.
+    assert plan.captions == {4: ["my pet", "cat!"], 6: ["x", "y"], 8: ["p"], 9: ["q"]}
+    assert plan.kept == [0, 1, 4, 6, 8, 9]
+    # Every caption copied: no row keeps training the picture.
+    assert plan_anchors(["a", "a", "b", "b"], [[0, 1, 2, 3]]).kept == [0, 2]
 
 
 def test_an_anchored_row_trains_its_own_caption_and_draws_one_anchor(tiny_sd_pipeline, captioned_digits_dir):
@@ -96,12 +114,12 @@ def test_an_anchored_loss_is_the_distance_to_the_models_own_anchor_prediction(ti
     torch.testing.assert_close(out.losses, loss)
 
 
-def copied_caption_dataset(path) -> str:
-    """7 unique digits with their own captions, then digit 0 six times, every copy captioned "copy"."""
+def copied_caption_dataset(path, copies=("copy",) * 6) -> str:
+    """7 unique digits with their own captions, then digit 0 once per caption of `copies` (six times "copy")."""
     images, labels = mnist_images(8)
-    ds = datasets.Dataset.from_dict({"image": images[1:] + [images[0]] * 6,
+    ds = datasets.Dataset.from_dict({"image": images[1:] + [images[0]] * len(copies),
                                      "text": [f"digit {y} number {i}" for i, y in enumerate(labels[1:])]
-                                     + ["copy"] * 6})
+                                     + list(copies)})
     ds.save_to_disk(str(path))
     return str(path)
 
@@ -130,6 +148,20 @@ def test_a_run_anchors_the_kept_copy_and_agc_never_skips_or_banks_it(tiny_sd_pip
     assert counts[7][0] > 0 and counts[7][1] == 0
     assert sum(counts[i][1] for i in range(7)) > 0
     assert type(StableDiffusionPipeline.from_pretrained(out)) is StableDiffusionPipeline
+
+
+def test_a_run_anchors_each_caption_a_picture_was_copied_under(tiny_sd_pipeline, tmp_path):
+    data = copied_caption_dataset(tmp_path / "data", ("copy", "a copy", "copy", "a copy", "copy", "once"))
+    out = tmp_path / "out"
+    trainer = run(parse_args(args(tiny_sd_pipeline, data, out, "--caption_column", "text", "--num_shards", 1,
+                                  "--num_rounds", 1, "--local_steps", 1, "--dedup_anchors", 1)))
+    # The text-to-image default anchors (dedup keep_one): rows 7 and 8 unlearn "copy" and "a copy", row 12 trains
+    # "once", the caption it carries; the other copies are left out.
+    assert sorted(trainer.split.shards[0]) == [*range(9), 12] and trainer.split.captions == {}
+    assert sorted(trainer.split.anchors) == [7, 8]
+    report = json.loads((out / "memmit" / "duplicates.json").read_text())
+    assert [(a["caption"], a["copies"]) for a in report["anchored_captions"]] == [("copy", 3), ("a copy", 2)]
+    assert [a["anchors"] for a in report["anchored_captions"]] == [trainer.split.anchors[7], trainer.split.anchors[8]]
 
 
 def test_bad_anchor_options_are_named(tiny_sd_pipeline, captioned_digits_dir, tmp_path, capsys):

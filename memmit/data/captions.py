@@ -93,23 +93,65 @@ def cluster_captions(values: list, clusters: list[list[int]], shared_empty: bool
     return merged
 
 
-def anchored_copies(values: list, clusters: list[list[int]], embed: Callable[[list[str]], Tensor], count: int
-                    ) -> dict[int, list[str]]:
-    """dedup_captions=anchor: the kept copy (smallest id) of each cluster whose copies share one non-empty caption
-    -> the `count` captions of images outside every cluster whose conditioning (`embed`: the text encoder's
-    output, what the denoiser sees) is nearest to that caption's, by cosine: what the copied caption should mean,
-    from the captions the model treats most alike (Kumari et al. 2023 anchor a copied caption to paraphrases)."""
-    shared = {min(c): caps[0] for c in clusters if len(caps := _captions_of(values, sorted(c))) == 1 and caps[0]}
-    if not shared:
+@dataclass
+class AnchorPlan:
+    """dedup_captions=anchor's rows of the duplicate clusters: `copied` maps the row that unlearns each copied
+    caption to that caption and `copies` to how many of its cluster's rows carry it; `captions` maps a kept row whose own caption value is not what it trains to the captions
+    it trains (one drawn per step, as merge does); `kept` is every row of a cluster that trains, sorted."""
+
+    copied: dict[int, str]
+    copies: dict[int, int]
+    captions: dict[int, list[str]]
+    kept: list[int]
+
+
+def plan_anchors(values: list, clusters: list[list[int]]) -> AnchorPlan:
+    """A cluster's copied captions are the non-empty captions that >= 2 of its rows carry: the captions a picture
+    was re-uploaded under (web duplicates carry several). Each is unlearned on the first of its rows not already
+    unlearning another. The cluster's other captions (each carried by one copy, or empty) stay attached to the
+    picture on one more row, merged: a caption seen once points at its picture as a unique image's does, so a cluster
+    whose copies share no caption is merged as a whole, not unlearned. (A list-valued row carries each of its
+    captions; a copied caption left without a row of its own, which only list-valued rows can cause, is merged.)"""
+    copied, copies, captions, kept = {}, {}, {}, []
+    for cluster in clusters:
+        carriers: dict[str, list[int]] = {}
+        for i in sorted(cluster):
+            for caption in _captions_of(values, [i]):
+                carriers.setdefault(caption, []).append(i)
+        mine = {}
+        for caption, rows in carriers.items():
+            free = [i for i in rows if i not in mine]
+            if caption and len(rows) >= 2 and free:
+                mine[free[0]] = caption
+        rest = [c for c in carriers if c not in mine.values()]
+        # The row that keeps training: one carrying one of those captions if any (its own row, with one of them).
+        free = sorted(sorted(i for i in cluster if i not in mine),
+                      key=lambda i: not set(_captions_of(values, [i])) & set(rest))
+        plain = {free[0]: rest} if rest and free else {}
+        for i, trains in [*((i, [c]) for i, c in mine.items()), *plain.items()]:
+            if _captions_of(values, [i]) != trains:
+                captions[i] = trains
+        copied.update(mine)
+        copies.update({i: len(carriers[c]) for i, c in mine.items()})
+        kept.extend([*mine, *plain])
+    return AnchorPlan(copied, copies, captions, sorted(kept))
+
+
+def anchor_captions(values: list, clusters: list[list[int]], copied: dict[int, str],
+                    embed: Callable[[list[str]], Tensor], count: int) -> dict[int, list[str]]:
+    """Each row of `copied` -> the `count` captions of images outside every cluster whose conditioning (`embed`: the
+    text encoder's output, what the denoiser sees) is nearest to its copied caption's, by cosine: what the copied
+    caption should mean, from the captions the model treats most alike (Kumari et al. 2023 anchor a copied caption to
+    paraphrases)."""
+    if not copied:
         return {}
     in_cluster = {i for cluster in clusters for i in cluster}
-    copied = set(shared.values())
     candidates = [c for c in _captions_of(values, [i for i in range(len(values)) if i not in in_cluster])
-                  if c and c not in copied]
+                  if c and c not in set(copied.values())]
     if not candidates:
         raise ValueError("dedup_captions=anchor takes anchor captions from images outside the duplicate clusters, "
                          "and none has a caption of its own; use dedup_captions=empty or merge")
-    embeddings = embed(list(shared.values()) + candidates)
-    _, nearest = nearest_neighbours(embeddings[:len(shared)], embeddings[len(shared):], min(count, len(candidates)),
+    embeddings = embed(list(copied.values()) + candidates)
+    _, nearest = nearest_neighbours(embeddings[:len(copied)], embeddings[len(copied):], min(count, len(candidates)),
                                     metric="cosine")
-    return {i: [candidates[j] for j in row] for i, row in zip(shared, nearest.tolist())}
+    return {i: [candidates[j] for j in row] for i, row in zip(copied, nearest.tolist())}

@@ -12,8 +12,8 @@ import torch
 from accelerate.logging import get_logger
 from torch import Tensor
 
-from .captions import ANCHORS, anchored_copies, cluster_captions
-from .dataset import iter_images, pick_caption, source_names
+from .captions import ANCHORS, anchor_captions, cluster_captions, plan_anchors
+from .dataset import iter_images, source_names
 from .dedup import cluster_report
 from .detectors import Detector, threshold_for
 
@@ -144,18 +144,23 @@ def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, sho
     # A list, read once: the caption rules index rows one by one (a datasets Column reads Arrow on every index).
     rule = cfg.dedup_captions or "ignore"  # a config the family defaults did not resolve (setup.py) anchors nothing
     values = list(ds[cfg.caption_column]) if rule != "ignore" else []
-    kept = keep_one(n, clusters)
-    anchors = anchored_copies(values, clusters, embed, cfg.dedup_anchors) if rule == "anchor" else {}
+    if rule == "anchor":
+        plan = plan_anchors(values, clusters)
+        in_cluster = {i for cluster in clusters for i in cluster}
+        kept = sorted([i for i in range(n) if i not in in_cluster] + plan.kept)
+        captions, anchors = plan.captions, anchor_captions(values, clusters, plan.copied, embed, cfg.dedup_anchors)
+    else:
+        kept = keep_one(n, clusters)
+        captions = cluster_captions(values, clusters, shared_empty=rule == "empty") if rule != "ignore" else {}
+        anchors = {}
     local = split_shards(len(kept), cfg.num_shards, cfg.shard_strategy, cfg.seed,
                          [labels[i] for i in kept] if labels is not None else None)
-    captions = cluster_captions(values, clusters, shared_empty=rule == "empty") if rule != "ignore" else {}
     if captions:
         report["kept_copies_with_merged_captions"] = len(captions)
     if anchors:
         # What each anchored caption is pulled towards, for the user to read (duplicates.json).
-        report["anchored_captions"] = [{"caption": pick_caption(values[min(c)], "first", cfg.caption_column),
-                                        "copies": len(c), "anchors": anchors[min(c)]}
-                                       for c in clusters if min(c) in anchors]
+        report["anchored_captions"] = [{"caption": caption, "copies": plan.copies[i], "anchors": anchors[i]}
+                                       for i, caption in plan.copied.items()]
         logger.info("%d duplicated captions train towards anchor captions (dedup_captions=anchor)", len(anchors),
                     main_process_only=True)
     return Split([[kept[j] for j in shard] for shard in local], report, captions, anchors)

@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 
 from .digits import (RESOLUTION, build_digit_features, classifier_file, digit_arrays, digit_image, features_file,
-                     held_out_digits)
+                     held_out_digits, web_copy)
 from .launch import ROOT, launch
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -30,6 +30,9 @@ STYLES = (("thin", "thick", "bold", "faint", "light", "dark"),
           ("small", "large", "wide", "narrow", "round", "tall"))
 LATENT_CHANNELS = 4
 MAX_TOKENS = 16
+# The web regime's copies (copy_style "web"): what a re-uploaded picture's caption gains in front of its words.
+WEB_PREFIXES = ("photo of", "scan of", "image of", "picture of")
+CAPTIONS_PER_COPIED = len(WEB_PREFIXES)
 
 
 def caption(label: int, style: tuple[int, int, int]) -> str:
@@ -43,21 +46,46 @@ def distinct_captions(labels: list[int], rng: np.random.RandomState) -> list[str
     return [caption(label, pools[label].pop()) for label in labels]
 
 
+def web_captions(core: list[str], extra: list[list[str]], copies: int) -> list[list[str]]:
+    """Each duplicated digit's captions in the web regime (one per copy, in order), from its own caption `core[k]`
+    and spare captions of its class `extra[k]`: the first half of the digits carry their caption under one of
+    WEB_PREFIXES (a shared core phrase), the next quarter 4 unrelated captions of their class, the last quarter a
+    caption of its own on every copy (copies that share no caption)."""
+    n = len(core)
+    variants = [[f"{prefix} {c}" for prefix in WEB_PREFIXES] if k < n // 2 else
+                [c, *e[:CAPTIONS_PER_COPIED - 1]] if k < 3 * n // 4 else [c, *e[:copies - 1]]
+                for k, (c, e) in enumerate(zip(core, extra))]
+    return [[v[j % len(v)] for j in range(copies)] for v in variants]
+
+
 def build_captioned_dataset(path: Path, source: str = "mnist", num_unique: int = 256, num_duplicated: int = 8,
-                            copies: int = 64, seed: int = 0) -> Path:
-    """Columns image (16x16 grey), text, label, digit_id and is_duplicate (ground truth, for benchmarks only)."""
+                            copies: int = 64, seed: int = 0, copy_style: str = "exact") -> Path:
+    """Columns image (16x16 grey), text, label, digit_id and is_duplicate (ground truth, for benchmarks only).
+    copy_style "web": every copy of a duplicated digit is its own `web_copy` (a crop, light, noise, JPEG) and carries
+    one of its web_captions (the same picture under other words)."""
     if (path / "dataset_info.json").is_file():
         return path
     x, y = digit_arrays(source)
     rng = np.random.RandomState(seed)
     order = rng.permutation(len(x))
     unique, duplicated = order[:num_unique], order[num_unique:num_unique + num_duplicated]
-    texts = dict(zip([int(i) for i in list(unique) + list(duplicated)],
-                     distinct_captions([int(y[i]) for i in list(unique) + list(duplicated)], rng)))
+    ids = [int(i) for i in list(unique) + list(duplicated)]
+    spare = copies - 1 if copy_style == "web" else 0  # spare captions per duplicated digit
+    drawn = distinct_captions([int(y[i]) for i in ids] + [int(y[i]) for i in duplicated for _ in range(spare)], rng)
+    texts = dict(zip(ids, drawn))
     rows = [int(i) for i in list(unique) + list(duplicated) * copies]
     duplicated_ids = {int(i) for i in duplicated}
+    if copy_style == "web":
+        extra = [drawn[len(ids) + k * spare:len(ids) + (k + 1) * spare] for k in range(len(duplicated))]
+        per_copy = web_captions([texts[int(i)] for i in duplicated], extra, copies)
+        captions = [texts[i] for i in rows[:num_unique]] + [per_copy[n % len(duplicated)][n // len(duplicated)]
+                                                            for n in range(len(rows) - num_unique)]
+        copy_rng = np.random.RandomState(seed + 2)
+        images = [digit_image(x[i]) if n < num_unique else web_copy(x[i], copy_rng) for n, i in enumerate(rows)]
+    else:
+        captions, images = [texts[i] for i in rows], [digit_image(x[i]) for i in rows]
     ds = datasets.Dataset.from_dict(
-        {"image": [digit_image(x[i]) for i in rows], "text": [texts[i] for i in rows],
+        {"image": images, "text": captions,
          "label": [int(y[i]) for i in rows], "digit_id": rows, "is_duplicate": [i in duplicated_ids for i in rows]},
         features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
                                     "label": datasets.Value("int64"), "digit_id": datasets.Value("int64"),
@@ -112,17 +140,19 @@ def t5_word_tokenizer(words: list[str]):
                            extra_ids=0, model_max_length=MAX_TOKENS)
 
 
-def caption_words() -> list[str]:
-    return sorted({w for phrase in ("a handwritten", *DIGIT_WORDS, *(s for slot in STYLES for s in slot))
+def caption_words(copy_style: str = "exact") -> list[str]:
+    """Every word of the captions of a copy style's testbed."""
+    prefixes = WEB_PREFIXES if copy_style == "web" else ()
+    return sorted({w for phrase in ("a handwritten", *DIGIT_WORDS, *(s for slot in STYLES for s in slot), *prefixes)
                    for w in phrase.split()})
 
 
-def text_parts():
+def text_parts(words: list[str]):
     """The testbed's word-level tokenizer (every caption word) and a random CLIP text encoder for it, initialised
     from torch's global generator (callers seed it)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = word_tokenizer(caption_words())
+    tokenizer = word_tokenizer(words)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
         projection_dim=64, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
@@ -170,11 +200,11 @@ def psnr(vae, images) -> float:
     return float((10 * torch.log10(1 / mse)).mean())
 
 
-def sd_pipeline(vae):
-    """A StableDiffusionPipeline: the VAE, a frozen random CLIP text encoder, a random UNet."""
+def sd_pipeline(vae, words: list[str]):
+    """A StableDiffusionPipeline: the VAE, a frozen random CLIP text encoder over `words`, a random UNet."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    tokenizer, text_encoder = text_parts()
+    tokenizer, text_encoder = text_parts(words)
     latent_side = RESOLUTION // 2
     unet = UNet2DConditionModel(sample_size=latent_side, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
                                 block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
@@ -188,14 +218,14 @@ def sd_pipeline(vae):
                                    requires_safety_checker=False)
 
 
-def sd3_pipeline(vae):
+def sd3_pipeline(vae, words: list[str]):
     """A StableDiffusion3Pipeline: the VAE, two frozen random CLIP text encoders (64 wide, projecting to 64 each)
     and a one-layer T5 (128 wide) over the caption words, a random 4-layer SD3 transformer on 1 x 1 patches of
     the 8 x 8 latents, and a flow-matching scheduler without shift (SD3's 3.0 is for 1024-px images)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    tokenizer, t5_tokenizer = word_tokenizer(caption_words()), t5_word_tokenizer(caption_words())
+    tokenizer, t5_tokenizer = word_tokenizer(words), t5_word_tokenizer(words)
 
     def clip():
         return CLIPTextModelWithProjection(CLIPTextConfig(
@@ -214,13 +244,15 @@ def sd3_pipeline(vae):
     vae.register_to_config(shift_factor=0.0)  # SD3's pipeline decodes latents / scaling_factor + shift_factor
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
                                     vae=vae, text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(),
-                                    tokenizer_2=word_tokenizer(caption_words()), text_encoder_3=t5,
+                                    tokenizer_2=word_tokenizer(words), text_encoder_3=t5,
                                     tokenizer_3=t5_tokenizer)
 
 
-def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int = 1500, family: str = "sd") -> Path:
-    """The pipeline before pretraining (`family`: sd or sd3): trained VAE, frozen random text encoders, random
-    denoiser. The VAE trains on the first 80 % of the held-out digits and is scored on the rest (vae.json)."""
+def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int = 1500, family: str = "sd",
+                           copy_style: str = "exact") -> Path:
+    """The pipeline before pretraining (`family`: sd or sd3): trained VAE, frozen random text encoders over the
+    words of `copy_style`'s captions, random denoiser. The VAE trains on the first 80 % of the held-out digits and is
+    scored on the rest (vae.json)."""
     import torch
 
     if (path / "model_index.json").is_file():
@@ -232,7 +264,7 @@ def build_initial_pipeline(path: Path, data: Path, source: str, vae_steps: int =
                "steps": vae_steps, "scaling_factor": vae.config.scaling_factor}
     print(f"testbed VAE: PSNR {quality['psnr_held_out_db']:.1f} dB on {quality['scored_on']} held-out digits")
     torch.manual_seed(0)
-    {"sd": sd_pipeline, "sd3": sd3_pipeline}[family](vae).save_pretrained(path)
+    {"sd": sd_pipeline, "sd3": sd3_pipeline}[family](vae, caption_words(copy_style)).save_pretrained(path)
     (path / "vae.json").write_text(json.dumps(quality, indent=2))
     return path
 
@@ -268,17 +300,20 @@ def eval_flags(data: Path, features: Path, num_samples: int, inference_steps: in
             "--alignment_classifier", str(classifier_file(features)), "--class_names", *DIGIT_WORDS]
 
 
-def data_dir(out: Path, source: str, num_unique: int = 256, copies: int = 64) -> Path:
+def data_dir(out: Path, source: str, num_unique: int = 256, copies: int = 64, copy_style: str = "exact") -> Path:
     return out / ("data-t2i" + ("" if source == "mnist" else f"-{source}")
-                  + ("" if (num_unique, copies) == (256, 64) else f"-u{num_unique}-r{copies}"))
+                  + ("" if (num_unique, copies) == (256, 64) else f"-u{num_unique}-r{copies}")
+                  + ("" if copy_style == "exact" else f"-{copy_style}"))
 
 
 def prepare(out: Path, source: str, pretrain_steps: int, num_unique: int = 256, copies: int = 64,
-            vae_steps: int = 1500, family: str = "sd") -> tuple[Path, Path, Path]:
+            vae_steps: int = 1500, family: str = "sd", copy_style: str = "exact") -> tuple[Path, Path, Path]:
     """The testbed's data, digit classifier and pretrained pipeline of `family` (each cached under `out`)."""
-    data = build_captioned_dataset(data_dir(out, source, num_unique, copies), source, num_unique, copies=copies)
+    data = build_captioned_dataset(data_dir(out, source, num_unique, copies, copy_style), source, num_unique,
+                                   copies=copies, copy_style=copy_style)
     features = build_digit_features(features_file(data), data, source)
-    init = build_initial_pipeline(out / f"init-{data.name}{suffix(family)}", data, source, vae_steps, family)
+    init = build_initial_pipeline(out / f"init-{data.name}{suffix(family)}", data, source, vae_steps, family,
+                                  copy_style)
     return data, features, pretrain(out, data, init, pretrain_steps, family)
 
 
