@@ -78,13 +78,17 @@ def _method_lines(cfg: dict) -> list[str]:
     return [
         f"- **Iterative Ensemble Training**: {iet}.",
         f"- **Anti-Gradient Control**: {agc}.",
-        f"- **Near-duplicate training images**: {DEDUP_TEXT.get(cfg.get('dedup', 'none'), cfg.get('dedup'))}.",
+        (FORGET_TEXT if cfg.get("forget_prompts") else
+         f"- **Near-duplicate training images**: {DEDUP_TEXT.get(cfg.get('dedup', 'none'), cfg.get('dedup'))}."),
         f"- **Optimisation**: {weights}; AdamW, learning rate {cfg['learning_rate']} ({cfg['lr_scheduler']}), "
         f"batch {cfg['train_batch_size']} × {cfg['gradient_accumulation_steps']} accumulation, "
         f"mixed precision {cfg['mixed_precision']}, EMA {'on' if cfg.get('use_ema') else 'off'}, seed {cfg['seed']}.",
     ]
 
 
+FORGET_TEXT = ("- **Forget mode**: no training image; the pipeline's renders of the prompts it reproduces trained "
+               "towards anchor prompts, its renders of the anchors and other prompts kept (`memmit/forget/forget.json` "
+               "lists the prompts, the anchors and the reproductions).")
 DEDUP_TEXT = {"none": "not handled (the paper's method)",
               "keep_one": "found before training and trained on once (`memmit/duplicates.json` lists them)",
               "same_shard": "found before training; all copies of one image in the same shard"}
@@ -176,9 +180,11 @@ def _usage_lines(cfg: dict, base_model: Optional[str], repo_id: str, pipeline_cl
 def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
                reports: Optional[dict[str, dict]], repo_id: str, figure: bool = False,
                pipeline_class: str = "DiffusionPipeline") -> str:
+    trained_on = ("its own renders of prompts it reproduced" if cfg.get("forget_prompts")
+                  else _describe_source(dataset, "dataset"))
     lines = [
         f"# {repo_id.split('/')[-1]}", "",
-        f"{_describe_source(base_model, 'pipeline')} fine-tuned on {_describe_source(dataset, 'dataset')} with "
+        f"{_describe_source(base_model, 'pipeline')} fine-tuned on {trained_on} with "
         "memmit, which mitigates memorization of training images by [Iterative Ensemble Training and "
         "Anti-Gradient Control](https://arxiv.org/abs/2407.15328) (IET + AGC).", "",
         "## What memmit did", "", *_method_lines(cfg), "",

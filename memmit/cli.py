@@ -109,11 +109,16 @@ def train_main(argv: list[str] | None = None) -> int:
     """Parse, validate and train; bad input exits 2 with one message, before training."""
     silence_torchvision_fallback()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from .forget import NothingToForget
+
     try:
         plan = prepare(parse_args(argv))
     except ValueError as exc:
         print(f"memmit: error: {exc}", file=sys.stderr)
         return 2
+    except NothingToForget as exc:  # nothing to mitigate is an answer, not an error: no model is written
+        print(f"memmit: {exc}\nmemmit: no forget prompt reproduces an image; nothing trained, no model written")
+        return 0
     from .hub import PushError
     from .train.trainer import NonFiniteLossError
 

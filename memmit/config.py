@@ -35,6 +35,11 @@ TEXT_TO_IMAGE_OPTIONS = (
     "dedup_anchor_weight", "dedup_anchor_noisiest", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
     "guidance_scale", "max_sequence_length", "alignment_classifier", "class_names", "detect_prompts", "prompts_file",
 )
+# Forget mode's options (only --forget_prompts reads them), and the options it refuses: they describe training images.
+FORGET_OPTIONS = ("forget_top", "forget_min_score", "forget_samples", "forget_share", "forget_inference_steps",
+                  "anchor_prompts", "retain_prompts", "retain_samples")
+NEEDS_TRAINING_IMAGES = ("dataset_name", "dataset_config_name", "train_data_dir", "label_column", "max_train_samples",
+                         "cache_latents", "dedup", "dedup_captions", "dedup_anchors", "dedup_family_size", "evaluate")
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
@@ -181,6 +186,17 @@ class MemmitConfig(ModelDataConfig):
     cache_latents: bool = opt(False, "Text-to-image: encode every training image with the VAE (and its mirror image, with --random_flip) and every training caption with the text encoder once, store them under $MEMMIT_CACHE/latents (default ~/.cache/memmit), and train from them; later runs with the same model, data and settings reuse them. Needs --center_crop.")
     dataloader_num_workers: int = opt(0, "Processes that decode and transform training images ahead of the loop (0: the main process does it). The result is the same for any number.", resume="free")
 
+    # Forget mode: a checkpoint's memorized prompts, no training image (memmit/forget/)
+    forget_prompts: Optional[str] = opt(None, "Mitigate the pipeline from the prompts it reproduces, with no training data: a file of prompts, one a line, or the detect_prompts.json `memmit eval --detect_prompts` writes (ranked). Each prompt is rendered from forget_samples seeds; the renders that collapse onto one image are its reproductions, and they train towards the prompt's anchor (its words without the trigger words); the anchors, the prompts that do not reproduce and retain_prompts train on their own renders. Replaces dataset_name and train_data_dir.")
+    forget_top: Optional[int] = opt(None, "forget_prompts: take only its first N prompts (of a detect_prompts.json: the N highest scores).")
+    forget_min_score: Optional[float] = opt(None, "forget_prompts of a detect_prompts.json: take only the prompts scoring at least this.")
+    forget_samples: int = opt(16, "forget_prompts: renders of each prompt, from distinct seeds, that decide whether it reproduces an image.")
+    forget_share: float = opt(0.5, "forget_prompts: a prompt reproduces an image when one near-duplicate cluster (dedup_features, at the eval's threshold) holds at least this share of its renders.")
+    forget_inference_steps: int = opt(50, "forget_prompts: sampling steps of the renders (the pipeline's sampler; DDIM for DDPM-trained pipelines).")
+    anchor_prompts: Optional[str] = opt(None, "forget_prompts: a file of anchors, line i the anchor of forget prompt i (default: each prompt without its trigger words, found by Wen et al.'s memorization score; needed for flow-matching pipelines).")
+    retain_prompts: Optional[str] = opt(None, "forget_prompts: a file of prompts (one a line) whose renders train as they are, beside the anchors and the prompts that do not reproduce: what the model should keep making.")
+    retain_samples: int = opt(4, "forget_prompts: renders of each retained prompt.")
+
     # Method: Iterative Ensemble Training
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2; with fewer shards than processes, P/K processes train each shard data-parallel). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
     shard_strategy: str = opt("random", "How samples are split into shards: random | contiguous | stratified.", choices=SHARD_STRATEGIES)
@@ -277,6 +293,7 @@ class MemmitConfig(ModelDataConfig):
     def validate(self) -> None:
         """Raise ValueError naming the first invalid option."""
         super().validate()
+        self.validate_forget()
         need(self.seed >= 0, f"seed must be >= 0 (it keys every sample's generator), got {self.seed}")
         need(self.num_shards >= 1, f"num_shards must be >= 1, got {self.num_shards}")
         need(self.num_rounds >= 1, f"num_rounds must be >= 1, got {self.num_rounds}")
@@ -334,6 +351,24 @@ class MemmitConfig(ModelDataConfig):
                 self.eval_config(self.output_dir, before=True)
             except ValueError as exc:  # name the training option the user sets, not EvalConfig's field
                 raise ValueError(re.sub(rf"\b({'|'.join(EVAL_OPTIONS)})\b", r"eval_\1", str(exc))) from exc
+
+    def needs_dataset(self) -> bool:
+        """Forget mode trains on the pipeline's own renders."""
+        return self.forget_prompts is None
+
+    def validate_forget(self) -> None:
+        if self.forget_prompts is None:
+            given = options_given(self, FORGET_OPTIONS)
+            need(not given, f"{', '.join(given)}: options of --forget_prompts, which is not given")
+            return
+        given = options_given(self, NEEDS_TRAINING_IMAGES)
+        need(not given, f"{', '.join(given)}: options of training images, and --forget_prompts trains on the "
+                        "pipeline's own renders (no dataset; memmit eval --evaluate needs the training images too)")
+        need(self.forget_top is None or self.forget_top >= 1, f"forget_top must be >= 1, got {self.forget_top}")
+        need(self.forget_samples >= 2, f"forget_samples must be >= 2 (a copy is renders that collapse), got {self.forget_samples}")
+        need(0 < self.forget_share <= 1, f"forget_share must be in (0, 1], got {self.forget_share}")
+        need(self.forget_inference_steps >= 1, f"forget_inference_steps must be >= 1, got {self.forget_inference_steps}")
+        need(self.retain_samples >= 1, f"retain_samples must be >= 1, got {self.retain_samples}")
 
     def eval_config(self, output_dir: str | Path, before: bool) -> EvalConfig:
         """`memmit eval`'s settings for the input pipeline (`before`) or the exported one in output_dir: the

@@ -19,11 +19,13 @@ from ..data.content import sample_digests
 from ..data.dataset import check_captions, check_images, load_train_dataset
 from ..data.detectors import Detector, load_detector
 from ..data.neighbours import resolve_search
-from ..data.split import Split, build_split
+from ..data.split import Split, build_split, split_shards
 from ..families import load_task
 from ..families.base import DenoisingTask
 from ..families.latents import cached_inputs, check_cache_latents
 from ..families.stable_diffusion import TextToImageTask
+from ..forget.build import build_forget_set, forget_prompts
+from ..forget.renders import ForgetSet
 from . import checkpoint as ckpt
 from .export import check_export
 from .group import ShardGroup
@@ -40,6 +42,7 @@ class TrainingData:
     dataset: datasets.Dataset
     split: Split
     content: list[str]  # each sample's digest (data/content.py): caches and resumes key on it
+    forget: Optional[ForgetSet] = None  # forget mode: what the renders are and how they split
 
 
 def check_not_an_input(out: Path, cfg: MemmitConfig) -> None:
@@ -88,13 +91,16 @@ ANCHOR_OPTIONS = ("dedup_anchors", "dedup_anchor_weight", "dedup_anchor_noisiest
 def with_family_defaults(cfg: MemmitConfig, task: DenoisingTask) -> MemmitConfig:
     """The config with the options whose default depends on the pipeline family filled in (a copy: the caller's
     config stays as given). This is the config the run saves and a resume compares with. Text-to-image with
-    dedup keep_one anchors copied captions unless told otherwise: the default EFFICACY.md measured."""
-    anchor = isinstance(task, TextToImageTask) and cfg.dedup == "keep_one"
+    dedup keep_one anchors copied captions unless told otherwise: the default EFFICACY.md measured. Forget mode
+    trains on the model's own renders, which every one has a low loss for: AGC would skip the retained ones, so it is
+    off unless asked for; its reproductions are anchored whatever dedup_captions says."""
+    forget = cfg.forget_prompts is not None
+    anchor = isinstance(task, TextToImageTask) and cfg.dedup == "keep_one" and not forget
     resolved = dataclasses.replace(
-        cfg, agc_lambda=task.default_agc_lambda if cfg.agc_lambda is None else cfg.agc_lambda,
+        cfg, agc_lambda=(0.0 if forget else task.default_agc_lambda) if cfg.agc_lambda is None else cfg.agc_lambda,
         agc_bank_bins=task.default_agc_bank_bins if cfg.agc_bank_bins is None else cfg.agc_bank_bins,
-        dedup_captions=cfg.dedup_captions or ("anchor" if anchor else "ignore"))
-    if resolved.dedup_captions != "anchor" and (given := options_given(cfg, ANCHOR_OPTIONS)):
+        dedup_captions=cfg.dedup_captions or (None if forget else "anchor" if anchor else "ignore"))
+    if resolved.dedup_captions != "anchor" and not forget and (given := options_given(cfg, ANCHOR_OPTIONS)):
         raise ValueError(f"{', '.join(given)}: options of anchored captions, and this run anchors none "
                          f"(dedup_captions={resolved.dedup_captions}, dedup={cfg.dedup})")
     return resolved
@@ -121,6 +127,17 @@ def load_training_data(cfg: MemmitConfig, task: DenoisingTask, detector: Detecto
     return TrainingData(dataset, split, content)
 
 
+def load_forget_data(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str], anchors: Optional[dict[str, str]],
+                     accelerator: Accelerator) -> TrainingData:
+    """Forget mode: the pipeline's renders of its prompts as the training set, reproductions anchored."""
+    forget = build_forget_set(cfg, task, prompts, anchors, accelerator.device, accelerator.is_local_main_process)
+    dataset, row_anchors = forget.dataset(cfg.image_column, cfg.caption_column)
+    split = Split(split_shards(len(dataset), cfg.num_shards, cfg.shard_strategy, cfg.seed), anchors=row_anchors)
+    content = sample_digests(dataset, cfg.image_column, cfg.caption_column, accelerator.is_local_main_process)
+    task.use_training_captions(dataset[cfg.caption_column])
+    return TrainingData(dataset, split, content, forget)
+
+
 def build_trainer(cfg: MemmitConfig, accelerator: Optional[Accelerator] = None) -> Trainer:
     """A trainer ready to `train()`, resumed from its checkpoint when cfg.resume_from_checkpoint says so."""
     check_output_dir(cfg)
@@ -129,7 +146,10 @@ def build_trainer(cfg: MemmitConfig, accelerator: Optional[Accelerator] = None) 
     set_seed(cfg.seed)
     # Before anything loads: a process count the shards cannot share fails in seconds.
     group = ShardGroup(cfg.num_shards, acc.num_processes, acc.process_index, acc.device)
+    if cfg.forget_prompts and cfg.caption_column is None:  # the caption column of the renders forget mode trains on
+        cfg = dataclasses.replace(cfg, caption_column="text")
     task = load_task(cfg)
+    forget = forget_prompts(cfg, task) if cfg.forget_prompts else None  # a bad prompt file fails before any render
     check_export(task, cfg)
     if cfg.cache_latents:
         check_cache_latents(task)
@@ -139,13 +159,13 @@ def build_trainer(cfg: MemmitConfig, accelerator: Optional[Accelerator] = None) 
     cfg = with_family_defaults(cfg, task)
     # The frozen parts on the device first: dedup_captions=anchor encodes captions to build the split.
     task.prepare(acc.device, WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32))
-    data = load_training_data(cfg, task, detector, acc)
+    data = load_forget_data(cfg, task, *forget, acc) if forget else load_training_data(cfg, task, detector, acc)
     model = LiveModel(task.denoiser, cfg, acc.device)
     if cfg.cache_latents:  # each machine's main process encodes (or finds) them, the others then read them
         with acc.local_main_process_first():
             task.inputs = cached_inputs(task, data.dataset, data.content, cfg.image_column, cfg.caption_column,
                                         cfg.random_flip, acc.device, acc.is_local_main_process)
-    trainer = Trainer(cfg, acc, group, task, model, data.dataset, data.split, data.content)
+    trainer = Trainer(cfg, acc, group, task, model, data.dataset, data.split, data.content, data.forget)
     if cfg.resume_from_checkpoint:
         trainer.resume(cfg.resume_from_checkpoint)
     return trainer

@@ -22,11 +22,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
-from ..config import MemmitConfig
+from ..config import FORGET_OPTIONS, MemmitConfig
 from ..data.dataset import source_names
 from ..data.split import Split
 from ..draws import NOISE
 from ..families.base import DenoisingTask
+from ..forget.renders import ForgetSet
 from . import checkpoint as ckpt
 from .agc import kept_sum
 from .counts import SampleCounts, write_candidates
@@ -71,9 +72,10 @@ class Trainer:
     """Trains the shards this process holds, round by round, and aggregates them (setup.build_trainer wires it)."""
 
     def __init__(self, cfg: MemmitConfig, accelerator: Accelerator, group: ShardGroup, task: DenoisingTask,
-                 model: LiveModel, dataset: datasets.Dataset, split: Split, content: list[str]):
+                 model: LiveModel, dataset: datasets.Dataset, split: Split, content: list[str],
+                 forget: Optional[ForgetSet] = None):
         self.cfg, self.accelerator, self.group, self.task, self.model = cfg, accelerator, group, task, model
-        self.dataset, self.split, self.content = dataset, split, content
+        self.dataset, self.split, self.content, self.forget = dataset, split, content, forget
         self.out = Path(cfg.output_dir)
         acc = accelerator
         # One micro-batch of a shard: train_batch_size on each process of its group, as in diffusers' examples.
@@ -306,6 +308,8 @@ class Trainer:
         (meta / "shards.json").write_text(json.dumps({str(k): s for k, s in enumerate(self.split.shards)}))
         if self.split.duplicates is not None:
             (meta / "duplicates.json").write_text(json.dumps(self.split.duplicates, indent=2))
+        if self.forget is not None:
+            self.forget.write(meta / "forget", {name: getattr(self.cfg, name) for name in ("forget_prompts", *FORGET_OPTIONS)})
 
     def save_checkpoint(self) -> None:
         shared, process = ckpt.run_state(self.model, self.shards, self.counts, asdict(self.position), self.global_step,

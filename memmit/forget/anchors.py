@@ -1,0 +1,46 @@
+"""Anchor prompts without a language model: a reproducing prompt's anchor is the prompt without its trigger words.
+
+A word's significance is the drop of the prompt's memorization score (Wen et al. 2024, eval/detect.py) when the word
+is left out; the trigger words are those whose drop is at least TRIGGER_SHARE of the largest drop (the words that
+carry the copy, where the rest say what the picture shows). A prompt no word's absence lowers is its own trigger:
+its anchor is the empty prompt."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+TRIGGER_SHARE = 0.5
+
+
+def leave_one_out(prompt: str) -> list[str]:
+    """The prompt without each of its (whitespace-separated) words in turn."""
+    words = prompt.split()
+    return [" ".join(words[:i] + words[i + 1:]) for i in range(len(words))]
+
+
+def tidy(words: list[str]) -> str:
+    """Words joined, without the punctuation a removed neighbour leaves dangling at either end."""
+    return " ".join(words).strip(" ,;:")
+
+
+def trigger_anchors(prompts: list[str], score: Callable[[str], float]) -> tuple[dict[str, str], dict[str, list[dict]]]:
+    """Each prompt's anchor, and each word's score drop. `score` scores one prompt from the same starting noises
+    whatever the prompt, so a prompt and its variants are compared on equal terms."""
+    anchors, words_of = {}, {}
+    for prompt in prompts:
+        base = score(prompt)
+        drops = [base - score(variant) for variant in leave_one_out(prompt)]
+        top = max(drops, default=0.0)
+        words = prompt.split()
+        trigger = [d > 0 and d >= TRIGGER_SHARE * top for d in drops]
+        anchors[prompt] = tidy([w for w, t in zip(words, trigger) if not t]) if top > 0 else ""
+        words_of[prompt] = [{"word": w, "score_drop": d, "trigger": t} for w, d, t in zip(words, drops, trigger)]
+    return anchors, words_of
+
+
+def read_anchors(lines: list[str], prompts: list[str], path: str) -> dict[str, str]:
+    """--anchor_prompts: line i is the anchor of forget prompt i."""
+    if len(lines) != len(prompts):
+        raise ValueError(f"anchor_prompts {path!r} holds {len(lines)} anchors for {len(prompts)} forget prompts "
+                         "(one line per forget prompt, in its order)")
+    return dict(zip(prompts, lines))

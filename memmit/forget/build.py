@@ -1,0 +1,78 @@
+"""Forget mode's training data, in the order a run needs it: the prompts read and checked (before any rendering),
+the checkpoint's renders split into reproductions and the rest, each reproducing prompt's anchor, the retained
+prompts rendered."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from accelerate import PartialState
+from accelerate.logging import get_logger
+
+from ..config import EvalConfig
+from ..data.detectors import load_detector
+from ..eval.detect import prompt_scores
+from ..families.stable_diffusion import TextToImageTask
+from . import NothingToForget
+from .anchors import read_anchors, trigger_anchors
+from .prompts import read_forget_prompts, read_lines
+from .renders import ForgetSet, collapsed, render
+
+if TYPE_CHECKING:
+    from ..config import MemmitConfig
+
+logger = get_logger(__name__)
+DETECT = EvalConfig.__dataclass_fields__  # the word-significance score uses memmit eval's detection defaults
+
+
+def forget_prompts(cfg: MemmitConfig, task: TextToImageTask) -> tuple[list[str], Optional[dict[str, str]]]:
+    """The prompts and the user's anchors (--anchor_prompts), checked before anything renders."""
+    if not isinstance(task, TextToImageTask):
+        raise ValueError(f"forget_prompts: {type(task.pipeline).__name__} is unconditional; forget mode mitigates "
+                         "a text-to-image pipeline's prompts")
+    prompts = read_forget_prompts(cfg.forget_prompts, cfg.forget_top, cfg.forget_min_score)
+    for line, prompt in enumerate(prompts, 1):
+        for tokenizer, length in zip(task.text.tokenizers, task.text.lengths()):
+            if len(tokenizer(prompt, verbose=False).input_ids) > length:  # verbose: the warning is ours
+                logger.warning(f"forget prompt {line} of {cfg.forget_prompts} ({prompt[:40]!r}...) is longer than "
+                               f"{type(tokenizer).__name__}'s {length} tokens: it is truncated, as the pipeline "
+                               "truncates it", main_process_only=True)
+    anchors = (read_anchors(read_lines(cfg.anchor_prompts, "anchor_prompts"), prompts, cfg.anchor_prompts)
+               if cfg.anchor_prompts else None)
+    if anchors is None and task.sampler != "DDIM":
+        raise ValueError(f"forget_prompts: trigger words are found with Wen et al.'s score of DDIM sampling, and "
+                         f"{type(task.pipeline).__name__} samples with {task.sampler}; pass --anchor_prompts")
+    if cfg.retain_prompts:
+        read_lines(cfg.retain_prompts, "retain_prompts")
+    return prompts, anchors
+
+
+def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str], anchors: Optional[dict[str, str]],
+                     device: torch.device, show_progress: bool = True) -> ForgetSet:
+    """Render, split, anchor and render the retained prompts; every process renders its share and gets all."""
+    state = PartialState()
+    detector = load_detector(cfg.dedup_features, cfg.dedup_threshold, task.resolution, task.channels, device,
+                             use="eval")
+    renders = render(task, prompts, cfg.forget_samples, cfg.forget_inference_steps, cfg.eval_batch_size, cfg.seed,
+                     device, show_progress, state)
+    forget = ForgetSet(prompts, renders, [collapsed(r, detector, cfg.forget_share) for r in renders])
+    reproducing = [prompts[i] for i in forget.reproducing]
+    if not reproducing:
+        raise NothingToForget(forget.summary())
+    if anchors is not None:
+        forget.anchors = {p: anchors[p] for p in reproducing}
+    else:
+        forget.anchors, forget.triggers = trigger_anchors(
+            reproducing, lambda p: float(prompt_scores(task, [p], cfg.forget_inference_steps,
+                                                       DETECT["detect_steps"].default, DETECT["detect_seeds"].default,
+                                                       cfg.seed, cfg.eval_batch_size, device, show_progress=False)[0]))
+    given = read_lines(cfg.retain_prompts, "retain_prompts") if cfg.retain_prompts else []
+    # What the model should keep making: the anchors, the prompts it does not copy for, and the user's.
+    forget.retain_prompts = [p for p in dict.fromkeys([*forget.anchors.values(), *forget.not_reproducing, *given])
+                             if p not in forget.anchors]
+    # Seeds apart from the forget renders' (seed + 1): a retained prompt's renders do not share their noises.
+    forget.retain_renders = render(task, forget.retain_prompts, cfg.retain_samples, cfg.forget_inference_steps,
+                                   cfg.eval_batch_size, cfg.seed + 1, device, show_progress, state)
+    logger.info(forget.summary(), main_process_only=True)
+    return forget

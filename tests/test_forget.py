@@ -1,0 +1,203 @@
+"""Forget mode (`--forget_prompts`): a checkpoint mitigated from its prompts, with no training image, on tiny real
+pipelines: the prompt files, the split of renders into reproductions, the trigger-word anchors, and the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from accelerate import PartialState
+
+from memmit.cli import main, run
+from memmit.config import parse_args
+from memmit.data.detectors import PixelDetector
+from memmit.eval.detect import prompt_scores
+from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
+from memmit.forget.build import forget_prompts
+from memmit.forget.prompts import read_forget_prompts
+from memmit.forget.renders import ForgetSet, collapsed, render
+from memmit.families import load_task
+
+from conftest import mnist_images
+
+PROMPTS = ["a handwritten seven, bold", "the number 3", "digit 1 written by hand"]
+
+
+def detect_json(path, rows) -> str:
+    path.write_text(json.dumps({"method": "...", "prompts": [{"prompt": p, "score": s} for p, s in rows]}))
+    return str(path)
+
+
+def test_prompt_files_lines_or_ranked_detection(tmp_path):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("  first prompt \n\nsecond\nfirst prompt\nthird\n")
+    assert read_forget_prompts(str(lines)) == ["first prompt", "second", "third"]
+    assert read_forget_prompts(str(lines), top=2) == ["first prompt", "second"]
+    ranked = detect_json(tmp_path / "detect_prompts.json", [("a", 9.0), ("b", 5.0), ("c", 1.0)])
+    assert read_forget_prompts(ranked) == ["a", "b", "c"]
+    assert read_forget_prompts(ranked, min_score=5.0) == ["a", "b"]
+    assert read_forget_prompts(ranked, top=1, min_score=0.5) == ["a"]
+
+
+@pytest.mark.parametrize("content, kwargs, message", [
+    (None, {}, "forget_prompts 'PATH' cannot be read"),
+    ("\n  \n", {}, "forget_prompts 'PATH' holds no prompt"),
+    ("a prompt\n", {"min_score": 1.0}, "forget_min_score reads the scores of a detect_prompts.json"),
+    ('{"prompts": [{"prompt": "a"}]}', {}, "is JSON but not `memmit eval --detect_prompts`' detect_prompts.json"),
+    ('{"prompts": [{"prompt": "a", "score": 0.5}]}', {"min_score": 2.0},
+     "no prompt of forget_prompts 'PATH' scores >= forget_min_score=2.0 (the highest scores 0.5)"),
+])
+def test_bad_prompt_files_are_named(tmp_path, content, kwargs, message):
+    path = tmp_path / "prompts.txt"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        read_forget_prompts(str(path), **kwargs)
+    assert message.replace("PATH", str(path)) in str(err.value)
+
+
+def test_trigger_words_are_those_whose_absence_drops_the_score_most():
+    # A written-out score: 10 for "bold" present, 4 for "seven", 1 for "handwritten"; the rest count nothing.
+    weights = {"bold": 10.0, "seven,": 4.0, "handwritten": 1.0}
+
+    def score(prompt):
+        return sum(weights.get(w, 0.0) for w in prompt.split())
+
+    anchors, words = trigger_anchors(["a handwritten seven, bold", "plain words", "handwritten bold"], score)
+    # Drops 0, 1, 4, 10: only "bold" reaches half the largest drop; "seven," is left, its comma tidied.
+    assert anchors["a handwritten seven, bold"] == "a handwritten seven"
+    assert [w["trigger"] for w in words["a handwritten seven, bold"]] == [False, False, False, True]
+    assert [w["score_drop"] for w in words["a handwritten seven, bold"]] == [0.0, 1.0, 4.0, 10.0]
+    assert anchors["plain words"] == ""  # no word's absence lowers the score: the prompt is its own trigger
+    assert anchors["handwritten bold"] == "handwritten"
+    assert leave_one_out("a b c") == ["b c", "a c", "a b"]
+
+
+def test_renders_that_collapse_onto_one_image_are_the_copies():
+    images, _ = mnist_images(4)
+    digits = [np.asarray(img.convert("L").resize((16, 16)))[..., None] for img in images]
+    rng = np.random.RandomState(0)
+    noisy = lambda x: np.clip(x.astype(int) + rng.randint(-3, 4, x.shape), 0, 255).astype(np.uint8)
+    # Renders 0, 2, 3, 5 are one digit under pixel noise; 1 and 4 other digits.
+    renders = np.stack([noisy(digits[0]), digits[1], noisy(digits[0]), noisy(digits[0]), digits[2], noisy(digits[0])])
+    detector = PixelDetector(0.3, 16, 1)
+    assert collapsed(renders, detector, 0.5) == [0, 2, 3, 5]
+    assert collapsed(renders, detector, 0.7) == []  # 4 of 6 renders is less than the share asked for
+
+
+def test_the_forget_set_trains_reproductions_anchored_and_retained_renders_as_they_are():
+    renders = [np.full((3, 4, 4, 1), k, dtype=np.uint8) for k in range(2)]
+    forget = ForgetSet(["copied", "novel"], renders, [[0, 2], []], anchors={"copied": "anchor"},
+                       retain_prompts=["anchor", "novel"], retain_renders=[renders[0][:1], renders[1][:2]])
+    ds, anchors = forget.dataset("image", "text")
+    assert ds["text"] == ["copied", "copied", "anchor", "novel", "novel"]
+    assert anchors == {0: ["anchor"], 1: ["anchor"]}
+    assert forget.not_reproducing == ["novel"] and forget.reproducing == [0]
+
+
+def train_args(pipe: str, prompts, out, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", pipe, "--forget_prompts", str(prompts), "--output_dir", str(out),
+            "--forget_samples", "4", "--forget_inference_steps", "2", "--retain_samples", "2", "--num_rounds", "1",
+            "--local_steps", "2", "--train_batch_size", "4", "--num_validation_images", "0", "--report_to", "none",
+            "--eval_batch_size", "8", *map(str, extra)]
+
+
+def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "out"
+    # Every render is within the threshold of every other (pixels RMS is at most 2): every prompt reproduces.
+    trainer = run(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--dedup_threshold", 2.0)))
+    report = json.loads((out / "memmit" / "forget" / "forget.json").read_text())
+    assert [r["collapsed_renders"] for r in report["prompts"]] == [[0, 1, 2, 3]] * 3
+    # The anchors, from the pipeline's own scores of each prompt and of it with each word left out.
+    task = load_task(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--caption_column", "text")))
+    for row in report["prompts"]:
+        score = lambda p: float(prompt_scores(task, [p], 2, 1, 4, 0, 8, torch.device("cpu"), False)[0])
+        drops = [score(row["prompt"]) - score(v) for v in leave_one_out(row["prompt"])]
+        trigger = [d > 0 and d >= TRIGGER_SHARE * max(drops) for d in drops]
+        assert [w["score_drop"] for w in row["words"]] == pytest.approx(drops, rel=1e-5)
+        expected = " ".join(w for w, t in zip(row["prompt"].split(), trigger) if not t).strip(" ,;:")
+        assert row["anchor"] == (expected if max(drops) > 0 else "")
+    anchors = [r["anchor"] for r in report["prompts"]]
+    assert report["retain_prompts"] == [a for a in dict.fromkeys(anchors) if a not in PROMPTS]
+    assert sorted(p.name for p in (out / "memmit" / "forget" / "references").iterdir()) == sorted(
+        f"{i}-{j}.png" for i in range(3) for j in range(4))
+    # The training set: the 12 reproductions, each anchored to its prompt's anchor, then 2 renders of each retained.
+    assert trainer.dataset["text"] == [p for p in PROMPTS for _ in range(4)] + [
+        p for p in report["retain_prompts"] for _ in range(2)]
+    assert trainer.split.anchors == {i: [anchors[i // 4]] for i in range(12)}
+    assert trainer.cfg.agc_lambda == 0.0  # AGC off: the renders are all the model's own
+    assert (out / "model_index.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "fine-tuned on its own renders of prompts it reproduced" in card and "**Forget mode**" in card
+    assert "Near-duplicate training images" not in card
+    # The reproductions are the pipeline's renders of their prompt at the run's seed, keyed per render.
+    again = render(task, PROMPTS[:1], 4, 2, 3, 0, torch.device("cpu"), False)[0]
+    assert np.array_equal(np.asarray(trainer.dataset[0]["image"]).reshape(again[0].shape), again[0])
+
+
+def test_a_flow_matching_pipeline_forgets_towards_the_users_anchors(tiny_sd3_pipeline, tmp_path):
+    prompts, anchors = tmp_path / "prompts.txt", tmp_path / "anchors.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    anchors.write_text("a handwritten seven\na number\n")
+    out = tmp_path / "out"
+    trainer = run(parse_args(train_args(tiny_sd3_pipeline, prompts, out, "--dedup_threshold", 2.0, "--anchor_prompts",
+                                        anchors, "--resolution", 16, "--center_crop")))
+    report = json.loads((out / "memmit" / "forget" / "forget.json").read_text())
+    assert [(r["prompt"], r["anchor"], r["words"]) for r in report["prompts"]] == [
+        (PROMPTS[0], "a handwritten seven", []), (PROMPTS[1], "a number", [])]
+    assert trainer.split.anchors == {i: [["a handwritten seven", "a number"][i // 4]] for i in range(8)}
+    assert (out / "model_index.json").is_file()
+
+
+def test_prompts_that_do_not_reproduce_train_nothing_and_write_nothing(tiny_sd_pipeline, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "out"
+    assert main(["train", *train_args(tiny_sd_pipeline, prompts, out, "--dedup_threshold", 0.0)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 of 3 forget prompts reproduce" in printed and "nothing trained, no model written" in printed
+    assert not out.exists()
+
+
+def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipeline, tmp_path, caplog):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("short\n" + " ".join(["word"] * 20) + "\n")  # 100 byte tokens, of 77
+    cfg = parse_args(train_args(tiny_sd_pipeline, prompts, tmp_path / "out", "--caption_column", "text"))
+    PartialState()  # as the run's accelerator would: the warning goes through accelerate's logger
+    with caplog.at_level(logging.WARNING):
+        assert forget_prompts(cfg, load_task(cfg))[0][0] == "short"
+    assert "forget prompt 2 of" in caplog.text and "it is truncated" in caplog.text
+
+
+@pytest.mark.parametrize("pipe, extra, message", [
+    ("sd", ["--forget_prompts", "missing.txt"], "forget_prompts 'missing.txt' cannot be read"),
+    ("sd", ["--dataset_name", "DATA"], "dataset_name: options of training images"),
+    ("sd", ["--dedup", "none", "--evaluate"], "dedup, evaluate: options of training images"),
+    ("sd", ["--anchor_prompts", "PROMPTS2"], "anchor_prompts 'PROMPTS2' holds 1 anchors for 3 forget prompts"),
+    ("sd", ["--forget_share", "1.5"], "forget_share must be in (0, 1]"),
+    ("ddpm", [], "is unconditional"),
+    ("sd3", [], "samples with FlowMatchEulerDiscrete; pass --anchor_prompts"),
+])
+def test_bad_forget_input_is_named_before_anything_renders(tiny_sd_pipeline, tiny_pipeline, tiny_sd3_pipeline,
+                                                           captioned_digits_dir, tmp_path, capsys, pipe, extra,
+                                                           message):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    (tmp_path / "anchors.txt").write_text("one anchor\n")
+    extra = [{"PROMPTS2": str(tmp_path / "anchors.txt"), "DATA": captioned_digits_dir}.get(a, a) for a in extra]
+    path = {"sd": tiny_sd_pipeline, "ddpm": tiny_pipeline, "sd3": tiny_sd3_pipeline}[pipe]
+    out = tmp_path / "out"
+    assert main(["train", *train_args(path, prompts, out), *extra]) == 2
+    assert message.replace("PROMPTS2", str(tmp_path / "anchors.txt")) in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_forget_options_without_forget_prompts_are_refused(captioned_digits_dir, tiny_sd_pipeline, tmp_path, capsys):
+    assert main(["train", "--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
+                 "--caption_column", "text", "--forget_top", "3", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "forget_top: options of --forget_prompts, which is not given" in capsys.readouterr().err
