@@ -76,6 +76,58 @@ def duplicated_truth(samples: np.ndarray, prompts: list[str], duplicated: set[st
     return rep["summary"]["fraction_memorized_ratio"]
 
 
+class Scorer:
+    """One pipeline's measures on the testbed: `memmit eval`'s report (under out/eval/LABEL), ground truth on the
+    duplicated- and single-copy-caption prompts, Fréchet distance against held-out digits."""
+
+    def __init__(self, out: Path, data: Path, features: Path, digits: str, num_samples: int,
+                 table_only: bool = False):
+        self.out, self.data, self.features = out, data, features
+        self.num_samples, self.table_only = num_samples, table_only
+        ds = datasets.load_from_disk(str(data))
+        carried = Counter(t for t, dup in zip(ds["text"], ds["is_duplicate"]) if dup)
+        self.duplicated = {t for t, n in carried.items() if n > 1}
+        self.single = {t for t, n in carried.items() if n == 1}
+        self.train, self.families = ground_truth(ds)
+        self.extractor, self.held_out = held_out_features(features, data, digits)
+
+    def measure(self, label: str, path: Path) -> dict:
+        report_dir = self.out / "eval" / label
+        # The pretrained checkpoint is cached, and so is its report (for this many samples).
+        reuse = self.table_only or (label == "pretrained" and (report_dir / "report.json").is_file()
+                                    and len(np.load(report_dir / "samples.npy")) == self.num_samples)
+        report = (json.loads((report_dir / "report.json").read_text()) if reuse
+                  else evaluate_run(path, report_dir, self.data, self.features, self.num_samples, 50))
+        samples = np.load(report_dir / "samples.npy")
+        prompts = json.loads((report_dir / "prompts.json").read_text())
+        p = report["prompts"]
+        return {"dup_eval": p["duplicated"]["fraction_memorized_ratio"],
+                "dup_truth": duplicated_truth(samples, prompts, self.duplicated, self.train, self.families),
+                "single_truth": duplicated_truth(samples, prompts, self.single, self.train, self.families),
+                "other_eval": p["other"]["fraction_memorized_ratio"],
+                "frechet": report["quality"]["frechet_distance"],
+                "frechet_held_out": held_out_frechet(samples, self.extractor, self.held_out),
+                "aligned": p["alignment"]["fraction_aligned"],
+                "aligned_other": p["alignment"]["fraction_aligned_other"]}
+
+
+def print_table(results: dict[str, list[dict]], baseline: str) -> None:
+    """The markdown table of EFFICACY.md: each arm's mean over its seeds (each seed's value in brackets), and its
+    duplicated-caption copying relative to `baseline`'s."""
+    plain = statistics.mean(r["dup_truth"] for r in results[baseline]) if baseline in results else None
+    print(f"| arm | dup. prompts memorized, truth % | vs {baseline} | single-copy captions, truth % | dup. prompts, eval % | "
+          "other prompts, eval % | Fréchet, distinct training | Fréchet, held-out | aligned % | aligned, other prompts % |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for arm, rows in results.items():
+        def col(key, scale=100.0):
+            values = [r[key] * scale for r in rows]
+            return f"{statistics.mean(values):.1f} ({'; '.join(f'{v:.1f}' for v in values)})"
+        mean_truth = statistics.mean(r["dup_truth"] for r in rows)
+        change = f"{mean_truth / plain - 1:+.0%}" if plain else "-"
+        print(f"| {arm} | {col('dup_truth')} | {change} | {col('single_truth')} | {col('dup_eval')} | {col('other_eval')} | "
+              f"{col('frechet', 1.0)} | {col('frechet_held_out', 1.0)} | {col('aligned')} | {col('aligned_other')} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--digits", default="mnist", choices=("mnist", "sklearn_digits"))
@@ -93,32 +145,8 @@ def main() -> None:
     out = Path(args.output_dir or "efficacy-t2i-output" + ("" if args.digits == "mnist" else f"-{args.digits}"))
     data, features, pretrained = prepare(out, args.digits, args.pretrain_steps, family=args.family,
                                          copy_style=args.copy_style)
-    ds = datasets.load_from_disk(str(data))
-    carried = Counter(t for t, dup in zip(ds["text"], ds["is_duplicate"]) if dup)
-    duplicated = {t for t, n in carried.items() if n > 1}
-    single = {t for t, n in carried.items() if n == 1}
-    train, families = ground_truth(ds)
-    extractor, held_out = held_out_features(features, data, args.digits)
-
-    def measure(label: str, path: Path) -> dict:
-        report_dir = out / "eval" / label
-        # The pretrained checkpoint is cached, and so is its report (for this many samples).
-        reuse = args.table_only or (label == "pretrained" and (report_dir / "report.json").is_file()
-                                    and len(np.load(report_dir / "samples.npy")) == args.num_samples)
-        report = (json.loads((report_dir / "report.json").read_text()) if reuse
-                  else evaluate_run(path, report_dir, data, features, args.num_samples, 50))
-        samples = np.load(report_dir / "samples.npy")
-        prompts = json.loads((report_dir / "prompts.json").read_text())
-        p = report["prompts"]
-        return {"dup_eval": p["duplicated"]["fraction_memorized_ratio"],
-                "dup_truth": duplicated_truth(samples, prompts, duplicated, train, families),
-                "single_truth": duplicated_truth(samples, prompts, single, train, families),
-                "other_eval": p["other"]["fraction_memorized_ratio"],
-                "frechet": report["quality"]["frechet_distance"],
-                "frechet_held_out": held_out_frechet(samples, extractor, held_out),
-                "aligned": p["alignment"]["fraction_aligned"],
-                "aligned_other": p["alignment"]["fraction_aligned_other"]}
-
+    scorer = Scorer(out, data, features, args.digits, args.num_samples, args.table_only)
+    measure = scorer.measure
     results = {"pretrained": [measure("pretrained", pretrained)]}
     for arm in args.arms:
         rows = []
@@ -133,19 +161,7 @@ def main() -> None:
             rows.append(measure(name, path))
         results[arm] = rows
     (out / "efficacy.json").write_text(json.dumps(results, indent=2))
-    plain = statistics.mean(r["dup_truth"] for r in results["plain"]) if "plain" in results else None
-    print("| arm | dup. prompts memorized, truth % | vs plain | single-copy captions, truth % | dup. prompts, eval % | "
-          "other prompts, eval % | Fréchet, distinct training | Fréchet, held-out | aligned % | aligned, other prompts % |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for arm, rows in results.items():
-        def col(key, scale=100.0):
-            values = [r[key] * scale for r in rows]
-            return f"{statistics.mean(values):.1f} ({'; '.join(f'{v:.1f}' for v in values)})"
-        mean_truth = statistics.mean(r["dup_truth"] for r in rows)
-        change = f"{mean_truth / plain - 1:+.0%}" if plain else "-"
-        print(f"| {arm} | {col('dup_truth')} | {change} | {col('single_truth')} | {col('dup_eval')} | {col('other_eval')} | "
-              f"{col('frechet', 1.0)} | {col('frechet_held_out', 1.0)} | {col('aligned')} | {col('aligned_other')} |")
-
+    print_table(results, "plain")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,90 @@
+"""Forget mode on the text-to-image testbed, treated as a black box: the pretrained checkpoint mitigated from prompts
+alone (`--forget_prompts`, no training image), measured with `memmit eval` against the testbed's ground truth, which
+the method never sees.
+
+Prompt sets: "duplicated" (the captions the duplicated digits carry: a user who knows what the model copies) and
+"detected" (the `--forget_top` highest of `memmit eval --detect_prompts` over every training caption: detect ->
+mitigate end to end). Each runs at the testbed recipe's optimizer settings for each budget given (steps); the table
+is efficacy_t2i.py's, its "vs plain" column relative to the pretrained checkpoint. Renders use the run's seed 100,
+apart from the eval's sampling noises. Usage:
+    python benchmarks/forget_t2i.py [--output_dir efficacy-t2i-3000] [--pretrain_steps 3000] [--family sd]
+        [--prompt_sets duplicated detected] [--steps 96 384] [--seeds 0 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from efficacy_t2i import Scorer, print_table
+from memmit.testbeds.launch import launch
+from memmit.testbeds.text_to_image import eval_flags, prepare
+
+RENDER_SEED = 100
+# configs/t2i-testbed.yaml's optimizer settings, without its data options (forget mode has no dataset).
+RECIPE = ["--resolution", 16, "--center_crop", "--train_batch_size", 32, "--learning_rate", 1e-4,
+          "--adam_weight_decay", 0, "--caption_dropout", 0.1, "--num_validation_images", 0, "--report_to", "none",
+          "--checkpointing_steps", 100, "--checkpoints_total_limit", 1]
+LOCAL_STEPS = 24
+
+
+def detected_prompts(out: Path, data: Path, features: Path, pretrained: Path) -> Path:
+    """`memmit eval --detect_prompts` over every training caption of the testbed (cached)."""
+    report = out / "detect" / "detect_prompts.json"
+    if not report.is_file():
+        from memmit.cli import main
+
+        flags = eval_flags(data, features, 2, 50)[:4]  # the dataset and its caption column
+        assert main(["eval", "--detect_prompts", "--pretrained_model_name_or_path", str(pretrained),
+                     "--output_dir", str(report.parent), *flags]) == 0
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="efficacy-t2i-3000")
+    parser.add_argument("--pretrain_steps", type=int, default=3000)
+    parser.add_argument("--family", default="sd", choices=("sd", "sd3"))
+    parser.add_argument("--prompt_sets", nargs="+", default=["duplicated", "detected"],
+                        choices=("duplicated", "detected"))
+    parser.add_argument("--forget_top", type=int, default=16, help="detected: the highest-ranked prompts taken")
+    parser.add_argument("--steps", type=int, nargs="+", default=[96, 384], help="optimizer steps of each run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--num_samples", type=int, default=256)
+    parser.add_argument("--table_only", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.output_dir)
+    data, features, pretrained = prepare(out, "mnist", args.pretrain_steps, family=args.family)
+    scorer = Scorer(out, data, features, "mnist", args.num_samples, args.table_only)
+    lists = {"duplicated": out / "forget-duplicated.txt"}
+    lists["duplicated"].write_text("\n".join(sorted(scorer.duplicated)) + "\n")
+    results = {"pretrained": [scorer.measure("pretrained", pretrained)]}
+    for prompt_set in args.prompt_sets:
+        source = (["--forget_prompts", lists[prompt_set]] if prompt_set == "duplicated" else
+                  ["--forget_prompts", detected_prompts(out, data, features, pretrained), "--forget_top",
+                   args.forget_top])
+        for steps in args.steps:
+            arm, rows = f"forget_{prompt_set}_{steps}", []
+            for seed in args.seeds:
+                name = f"{arm}-seed{seed}"
+                if not args.table_only:
+                    launch(["--pretrained_model_name_or_path", pretrained, *source, *RECIPE,
+                            "--seed", RENDER_SEED + seed, "--num_rounds", steps // LOCAL_STEPS, "--local_steps", LOCAL_STEPS,
+                            "--output_dir", out / name, "--overwrite_output_dir"])
+                rows.append(scorer.measure(name, out / name))
+                split = json.loads((out / name / "memmit" / "forget" / "forget.json").read_text())
+                rows[-1]["reproducing"] = [p["prompt"] for p in split["prompts"] if p["reproduces"]]
+            results[arm] = rows
+    (out / "forget.json").write_text(json.dumps(results, indent=2))
+    print_table(results, "pretrained")
+    for arm, rows in results.items():
+        for row in rows[:1]:
+            if "reproducing" in row:
+                found = sum(p in scorer.duplicated for p in row["reproducing"])
+                print(f"{arm}: {len(row['reproducing'])} prompts reproduced, {found} of them duplicated captions "
+                      f"(of {len(scorer.duplicated)})")
+
+
+if __name__ == "__main__":
+    main()
