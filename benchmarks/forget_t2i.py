@@ -5,8 +5,9 @@ the method never sees.
 Prompt sets: "duplicated" (the captions the duplicated digits carry: a user who knows what the model copies) and
 "detected" (the `--forget_top` highest of `memmit eval --detect_prompts` over every training caption: detect ->
 mitigate end to end). Each runs at the testbed recipe's optimizer settings for each budget given (steps); the table
-is efficacy_t2i.py's, its "vs plain" column relative to the pretrained checkpoint. Renders use the run's seed 100,
-apart from the eval's sampling noises. Usage:
+is efficacy_t2i.py's, its "vs plain" column relative to the pretrained checkpoint, then each run's --evaluate
+(renders of the reproducing prompts on new seeds and in four variants against its references). Renders use the
+run's seed 100, apart from the eval's sampling noises. Usage:
     python benchmarks/forget_t2i.py [--output_dir efficacy-t2i-3000] [--pretrain_steps 3000] [--family sd]
         [--prompt_sets duplicated detected] [--steps 96 384] [--seeds 0 1]
 """
@@ -25,7 +26,7 @@ RENDER_SEED = 100
 # configs/t2i-testbed.yaml's optimizer settings, without its data options (forget mode has no dataset).
 RECIPE = ["--resolution", 16, "--center_crop", "--train_batch_size", 32, "--learning_rate", 1e-4,
           "--adam_weight_decay", 0, "--caption_dropout", 0.1, "--num_validation_images", 0, "--report_to", "none",
-          "--checkpointing_steps", 100, "--checkpoints_total_limit", 1]
+          "--checkpointing_steps", 100, "--checkpoints_total_limit", 1, "--evaluate"]
 LOCAL_STEPS = 24
 
 
@@ -75,6 +76,8 @@ def main() -> None:
                 rows.append(scorer.measure(name, out / name))
                 split = json.loads((out / name / "memmit" / "forget" / "forget.json").read_text())
                 rows[-1]["reproducing"] = [p["prompt"] for p in split["prompts"] if p["reproduces"]]
+                verified = json.loads((out / name / "memmit" / "forget" / "verify.json").read_text())
+                rows[-1]["verified"] = verified["summary"]
             results[arm] = rows
     (out / "forget.json").write_text(json.dumps(results, indent=2))
     print_table(results, "pretrained")
@@ -83,7 +86,9 @@ def main() -> None:
             if "reproducing" in row:
                 found = sum(p in scorer.duplicated for p in row["reproducing"])
                 print(f"{arm}: {len(row['reproducing'])} prompts reproduced, {found} of them duplicated captions "
-                      f"(of {len(scorer.duplicated)})")
+                      f"(of {len(scorer.duplicated)}); renders reproducing a reference, before -> after (--evaluate):")
+                for kind, share in row["verified"].items():
+                    print(f"    {kind}: {share['before']:.1%} -> {share['after']:.1%}")
 
 
 if __name__ == "__main__":

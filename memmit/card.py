@@ -17,6 +17,7 @@ from .config import SECRET_OPTIONS
 
 TAGS = ["diffusers", "diffusers-training", "memorization-mitigation", "iet-agc"]
 COMPARE_FIGURE = "memmit/eval/compare.png"  # written by --evaluate; the card shows it when present
+FORGET_VERIFICATION = "memmit/forget/verify.json"  # written by --evaluate in forget mode; the card shows its table
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 CITATION = """\
 @inproceedings{liu2024iterative,
@@ -179,7 +180,7 @@ def _usage_lines(cfg: dict, base_model: Optional[str], repo_id: str, pipeline_cl
 
 def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
                reports: Optional[dict[str, dict]], repo_id: str, figure: bool = False,
-               pipeline_class: str = "DiffusionPipeline") -> str:
+               pipeline_class: str = "DiffusionPipeline", verification: Optional[dict] = None) -> str:
     trained_on = ("its own renders of prompts it reproduced" if cfg.get("forget_prompts")
                   else _describe_source(dataset, "dataset"))
     lines = [
@@ -196,6 +197,19 @@ def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
                   "second nearest).", "", _eval_data_line(reports, dataset), "", *_results_table(reports), ""]
         if figure:
             lines += [f"![memorized samples, {' and '.join(reports)}]({COMPARE_FIGURE})", ""]
+    if verification:
+        lines += ["## Forget prompts before and after", "",
+                  f"Renders of the {len(verification['prompts'])} reproducing forget prompts, "
+                  f"{verification['settings']['samples']} each from seeds the run did not render, by the input and "
+                  "the mitigated pipeline; a render reproduces when it lies within the near-duplicate threshold of "
+                  "one of the prompt's references (`memmit/forget/verify.json`).", "",
+                  "| prompts | reproducing, before | after |", "|---|---|---|",
+                  *[f"| {kind} | {row['before']:.1%} | {row['after']:.1%} |"
+                    for kind, row in verification["summary"].items()], ""]
+        kept = verification["retained"]
+        if kept["mean_pixel_change"] is not None:
+            lines += [f"The {len(kept['prompts'])} retained prompts' renders changed by "
+                      f"{kept['mean_pixel_change']:.3f} RMS (pixels in [-1, 1]) for the same seeds.", ""]
     lines += ["## How to use", "", *_usage_lines(cfg, base_model, repo_id, pipeline_class), "",
               "## Training configuration", "", "<details>", "", "```yaml",
               yaml.safe_dump(_public_config(cfg), sort_keys=False).rstrip(), "```", "", "</details>", "",
@@ -219,7 +233,9 @@ def write_model_card(output_dir: str | Path, cfg_dict: dict, base_model: Optiona
         eval_results=_eval_results(eval_reports, dataset, task) if eval_reports else None,
     )
     figure = bool(eval_reports) and (Path(output_dir) / COMPARE_FIGURE).is_file()
-    body = _card_body(cfg_dict, base_model, dataset, eval_reports, repo_id, figure, _pipeline_class(Path(output_dir)))
+    verified = Path(output_dir) / FORGET_VERIFICATION
+    body = _card_body(cfg_dict, base_model, dataset, eval_reports, repo_id, figure, _pipeline_class(Path(output_dir)),
+                      json.loads(verified.read_text()) if verified.is_file() else None)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = Path(output_dir) / "README.md"
     card.save(path)

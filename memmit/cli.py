@@ -35,11 +35,12 @@ def prepare(cfg) -> Plan:
     from .train.setup import build_trainer  # heavy imports only once the flags are known to be valid
 
     repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
-    if cfg.evaluate:  # the "before" report is kept there: a folder that cannot hold it fails now, not after sampling
+    audit = cfg.evaluate and not cfg.forget_prompts  # forget mode verifies against its own references instead
+    if audit:  # the "before" report is kept there: a folder that cannot hold it fails now, not after sampling
         writable_cache("eval")
     trainer = build_trainer(cfg)
     acc = trainer.accelerator
-    before_config = cfg.eval_config(cfg.output_dir, before=True) if cfg.evaluate else None
+    before_config = cfg.eval_config(cfg.output_dir, before=True) if audit else None
     before = (prepare_evaluation(before_config, acc.is_local_main_process)
               if before_config and acc.is_main_process else None)
     # Every input is valid: a bad token or repo name fails now, in seconds, not after training.
@@ -57,6 +58,7 @@ def finish(plan: Plan) -> Path:
 
     from .card import write_model_card
     from .eval.audit import comparison_table, eval_dir, evaluate_after
+    from .forget.verify import verification_table, verify_run
     from .hub import push
     from .train.export import export_result
 
@@ -66,7 +68,10 @@ def finish(plan: Plan) -> Path:
     if acc.is_main_process:
         export_result(trainer.task, trainer.model, cfg, trainer.out)
     acc.wait_for_everyone()  # every process samples its share of the exported pipeline's evaluation
-    reports = evaluate_after(cfg, plan.before, PartialState(), acc.is_local_main_process) if cfg.evaluate else None
+    audit = cfg.evaluate and not cfg.forget_prompts
+    reports = evaluate_after(cfg, plan.before, PartialState(), acc.is_local_main_process) if audit else None
+    verified = (verify_run(cfg, trainer.out, acc.device, acc.is_local_main_process)
+                if cfg.evaluate and cfg.forget_prompts and acc.is_main_process else None)
     if acc.is_main_process:
         write_model_card(trainer.out, cfg.to_dict(), cfg.pretrained_model_name_or_path,
                          cfg.dataset_name or cfg.train_data_dir, eval_reports=reports, repo_id=repo_id)
@@ -79,6 +84,9 @@ def finish(plan: Plan) -> Path:
         if reports:  # the run's last lines
             print(f"memmit: memorization before and after ({eval_dir(trainer.out) / 'compare.png'}):")
             print(comparison_table(reports))
+        if verified:
+            print(f"memmit: forget prompts before and after ({trainer.out / 'memmit' / 'forget' / 'verify.json'}):")
+            print(verification_table(verified))
     return trainer.out
 
 

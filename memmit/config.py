@@ -39,7 +39,7 @@ TEXT_TO_IMAGE_OPTIONS = (
 FORGET_OPTIONS = ("forget_top", "forget_min_score", "forget_samples", "forget_share", "forget_inference_steps",
                   "anchor_prompts", "retain_prompts", "retain_samples")
 NEEDS_TRAINING_IMAGES = ("dataset_name", "dataset_config_name", "train_data_dir", "label_column", "max_train_samples",
-                         "cache_latents", "dedup", "dedup_captions", "dedup_anchors", "dedup_family_size", "evaluate")
+                         "cache_latents", "dedup", "dedup_captions", "dedup_anchors", "dedup_family_size")
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
@@ -281,7 +281,7 @@ class MemmitConfig(ModelDataConfig):
     validation_inference_steps: int = opt(50, "Sampling steps of the round-end sample grid (DDIM, or the flow-matching pipeline's own sampler).", resume="free")
 
     # Memorization before and after (memmit eval's options, named eval_<name>)
-    evaluate: bool = opt(False, "Run `memmit eval` on the input pipeline before training (cached) and on the result after export; the model card and the run's last lines compare them.", resume="free")
+    evaluate: bool = opt(False, "Run `memmit eval` on the input pipeline before training (cached) and on the result after export; the model card and the run's last lines compare them. With forget_prompts: both pipelines render each reproducing prompt from new seeds and in four variants (a word added or removed, a typo, a template), and the retained prompts, against the forget references (memmit/forget/verify.json).", resume="free")
     eval_num_samples: int = eval_opt("num_samples")
     eval_num_inference_steps: int = eval_opt("num_inference_steps")
     eval_batch_size: int = eval_opt("batch_size")
@@ -344,11 +344,12 @@ class MemmitConfig(ModelDataConfig):
              f"dedup=same_shard needs shard_strategy=random, got {self.shard_strategy!r}")
         need(self.shard_strategy != "stratified" or self.label_column is not None,
              "shard_strategy=stratified needs label_column")
-        if self.evaluate:
+        if self.evaluate:  # forget mode verifies with its own renders (forget/verify.py): no eval config
             need(self.export == "full", "--evaluate needs --export full: memmit eval samples a whole pipeline, "
                                         "and --export lora writes only the adapter")
             try:
-                self.eval_config(self.output_dir, before=True)
+                if self.forget_prompts is None:
+                    self.eval_config(self.output_dir, before=True)
             except ValueError as exc:  # name the training option the user sets, not EvalConfig's field
                 raise ValueError(re.sub(rf"\b({'|'.join(EVAL_OPTIONS)})\b", r"eval_\1", str(exc))) from exc
 
@@ -363,7 +364,7 @@ class MemmitConfig(ModelDataConfig):
             return
         given = options_given(self, NEEDS_TRAINING_IMAGES)
         need(not given, f"{', '.join(given)}: options of training images, and --forget_prompts trains on the "
-                        "pipeline's own renders (no dataset; memmit eval --evaluate needs the training images too)")
+                        "pipeline's own renders (no dataset)")
         need(self.forget_top is None or self.forget_top >= 1, f"forget_top must be >= 1, got {self.forget_top}")
         need(self.forget_samples >= 2, f"forget_samples must be >= 2 (a copy is renders that collapse), got {self.forget_samples}")
         need(0 < self.forget_share <= 1, f"forget_share must be in (0, 1], got {self.forget_share}")

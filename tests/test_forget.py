@@ -19,6 +19,7 @@ from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
 from memmit.forget.build import forget_prompts
 from memmit.forget.prompts import read_forget_prompts
 from memmit.forget.renders import ForgetSet, collapsed, render
+from memmit.forget.verify import VARIANTS, prompt_variants, reproduces
 from memmit.families import load_task
 
 from conftest import mnist_images
@@ -177,7 +178,8 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
 @pytest.mark.parametrize("pipe, extra, message", [
     ("sd", ["--forget_prompts", "missing.txt"], "forget_prompts 'missing.txt' cannot be read"),
     ("sd", ["--dataset_name", "DATA"], "dataset_name: options of training images"),
-    ("sd", ["--dedup", "none", "--evaluate"], "dedup, evaluate: options of training images"),
+    ("sd", ["--dedup", "none", "--label_column", "label"], "label_column, dedup: options of training images"),
+    ("sd", ["--evaluate", "--export", "lora", "--lora_rank", "4"], "--evaluate needs --export full"),
     ("sd", ["--anchor_prompts", "PROMPTS2"], "anchor_prompts 'PROMPTS2' holds 1 anchors for 3 forget prompts"),
     ("sd", ["--forget_share", "1.5"], "forget_share must be in (0, 1]"),
     ("ddpm", [], "is unconditional"),
@@ -201,3 +203,43 @@ def test_forget_options_without_forget_prompts_are_refused(captioned_digits_dir,
     assert main(["train", "--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
                  "--caption_column", "text", "--forget_top", "3", "--output_dir", str(tmp_path / "out")]) == 2
     assert "forget_top: options of --forget_prompts, which is not given" in capsys.readouterr().err
+
+
+def test_prompt_variants_are_small_deterministic_changes():
+    assert prompt_variants("a handwritten seven, bold") == {
+        "held-out seeds": "a handwritten seven, bold", "word added": "a handwritten seven, bold picture",
+        "word removed": "a handwritten seven,", "typo": "a hnadwritten seven, bold",
+        "template": "an image of a handwritten seven, bold"}
+    assert list(prompt_variants("x")) == list(VARIANTS)
+
+
+def test_a_render_reproduces_when_it_lies_within_the_threshold_of_a_reference():
+    images, _ = mnist_images(3)
+    digits = np.stack([np.asarray(img.convert("L").resize((16, 16)))[..., None] for img in images])
+    shifted = np.roll(digits[0], 1, axis=1)  # one pixel across: the pixel detector aligns it
+    assert reproduces(np.stack([shifted, digits[2]]), digits[:2], PixelDetector(0.3, 16, 1)) == [True, False]
+
+
+def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd_pipeline, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    out = tmp_path / "out"
+    assert main(["train", *train_args(tiny_sd_pipeline, prompts, out, "--dedup_threshold", 2.0, "--evaluate",
+                                      "--learning_rate", 1e-2)]) == 0
+    result = json.loads((out / "memmit" / "forget" / "verify.json").read_text())
+    assert list(result["summary"]) == list(VARIANTS) and set(result["prompts"]) == set(PROMPTS[:2])
+    assert result["prompts"][PROMPTS[0]]["typo"]["prompt"] == prompt_variants(PROMPTS[0])["typo"]
+    # Every render is within a threshold of 2 of every reference: all reproduce, before and after.
+    assert all(row == {"before": 1.0, "after": 1.0} for row in result["summary"].values())
+    # The retained prompts' change: their renders by both pipelines, same seeds (seed + 2), written out.
+    kept = result["retained"]["prompts"]
+    before = load_task(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--caption_column", "text")))
+    after = load_task(parse_args(train_args(str(out), prompts, tmp_path / "x", "--caption_column", "text")))
+    a, b = (np.concatenate(render(t, kept, 4, 2, 8, 2, torch.device("cpu"), False)).astype(float) / 127.5
+            for t in (before, after))
+    per_render = np.sqrt(((a - b) ** 2).reshape(len(kept), 4, -1).mean(axis=2)).mean(axis=1)
+    assert result["retained"]["mean_pixel_change"] == pytest.approx(per_render.mean(), rel=1e-6)
+    assert result["retained"]["mean_pixel_change"] > 0  # lr 1e-2 moved the model
+    printed = capsys.readouterr().out
+    assert "forget prompts before and after" in printed and "word removed" in printed
+    assert "## Forget prompts before and after" in (out / "README.md").read_text()

@@ -1,0 +1,121 @@
+"""Forget mode's verification (`--evaluate`): the original and the mitigated pipeline render each reproducing prompt
+from seeds the run never rendered, and its variants (a word added, a word removed, a typo, a template: small prompt
+changes re-trigger copies that local edits only hide, arXiv 2507.16880); a render reproduces when it lies within
+the detector's threshold of one of the prompt's references (memmit/forget/references/). The retained prompts'
+renders, same seeds before and after, say how much of the rest changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import mean
+
+import numpy as np
+import torch
+
+from ..data.detectors import Detector
+from ..families.stable_diffusion import TextToImageTask
+from .renders import render, to_pil
+
+VARIANTS = ("held-out seeds", "word added", "word removed", "typo", "template")
+VERIFY_SEED_OFFSET = 2  # the forget renders drew from the run's seed, the retained ones from seed + 1
+
+
+def prompt_variants(prompt: str) -> dict[str, str]:
+    """The prompt itself (new seeds) and four small changes of it, each deterministic."""
+    words = prompt.split()
+    i = max(range(len(words)), key=lambda k: len(words[k]))
+    w = words[i]
+    typo = w[0] + w[2] + w[1] + w[3:] if len(w) >= 3 else w + w  # two letters swapped (a short word doubled)
+    return {"held-out seeds": prompt,
+            "word added": f"{prompt} picture",
+            "word removed": " ".join(words[:-1]) if len(words) > 1 else "",
+            "typo": " ".join(words[:i] + [typo] + words[i + 1:]),
+            "template": f"an image of {prompt}"}
+
+
+def reproduces(renders: np.ndarray, references: np.ndarray, detector: Detector) -> list[bool]:
+    """Whether each render lies within the detector's threshold of one of the references."""
+    a = detector.features([to_pil(x) for x in renders])
+    b = detector.features([to_pil(x) for x in references])
+    pairs = torch.cartesian_prod(torch.arange(len(a)), torch.arange(len(b)))
+    distances = detector.distance(a[pairs[:, 0]], b[pairs[:, 1]]).view(len(a), len(b))
+    return (distances.min(dim=1).values <= detector.threshold).tolist()
+
+
+def verify(before: TextToImageTask, after: TextToImageTask, report: dict, references: dict[str, np.ndarray],
+           detector: Detector, samples: int, steps: int, batch_size: int, seed: int, device: torch.device,
+           show_progress: bool = True) -> dict:
+    """Shares of renders reproducing a reference, per prompt and variant, before and after; the retained prompts'
+    mean pixel change (RMS in [0, 2]) and the share of their renders (after) that reproduce any reference."""
+    reproducing = [p["prompt"] for p in report["prompts"] if p["reproduces"]]
+    variants = {p: prompt_variants(p) for p in reproducing}
+    flat = [v for p in reproducing for v in variants[p].values()]
+    retained = report["retain_prompts"]
+    key = seed + VERIFY_SEED_OFFSET
+    shares: dict[str, dict] = {}
+    every_reference = np.concatenate(list(references.values()))
+    change = copied = None
+    for label, task in (("before", before), ("after", after)):
+        renders = render(task, flat, samples, steps, batch_size, key, device, show_progress)
+        for k, (prompt, kind) in enumerate((p, kind) for p in reproducing for kind in VARIANTS):
+            row = shares.setdefault(prompt, {}).setdefault(kind, {"prompt": variants[prompt][kind]})
+            row[label] = mean(reproduces(renders[k], references[prompt], detector))
+        kept = render(task, retained, samples, steps, batch_size, key, device, show_progress) if retained else []
+        if label == "before":
+            kept_before = kept
+        else:
+            change = mean(float(np.sqrt(np.mean(((x.astype(float) - y.astype(float)) / 127.5) ** 2)))
+                          for a, b in zip(kept_before, kept) for x, y in zip(a, b)) if retained else None
+            copied = mean(mean(reproduces(r, every_reference, detector)) for r in kept) if retained else None
+    summary = {kind: {label: mean(shares[p][kind][label] for p in reproducing) for label in ("before", "after")}
+               for kind in VARIANTS}
+    return {"settings": {"samples": samples, "inference_steps": steps, "seed": key, "detector": detector.describe()},
+            "summary": summary, "prompts": shares,
+            "retained": {"prompts": retained, "mean_pixel_change": change, "share_reproducing_a_reference": copied}}
+
+
+def load_references(folder: Path, report: dict, channels: int) -> dict[str, np.ndarray]:
+    """Each reproducing prompt's references, uint8 [n, H, W, C], from references/<prompt index>-<render>.png."""
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    out = {}
+    for i, p in enumerate(report["prompts"]):
+        if p["reproduces"]:
+            images = [np.asarray(Image.open(folder / f"{i}-{j}.png").convert(mode)) for j in p["collapsed_renders"]]
+            out[p["prompt"]] = np.stack([x[..., None] if x.ndim == 2 else x for x in images])
+    return out
+
+
+def verification_table(result: dict) -> str:
+    """Reproducing share of the forget prompts' renders before and after, per kind of prompt; the retained change."""
+    lines = ["forget prompts        reproducing before  after  reduction"]
+    for kind, row in result["summary"].items():
+        cut = f"{1 - row['after'] / row['before']:.0%}" if row["before"] else "-"
+        lines.append(f"{kind:<21} {row['before']:>18.1%}  {row['after']:>5.1%}  {cut:>9}")
+    kept = result["retained"]
+    if kept["mean_pixel_change"] is not None:
+        lines.append(f"retained prompts ({len(kept['prompts'])}): renders changed by {kept['mean_pixel_change']:.3f} "
+                     f"RMS (of 2); {kept['share_reproducing_a_reference']:.1%} reproduce a reference")
+    return "\n".join(lines)
+
+
+def verify_run(cfg, out: Path, device: torch.device, show_progress: bool = True) -> dict:
+    """--evaluate of a forget run: the input pipeline against the one exported to `out`; writes
+    memmit/forget/verify.json and returns it."""
+    import dataclasses
+
+    from ..data.detectors import load_detector
+    from ..families import load_task
+
+    folder = out / "memmit" / "forget"
+    report = json.loads((folder / "forget.json").read_text())
+    before, after = load_task(cfg), load_task(dataclasses.replace(cfg, pretrained_model_name_or_path=str(out)))
+    detector = load_detector(cfg.dedup_features, cfg.dedup_threshold, before.resolution, before.channels, device,
+                             use="eval")
+    result = verify(before, after, report, load_references(folder / "references", report, before.channels), detector,
+                    cfg.forget_samples, cfg.forget_inference_steps, cfg.eval_batch_size, cfg.seed, device,
+                    show_progress)
+    (folder / "verify.json").write_text(json.dumps(result, indent=2))
+    return result
