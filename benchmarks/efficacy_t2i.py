@@ -59,8 +59,11 @@ ARMS = {**{name: tuple(flags) for name, flags in RECIPE_ARMS.items()},
 # configs/sd15-lora.yaml's adapter (rank 16 on the attention projections), exported merged for the eval.
 LORA = ("--lora_rank", 16, "--lora_alpha", 16, "--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0")
 ARMS.update({"plain_lora": tuple(RECIPE_ARMS["plain"]) + LORA, "memmit_lora": LORA})
+LORA_RATES = (("1e3", 1e-3), ("3e4", 3e-4), ("3e3", 3e-3))
 ARMS.update({f"{arm}_lr{tag}": ARMS[arm] + ("--learning_rate", lr) for arm in ("plain_lora", "memmit_lora")
-             for tag, lr in (("1e3", 1e-3), ("3e4", 3e-4))})
+             for tag, lr in LORA_RATES})
+ARMS.update({f"memmit_lora_lr{tag}_weight{w}": ARMS["memmit_lora"] + ("--learning_rate", lr, "--dedup_anchor_weight", w)
+             for tag, lr in LORA_RATES for w in (8, 16, 32)})
 TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source digit (ground truth)
 
 
