@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv test test-slow quickstart quickstart-t2i docs clean
+.PHONY: venv test test-slow quickstart quickstart-t2i quickstart-forget docs clean
 
 venv: $(VENV)/.installed
 
@@ -33,9 +33,13 @@ quickstart: venv
 quickstart-t2i: venv
 	$(PY) -m memmit.quickstart --task text-to-image
 
+# Forget mode: the testbed's checkpoint mitigated from its duplicated captions alone (no training image).
+quickstart-forget: venv
+	$(PY) -m memmit.quickstart --task forget
+
 # The option reference, generated from memmit/config.py (a test fails when it is stale).
 docs: venv
 	$(PY) -m memmit.config > docs/options.md
 
 clean:
-	rm -rf $(VENV) quickstart-output quickstart-t2i-output
+	rm -rf $(VENV) quickstart-output quickstart-t2i-output quickstart-forget-output

@@ -4,8 +4,8 @@ the method never sees.
 
 Prompt sets: "duplicated" (the captions the duplicated digits carry: a user who knows what the model copies) and
 "detected" (the `--forget_top` highest of `memmit eval --detect_prompts` over every training caption: detect ->
-mitigate end to end). Each runs at the testbed recipe's optimizer settings for each budget given (steps); the table
-is efficacy_t2i.py's, its "vs plain" column relative to the pretrained checkpoint, then each run's --evaluate
+mitigate end to end). Each runs with text_to_image.FORGET_RECIPE's settings for each budget given (steps); the
+table is efficacy_t2i.py's, its "vs plain" column relative to the pretrained checkpoint, then each run's --evaluate
 (renders of the reproducing prompts on new seeds and in four variants against its references). Renders use the
 run's seed 100, apart from the eval's sampling noises. Usage:
     python benchmarks/forget_t2i.py [--output_dir efficacy-t2i-3000] [--pretrain_steps 3000] [--family sd]
@@ -19,16 +19,9 @@ import json
 from pathlib import Path
 
 from efficacy_t2i import Scorer, print_table
-from memmit.testbeds.launch import launch
-from memmit.testbeds.text_to_image import eval_flags, prepare
+from memmit.testbeds.text_to_image import FORGET_RECIPE, duplicated_captions, eval_flags, forget, prepare
 
 RENDER_SEED = 100
-# configs/t2i-testbed.yaml's optimizer settings, without its data options (forget mode has no dataset).
-RECIPE = ["--resolution", 16, "--center_crop", "--train_batch_size", 32, "--learning_rate", 1e-4,
-          "--adam_weight_decay", 0, "--caption_dropout", 0.1, "--num_validation_images", 0, "--report_to", "none",
-          "--checkpointing_steps", 100, "--checkpoints_total_limit", 1, "--evaluate"]
-LOCAL_STEPS = 24
-
 
 def detected_prompts(out: Path, data: Path, features: Path, pretrained: Path) -> Path:
     """`memmit eval --detect_prompts` over every training caption of the testbed (cached)."""
@@ -59,8 +52,9 @@ def main() -> None:
     data, features, pretrained = prepare(out, "mnist", args.pretrain_steps, family=args.family)
     scorer = Scorer(out, data, features, "mnist", args.num_samples, args.table_only)
     lists = {"duplicated": out / "forget-duplicated.txt"}
-    lists["duplicated"].write_text("\n".join(sorted(scorer.duplicated)) + "\n")
+    lists["duplicated"].write_text("\n".join(duplicated_captions(data)) + "\n")
     results = {"pretrained": [scorer.measure("pretrained", pretrained)]}
+    local = FORGET_RECIPE[FORGET_RECIPE.index("--local_steps") + 1]
     for prompt_set in args.prompt_sets:
         source = (["--forget_prompts", lists[prompt_set]] if prompt_set == "duplicated" else
                   ["--forget_prompts", detected_prompts(out, data, features, pretrained), "--forget_top",
@@ -70,9 +64,7 @@ def main() -> None:
             for seed in args.seeds:
                 name = f"{arm}-seed{seed}"
                 if not args.table_only:
-                    launch(["--pretrained_model_name_or_path", pretrained, *source, *RECIPE,
-                            "--seed", RENDER_SEED + seed, "--num_rounds", steps // LOCAL_STEPS, "--local_steps", LOCAL_STEPS,
-                            "--output_dir", out / name, "--overwrite_output_dir"])
+                    forget(out, pretrained, name, *source, "--seed", RENDER_SEED + seed, "--num_rounds", steps // local)
                 rows.append(scorer.measure(name, out / name))
                 split = json.loads((out / name / "memmit" / "forget" / "forget.json").read_text())
                 rows[-1]["reproducing"] = [p["prompt"] for p in split["prompts"] if p["reproduces"]]

@@ -152,3 +152,23 @@ def test_text_to_image_testbed_with_an_sd3_transformer_reduced(tmp_path, monkeyp
         report = json.loads((out / "eval" / label / "report.json").read_text())
         assert report["settings"]["pipeline"] == "StableDiffusion3Pipeline"
         assert report["settings"]["sampler"] == "FlowMatchEulerDiscrete"
+
+
+@pytest.mark.slow  # ~90 s: forget mode's quickstart, reduced
+def test_forget_quickstart_reduced(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "forget"
+    # A threshold of 2 (the pixel distance's maximum) makes every prompt's renders collapse: all 8 reproduce.
+    assert main(["--task", "forget", "--output_dir", str(out), "--pretrain_steps", "4", "--num_unique", "16",
+                 "--copies", "4", "--vae_steps", "10", "--num_rounds", "1", "--num_samples", "8",
+                 "--num_inference_steps", "2", "--forget_threshold", "2"]) == 0
+    printed = capsys.readouterr().out
+    prompts = (out / "forget-prompts.txt").read_text().split("\n")[:-1]
+    assert len(prompts) == 8 and len(set(prompts)) == 8
+    split = json.loads((out / "forget" / "memmit" / "forget" / "forget.json").read_text())
+    assert [p["prompt"] for p in split["prompts"]] == prompts and all(p["reproduces"] for p in split["prompts"])
+    assert (out / "forget" / "memmit" / "forget" / "verify.json").is_file()
+    assert not (out / "forget" / "memmit" / "duplicates.json").exists()  # no training image reached the run
+    for label in ("pretrained", "forget"):
+        assert any(line.startswith(label) for line in printed.splitlines())
+    Image.open(out / "compare.png").verify()

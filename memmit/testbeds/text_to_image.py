@@ -14,6 +14,7 @@ StableDiffusionPipeline, built and pretrained offline on captioned real digits, 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -326,6 +327,29 @@ ARMS = {"memmit": [],
         "plain": ["--agc_lambda", 0, "--dedup", "none", *NO_ANCHOR]}
 
 
+# Forget mode on the testbed (--task forget, benchmarks/forget_t2i.py): configs/t2i-testbed.yaml's optimizer settings
+# without its data options (forget mode has no dataset), 4 rounds of 24 steps, verified with --evaluate.
+FORGET_RECIPE = ["--resolution", 16, "--center_crop", "--train_batch_size", 32, "--learning_rate", 1e-4,
+                 "--adam_weight_decay", 0, "--caption_dropout", 0.1, "--num_validation_images", 0,
+                 "--report_to", "none", "--checkpointing_steps", 100, "--checkpoints_total_limit", 1, "--evaluate",
+                 "--local_steps", 24]
+FORGET_ROUNDS = 4
+
+
+def forget(out: Path, pretrained: Path, name: str, *extra) -> Path:
+    """A forget-mode run of the testbed checkpoint (prompts and other options in `extra`)."""
+    target = out / name
+    launch(["--pretrained_model_name_or_path", pretrained, *FORGET_RECIPE, "--output_dir", target,
+            "--overwrite_output_dir", *extra])
+    return target
+
+
+def duplicated_captions(data: Path) -> list[str]:
+    """The captions more than one training row carries: the prompts a user who knows what the model copies gives."""
+    counts = Counter(datasets.load_from_disk(str(data))["text"])
+    return sorted(t for t, n in counts.items() if n > 1)
+
+
 def fine_tune(out: Path, data: Path, pretrained: Path, name: str, *extra) -> Path:
     target = out / name
     launch(["--config", ROOT / "configs" / "t2i-testbed.yaml", "--pretrained_model_name_or_path", pretrained,
@@ -342,6 +366,31 @@ def evaluate_run(path: Path, report_dir: Path, data: Path, features: Path, num_s
     return evaluate(parse_args(["--pretrained_model_name_or_path", str(path), "--output_dir", str(report_dir),
                                 *eval_flags(data, features, num_samples, inference_steps)], EvalConfig),
                     show_progress=False)
+
+
+def forget_main(args) -> int:
+    """Forget mode on the testbed as a black box: the pretrained checkpoint mitigated from its duplicated captions
+    alone (no training image reaches the run), then `memmit eval` of both against the training images."""
+    from ..eval.cli import compare_main
+
+    out = Path(args.output_dir)
+    data, features, pretrained = prepare(out, args.digits, args.pretrain_steps, args.num_unique, args.copies,
+                                         args.vae_steps, args.family)
+    prompts = out / "forget-prompts.txt"
+    prompts.write_text("\n".join(duplicated_captions(data)) + "\n")
+    extra = ["--dedup_threshold", args.forget_threshold] if args.forget_threshold is not None else []
+    target = forget(out, pretrained, "forget", "--forget_prompts", prompts, "--num_rounds",
+                    args.num_rounds or FORGET_ROUNDS, "--forget_inference_steps", args.num_inference_steps, *extra)
+    if not (target / "model_index.json").is_file():  # no prompt reproduced: the run said so and wrote no model
+        return 0
+    reports = {name: evaluate_run(path, out / "eval" / name, data, features, args.num_samples,
+                                  args.num_inference_steps) for name, path in (("pretrained", pretrained),
+                                                                               ("forget", target))}
+    print(f"\nforget: {target} learned from {prompts} and its own renders only; memorized = share of "
+          f"{args.num_samples} samples (prompts: training captions) that copy a training image (d1/d2 < 1/3)")
+    compare_main([str(out / "eval" / name / "report.json") for name in reports]
+                 + ["--labels", *reports, "--output", str(out / "compare.png")])
+    return 0
 
 
 def main(args) -> int:
