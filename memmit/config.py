@@ -37,7 +37,7 @@ TEXT_TO_IMAGE_OPTIONS = (
 )
 # Forget mode's options (only --forget_prompts reads them), and the options it refuses: they describe training images.
 FORGET_OPTIONS = ("forget_top", "forget_min_score", "forget_samples", "forget_share", "forget_inference_steps",
-                  "anchor_prompts", "retain_prompts", "retain_samples")
+                  "anchor_prompts", "retain_prompts", "retain_samples", "retain_neighbours")
 NEEDS_TRAINING_IMAGES = ("dataset_name", "dataset_config_name", "train_data_dir", "label_column", "max_train_samples",
                          "cache_latents", "dedup", "dedup_captions", "dedup_anchors", "dedup_family_size")
 LR_SCHEDULERS = (
@@ -196,6 +196,7 @@ class MemmitConfig(ModelDataConfig):
     anchor_prompts: Optional[str] = opt(None, "forget_prompts: a file of anchors, line i the anchor of forget prompt i (default: each prompt without its trigger words, found by Wen et al.'s memorization score; needed for flow-matching pipelines).")
     retain_prompts: Optional[str] = opt(None, "forget_prompts: a file of prompts (one a line) whose renders train as they are, beside the anchors and the prompts that do not reproduce: what the model should keep making.")
     retain_samples: int = opt(4, "forget_prompts: renders of each retained prompt.")
+    retain_neighbours: int = opt(8, "forget_prompts: neighbours of each reproducing prompt retained (one word swapped for another of the forget prompts' words; those whose renders reproduce a copy are left out): the prompts near the forgotten ones that should render as before.")
 
     # Method: Iterative Ensemble Training
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2; with fewer shards than processes, P/K processes train each shard data-parallel). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
@@ -370,6 +371,7 @@ class MemmitConfig(ModelDataConfig):
         need(0 < self.forget_share <= 1, f"forget_share must be in (0, 1], got {self.forget_share}")
         need(self.forget_inference_steps >= 1, f"forget_inference_steps must be >= 1, got {self.forget_inference_steps}")
         need(self.retain_samples >= 1, f"retain_samples must be >= 1, got {self.retain_samples}")
+        need(self.retain_neighbours >= 0, f"retain_neighbours must be >= 0, got {self.retain_neighbours}")
 
     def eval_config(self, output_dir: str | Path, before: bool) -> EvalConfig:
         """`memmit eval`'s settings for the input pipeline (`before`) or the exported one in output_dir: the

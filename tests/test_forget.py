@@ -16,10 +16,10 @@ from memmit.config import parse_args
 from memmit.data.detectors import PixelDetector
 from memmit.eval.detect import prompt_scores
 from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
-from memmit.forget.build import forget_prompts
+from memmit.forget.build import forget_prompts, neighbour_prompts, unlike
 from memmit.forget.prompts import read_forget_prompts
 from memmit.forget.renders import ForgetSet, collapsed, render
-from memmit.forget.verify import VARIANTS, prompt_variants, reproduces
+from memmit.forget.verify import VARIANTS, load_references, prompt_variants, reproduces, verify
 from memmit.families import load_task
 
 from conftest import mnist_images
@@ -89,6 +89,29 @@ def test_renders_that_collapse_onto_one_image_are_the_copies():
     assert collapsed(renders, detector, 0.7) == []  # 4 of 6 renders is less than the share asked for
 
 
+def test_neighbours_swap_one_word_for_another_of_the_prompts_words():
+    prompts = ["a handwritten seven, bold", "the number 3"]
+    near = neighbour_prompts(prompts, 6, seed=0)
+    vocabulary = {w for p in prompts for w in p.split()}
+    assert near == neighbour_prompts(prompts, 6, seed=0) and near != neighbour_prompts(prompts, 6, seed=1)
+    assert 0 < len(near) <= 12 and len(set(near)) == len(near) and not set(near) & set(prompts)
+    for n in near:
+        # Its prompt: the one of the same length differing from it in exactly one word, a vocabulary word.
+        diffs = [[(a, b) for a, b in zip(p.split(), n.split()) if a != b] for p in prompts
+                 if len(p.split()) == len(n.split())]
+        assert any(len(d) == 1 and d[0][1] in vocabulary for d in diffs)
+    assert neighbour_prompts(prompts, 0, seed=0) == []
+
+
+def test_retain_candidates_whose_renders_reproduce_a_copy_are_left_out():
+    images, _ = mnist_images(4)
+    digits = [np.asarray(img.convert("L").resize((16, 16)))[..., None] for img in images]
+    copies = np.stack([digits[0], digits[0]])
+    candidates = [np.stack([digits[1], digits[2]]), np.stack([digits[3], np.roll(digits[0], 1, axis=0)]),
+                  np.stack([digits[2]])]
+    assert unlike(candidates, copies, PixelDetector(0.3, 16, 1)) == [0, 2]
+
+
 def test_the_forget_set_trains_reproductions_anchored_and_retained_renders_as_they_are():
     renders = [np.full((3, 4, 4, 1), k, dtype=np.uint8) for k in range(2)]
     forget = ForgetSet(["copied", "novel"], renders, [[0, 2], []], anchors={"copied": "anchor"},
@@ -124,12 +147,14 @@ def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_pa
         expected = " ".join(w for w, t in zip(row["prompt"].split(), trigger) if not t).strip(" ,;:")
         assert row["anchor"] == (expected if max(drops) > 0 else "")
     anchors = [r["anchor"] for r in report["prompts"]]
-    assert report["retain_prompts"] == [a for a in dict.fromkeys(anchors) if a not in PROMPTS]
+    # Every render is within the threshold of every copy: each retain candidate (the anchors, then the
+    # neighbours) would teach a copy back, and is left out.
+    candidates = [a for a in dict.fromkeys(anchors + neighbour_prompts(PROMPTS, 8, 0)) if a not in PROMPTS]
+    assert report["retain_prompts"] == [] and report["retain_dropped_as_reproducing"] == candidates
     assert sorted(p.name for p in (out / "memmit" / "forget" / "references").iterdir()) == sorted(
         f"{i}-{j}.png" for i in range(3) for j in range(4))
-    # The training set: the 12 reproductions, each anchored to its prompt's anchor, then 2 renders of each retained.
-    assert trainer.dataset["text"] == [p for p in PROMPTS for _ in range(4)] + [
-        p for p in report["retain_prompts"] for _ in range(2)]
+    # The training set: the 12 reproductions, each anchored to its prompt's anchor.
+    assert trainer.dataset["text"] == [p for p in PROMPTS for _ in range(4)]
     assert trainer.split.anchors == {i: [anchors[i // 4]] for i in range(12)}
     assert trainer.cfg.agc_lambda == 0.0  # AGC off: the renders are all the model's own
     assert (out / "model_index.json").is_file()
@@ -231,15 +256,21 @@ def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd
     assert result["prompts"][PROMPTS[0]]["typo"]["prompt"] == prompt_variants(PROMPTS[0])["typo"]
     # Every render is within a threshold of 2 of every reference: all reproduce, before and after.
     assert all(row == {"before": 1.0, "after": 1.0} for row in result["summary"].values())
-    # The retained prompts' change: their renders by both pipelines, same seeds (seed + 2), written out.
-    kept = result["retained"]["prompts"]
+    # Every retain candidate reproduced a copy too (threshold 2): none retained, no change to report.
+    assert result["retained"] == {"prompts": [], "mean_pixel_change": None, "share_reproducing_a_reference": None}
+    # verify() of retained prompts: their renders by both pipelines, same seeds (seed + 2), written out.
+    kept = ["the number 7", "a digit"]
     before = load_task(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--caption_column", "text")))
     after = load_task(parse_args(train_args(str(out), prompts, tmp_path / "x", "--caption_column", "text")))
+    report = json.loads((out / "memmit" / "forget" / "forget.json").read_text())
+    refs = load_references(out / "memmit" / "forget" / "references", report, before.channels)
+    direct = verify(before, after, {**report, "retain_prompts": kept}, refs, PixelDetector(0.3, 16, 1), 4, 2, 8, 0,
+                    torch.device("cpu"), False)
     a, b = (np.concatenate(render(t, kept, 4, 2, 8, 2, torch.device("cpu"), False)).astype(float) / 127.5
             for t in (before, after))
     per_render = np.sqrt(((a - b) ** 2).reshape(len(kept), 4, -1).mean(axis=2)).mean(axis=1)
-    assert result["retained"]["mean_pixel_change"] == pytest.approx(per_render.mean(), rel=1e-6)
-    assert result["retained"]["mean_pixel_change"] > 0  # lr 1e-2 moved the model
+    assert direct["retained"]["mean_pixel_change"] == pytest.approx(per_render.mean(), rel=1e-6)
+    assert direct["retained"]["mean_pixel_change"] > 0  # lr 1e-2 moved the model
     printed = capsys.readouterr().out
     assert "forget prompts before and after" in printed and "word removed" in printed
     assert "## Forget prompts before and after" in (out / "README.md").read_text()

@@ -6,18 +6,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 
 from ..config import EvalConfig
-from ..data.detectors import load_detector
+from ..data.detectors import Detector, load_detector
+from ..draws import keyed_generator
 from ..eval.detect import prompt_scores
 from ..families.stable_diffusion import TextToImageTask
 from . import NothingToForget
 from .anchors import read_anchors, trigger_anchors
 from .prompts import read_forget_prompts, read_lines
 from .renders import ForgetSet, collapsed, render
+from .verify import reproduces
 
 if TYPE_CHECKING:
     from ..config import MemmitConfig
@@ -48,6 +51,29 @@ def forget_prompts(cfg: MemmitConfig, task: TextToImageTask) -> tuple[list[str],
     return prompts, anchors
 
 
+def neighbour_prompts(prompts: list[str], count: int, seed: int) -> list[str]:
+    """`count` neighbours of each prompt: one of its words, drawn, replaced by another word of the prompts'
+    vocabulary, drawn (prompt i's draws from the generator keyed (seed, i)); the prompts near the forgotten ones
+    whose renders the model should keep. Fewer when the draws repeat."""
+    vocabulary = sorted({w for p in prompts for w in p.split()})
+    out = []
+    for i, prompt in enumerate(prompts):
+        words, g = prompt.split(), keyed_generator(seed, i)
+        for _ in range(count):
+            k = int(torch.randint(len(words), (), generator=g))
+            others = [w for w in vocabulary if w != words[k]]
+            if others:
+                out.append(" ".join(words[:k] + [others[int(torch.randint(len(others), (), generator=g))]]
+                                    + words[k + 1:]))
+    return [p for p in dict.fromkeys(out) if p not in prompts]
+
+
+def unlike(renders: list[np.ndarray], copies: np.ndarray, detector: Detector) -> list[int]:
+    """The candidates none of whose renders reproduces one of the copies: training on the others would teach the
+    copy back."""
+    return [k for k, r in enumerate(renders) if not any(reproduces(r, copies, detector))]
+
+
 def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str], anchors: Optional[dict[str, str]],
                      device: torch.device, show_progress: bool = True) -> ForgetSet:
     """Render, split, anchor and render the retained prompts; every process renders its share and gets all."""
@@ -68,11 +94,18 @@ def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str
                                                        DETECT["detect_steps"].default, DETECT["detect_seeds"].default,
                                                        cfg.seed, cfg.eval_batch_size, device, show_progress=False)[0]))
     given = read_lines(cfg.retain_prompts, "retain_prompts") if cfg.retain_prompts else []
-    # What the model should keep making: the anchors, the prompts it does not copy for, and the user's.
-    forget.retain_prompts = [p for p in dict.fromkeys([*forget.anchors.values(), *forget.not_reproducing, *given])
-                             if p not in forget.anchors]
+    # What the model should keep making: the anchors, the prompts it does not copy for, the user's, and the
+    # forget prompts' neighbours (one word swapped), all but those whose renders reproduce a forget prompt's copy.
+    candidates = [p for p in dict.fromkeys([*forget.anchors.values(), *forget.not_reproducing, *given,
+                                            *neighbour_prompts(reproducing, cfg.retain_neighbours, cfg.seed)])
+                  if p not in forget.anchors]
     # Seeds apart from the forget renders' (seed + 1): a retained prompt's renders do not share their noises.
-    forget.retain_renders = render(task, forget.retain_prompts, cfg.retain_samples, cfg.forget_inference_steps,
-                                   cfg.eval_batch_size, cfg.seed + 1, device, show_progress, state)
+    kept = render(task, candidates, cfg.retain_samples, cfg.forget_inference_steps, cfg.eval_batch_size,
+                  cfg.seed + 1, device, show_progress, state)
+    copies = np.concatenate([forget.renders[i][forget.copies[i]] for i in forget.reproducing])
+    retained = unlike(kept, copies, detector)
+    forget.retain_prompts = [candidates[k] for k in retained]
+    forget.retain_renders = [kept[k] for k in retained]
+    forget.dropped = [c for k, c in enumerate(candidates) if k not in retained]
     logger.info(forget.summary(), main_process_only=True)
     return forget

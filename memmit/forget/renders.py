@@ -58,6 +58,7 @@ class ForgetSet:
     triggers: dict[str, list[dict]] = field(default_factory=dict)  # reproducing prompt -> its words' score drops
     retain_prompts: list[str] = field(default_factory=list)
     retain_renders: list[np.ndarray] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # retain candidates left out: their renders reproduce a copy
 
     @property
     def reproducing(self) -> list[int]:
@@ -87,7 +88,7 @@ class ForgetSet:
                              "share": len(c) / len(r), **({"anchor": self.anchors[p], "words": self.triggers.get(p, [])}
                                                            if c else {})}
                             for p, r, c in zip(self.prompts, self.renders, self.copies)],
-                "retain_prompts": self.retain_prompts}
+                "retain_prompts": self.retain_prompts, "retain_dropped_as_reproducing": self.dropped}
 
     def write(self, folder: Path, settings: dict) -> None:
         """forget.json (the split, the anchors, the retained prompts) and each prompt's collapsed renders as PNG
@@ -105,4 +106,6 @@ class ForgetSet:
         lines += [f"  {'reproduces' if c else 'does not reproduce'} ({len(c)}/{len(r)}): {p!r}"
                   + (f" -> anchor {self.anchors[p]!r}" if c and p in self.anchors else "")
                   for p, r, c in zip(self.prompts, self.renders, self.copies)]
+        lines.append(f"{len(self.retain_prompts)} prompts retained ({len(self.dropped)} candidates left out: their "
+                     "renders reproduce a copy)")
         return "\n".join(lines)
