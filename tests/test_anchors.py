@@ -94,8 +94,8 @@ def test_an_anchored_loss_is_the_distance_to_the_models_own_anchor_prediction(ti
     plain = reference_loss(tiny_sd_pipeline, {k: v for k, v in inputs.items() if k != "anchored"}, seed=2)[0]
     assert not torch.allclose(out.losses[out.anchored], plain[out.anchored])
     torch.testing.assert_close(out.losses[~out.anchored], plain[~out.anchored])
-    # dedup_anchor_weight (default 8) weighs the anchored samples alone; with min-SNR it multiplies its weights.
-    assert out.weights.tolist() == [8.0, 1.0, 1.0, 8.0, 1.0, 1.0]
+    # dedup_anchor_weight (default 16) weighs the anchored samples alone; with min-SNR it multiplies its weights.
+    assert out.weights.tolist() == [16.0, 1.0, 1.0, 16.0, 1.0, 1.0]
     task = make_task(tiny_sd_pipeline, captioned_digits_dir, "--dedup_anchor_weight", 2.5, "--snr_gamma", 5.0)
     task.denoiser.requires_grad_(False)
     out = task.per_sample_loss(task.denoiser, inputs, generators(2, 6), torch.device("cpu"))

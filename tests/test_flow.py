@@ -182,8 +182,8 @@ def test_loss_matches_a_written_out_rectified_flow_computation(family, captioned
     assert torch.equal(out.timesteps, moved) and (moved[anchored] < 300).all()
     assert torch.equal(moved[~anchored], index[~anchored]) and not torch.equal(moved, index)
     torch.testing.assert_close(out.losses, loss)
-    # logit_normal and none weight every sample alike; anchored ones by dedup_anchor_weight (8, the default).
-    assert torch.equal(out.weights, torch.where(anchored, 8.0, 1.0))
+    # logit_normal and none weight every sample alike; anchored ones by dedup_anchor_weight (16, the default).
+    assert torch.equal(out.weights, torch.where(anchored, 16.0, 1.0))
 
 
 def test_the_mode_density_draws_its_timesteps(tiny_sd3_pipeline, captioned_digits_dir):
