@@ -92,8 +92,8 @@ def with_family_defaults(cfg: MemmitConfig, task: DenoisingTask) -> MemmitConfig
     """The config with the options whose default depends on the pipeline family filled in (a copy: the caller's
     config stays as given). This is the config the run saves and a resume compares with. Text-to-image with
     dedup keep_one anchors copied captions unless told otherwise: the default EFFICACY.md measured. Forget mode
-    trains on the model's own renders, which every one has a low loss for: AGC would skip the retained ones, so it is
-    off unless asked for; its reproductions are anchored whatever dedup_captions says."""
+    trains on the model's own renders, whose losses are all low: AGC would skip the retained ones, so it is off
+    unless asked for; its reproductions are anchored whatever dedup_captions says."""
     forget = cfg.forget_prompts is not None
     anchor = isinstance(task, TextToImageTask) and cfg.dedup == "keep_one" and not forget
     resolved = dataclasses.replace(
