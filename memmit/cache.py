@@ -3,9 +3,11 @@ that keys it: of weights, not of where they were loaded from."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,6 +31,30 @@ def writable_cache(name: str) -> Path:
         raise ValueError(f"memmit's cache folder {str(path)!r} cannot be written ({exc.strerror or exc}); set "
                          "MEMMIT_CACHE to a folder that can") from exc
     return path
+
+
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file-size limit, a quota
+
+
+def write_whole(path: Path, data: bytes, advice: Callable[[], str]) -> None:
+    """`path` written whole or not at all (a temporary file renamed into place: a kill leaves no half-written file
+    under its name, only a `.*.tmp` one); a disk that fills is a ValueError naming the folder, then `advice()`."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)  # one call: numpy's and safetensors' own file writing can drop the errno of a full disk
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in NO_ROOM:
+            raise ValueError(f"no room to write {path.name} in {path.parent} ({exc.strerror}): {advice()}") from exc
+        raise
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """The temporary files a killed write_whole left in `folder`."""
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def hash_tensor(h, name: str, t: torch.Tensor) -> None:

@@ -39,7 +39,8 @@ TEXT_TO_IMAGE_OPTIONS = (
 FORGET_OPTIONS = ("forget_top", "forget_min_score", "forget_samples", "forget_share", "forget_inference_steps",
                   "anchor_prompts", "retain_prompts", "retain_samples", "retain_neighbours")
 NEEDS_TRAINING_IMAGES = ("dataset_name", "dataset_config_name", "train_data_dir", "label_column", "max_train_samples",
-                         "cache_latents", "dedup", "dedup_captions", "dedup_anchors", "dedup_family_size")
+                         "cache_latents", "cache_text_limit_gb", "dedup", "dedup_captions", "dedup_anchors",
+                         "dedup_family_size")
 LR_SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
 )
@@ -79,6 +80,7 @@ class ModelDataConfig:
     # Near duplicates: one detector for training-time dedup and for the eval's clusters
     dedup_features: str = opt("pixels", "Near-duplicate detector: pixels (blurred, normalised, best of +-1 px shifts) | phash (perceptual hash) | a TorchScript file, transformers model directory or Hub id (embeddings, cosine).")
     dedup_search: str = opt("auto", "How near-duplicate candidates are searched: exact (work quadratic in the images), ivf or hnsw (a faiss index: about linear, approximate; benchmarks/scale.py measures the recall), auto (exact up to 100,000 distinct images, ivf beyond).", choices=DEDUP_SEARCHES)
+    dedup_features_dir: Optional[str] = opt(None, "Folder where the detector's features of the training images are written as they are computed (split across the main machine's processes, in chunks: a killed run resumes at the chunks it had not finished). Default: a folder under memmit's cache ($MEMMIT_CACHE/features), keyed by the images and the detector. A folder holding another dataset's or detector's features is refused.")
     dedup_threshold: Optional[float] = opt(None, "Near duplicates are closer than this, in the detector's units: pixels RMS in [0, 2], phash Hamming bits of 64, embeddings 1 - cosine; default: the detector's measured threshold, stricter for training (pixels 0.15, phash 4, embeddings 0.05) than for the eval's families (0.3, 10, 0.1).")
 
     def __post_init__(self) -> None:
@@ -184,6 +186,7 @@ class MemmitConfig(ModelDataConfig):
     center_crop: bool = opt(False, "Center-crop to the resolution (otherwise random crop).")
     random_flip: bool = opt(False, "Randomly flip images horizontally.")
     cache_latents: bool = opt(False, "Text-to-image: encode every training image with the VAE (and its mirror image, with --random_flip) and every training caption with the text encoder once, store them under $MEMMIT_CACHE/latents (default ~/.cache/memmit), and train from them; later runs with the same model, data and settings reuse them. Needs --center_crop.")
+    cache_text_limit_gb: float = opt(20.0, "--cache_latents caches the text encoders' outputs only while they take at most this many GB on disk (SD3's and Flux's T5 output takes 2.7-4.2 MB a caption: 20 GB hold about 5,000-7,000 captions); above it each step encodes its captions, as without the cache, and the log says so.")
     dataloader_num_workers: int = opt(0, "Processes that decode and transform training images ahead of the loop (0: the main process does it). The result is the same for any number.", resume="free")
 
     # Forget mode: a checkpoint's memorized prompts, no training image (memmit/forget/)
@@ -317,6 +320,7 @@ class MemmitConfig(ModelDataConfig):
         need(self.agc_exclusion_min_visits >= 1, f"agc_exclusion_min_visits must be >= 1, got {self.agc_exclusion_min_visits}")
         need(0 <= self.agc_bank_decay < 1, f"agc_bank_decay must be in [0, 1), got {self.agc_bank_decay}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.cache_text_limit_gb >= 0, f"cache_text_limit_gb must be >= 0, got {self.cache_text_limit_gb}")
         need(not self.cache_latents or self.center_crop,
              "--cache_latents needs --center_crop: a random crop differs at every step, and the cache holds one crop "
              "per image (flips are cached both ways)")

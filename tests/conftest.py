@@ -31,6 +31,15 @@ def fresh_accelerator():
     reset_accelerator()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory):
+    """memmit's cache (detector features, latents, the "before" evaluation) in a folder of the session's, not the
+    user's; launched processes inherit it. A test that needs an empty one sets MEMMIT_CACHE itself."""
+    if "MEMMIT_CACHE" not in os.environ:
+        os.environ["MEMMIT_CACHE"] = str(tmp_path_factory.mktemp("memmit-cache"))
+    yield
+
+
 def noise_generator(seed: int, shard: int, epoch: int, position: int) -> torch.Generator:
     """The generator of a training sample's noise and timestep, written out from the contract (draws.py): numpy's
     SeedSequence of (seed, shard, epoch, position in the epoch's order, stream 1) seeds a CPU generator."""

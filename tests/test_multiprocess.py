@@ -159,6 +159,23 @@ def test_two_shards_on_four_processes_resume_exactly_from_mid_round(tiny_pipelin
     assert all(torch.equal(resumed[k], ref[k]) for k in ref)
 
 
+@pytest.mark.slow  # ~60 s: a text-to-image pipeline trained by two launched processes, and by one
+def test_two_processes_build_the_latent_cache_together_and_train_as_one(tiny_sd_pipeline, captioned_digits_dir,
+                                                                        tmp_path):
+    """Each process encodes its share of the cache (families/latents.py), and the run equals a one-process run with
+    a cache of its own."""
+    extra = ["--num_shards", "2", "--caption_column", "text", "--center_crop", "--cache_latents", "--dedup", "none",
+             "--agc_lambda", "0", "--num_rounds", "1", "--local_epochs", "1"]
+    logs = [finish(launch(n, tiny_sd_pipeline, captioned_digits_dir, tmp_path / str(n), *extra,
+                          env={"MEMMIT_CACHE": str(tmp_path / f"cache-{n}")})) for n in (1, 2)]
+    assert all("latents and text embeddings cached in" in log for log in logs)
+    one, two = weights(tmp_path / "1"), weights(tmp_path / "2")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    built = [sorted(p.name for p in (tmp_path / f"cache-{n}" / "latents").glob("*/*")) for n in (1, 2)]
+    assert built[0] == built[1] and "index.json" in built[0]
+
+
 def test_shards_that_cannot_share_the_processes_evenly_are_refused():
     from memmit.train.group import group_size
 

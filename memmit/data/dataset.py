@@ -169,10 +169,11 @@ def _caption_string_problem(value) -> Optional[str]:
 
 
 def iter_images(ds: datasets.Dataset, image_column: str, desc: str = "reading images",
-                show_progress: bool = True) -> Iterator[Image.Image]:
-    """Every image, decoded, in order; an unreadable file raises ValueError naming it."""
+                show_progress: bool = True, rows: Optional[range] = None) -> Iterator[Image.Image]:
+    """Every image (or those of `rows`), decoded, in order; an unreadable file raises ValueError naming it."""
     raw = ds.cast_column(image_column, datasets.Image(decode=False))
-    for i in tqdm(range(len(raw)), desc=desc, disable=not show_progress, leave=False):
+    rows = range(len(raw)) if rows is None else rows
+    for i in tqdm(rows, desc=desc, disable=not show_progress, leave=False):
         item = raw[i][image_column]
         name = (item or {}).get("path") or f"index {i}"
         try:

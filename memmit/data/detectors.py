@@ -50,6 +50,13 @@ class Detector:
     threshold: float
     search: str = "auto"  # exact or indexed candidate search (neighbours.resolve_search)
     search_metric = "l2"  # the nearest_neighbours metric that ranks candidates like `distance`
+    # How features are stored on disk (data/feature_store.py): float32, as computed. fp16 moved pixel distances by up
+    # to 2e-4 and flipped 1 of 34k candidate pairs of MNIST at each threshold: not exact enough to keep the clusters.
+    storage_dtype = "float32"
+
+    def feature_key(self) -> dict:
+        """What this detector's features depend on (not its threshold): stored features are keyed by it."""
+        raise NotImplementedError
 
     def features(self, images: Iterable[Image.Image]) -> Tensor:
         raise NotImplementedError
@@ -63,7 +70,11 @@ class Detector:
         """Clusters within the threshold; with `family_size`, also every family of at least that many images
         within `family_threshold` (a looser one: many variants of one image are copies, where two
         look-alike distinct images are not many)."""
-        feats = self.features(images)
+        return self.clusters_of(self.features(images), family_size, family_threshold)
+
+    def clusters_of(self, feats: Tensor, family_size: int = 0, family_threshold: Optional[float] = None
+                    ) -> list[list[int]]:
+        """clusters() of features already computed (data/feature_store.py)."""
         clusters = find_duplicate_clusters(feats, self.threshold, self.distance, search_metric=self.search_metric,
                                            search=self.search)
         if not family_size:
@@ -81,6 +92,9 @@ class PixelDetector(Detector):
         super().__init__("pixels", "pixels", threshold)
         self.side = min(resolution, PIXELS_RESOLUTION)
         self.transform = ImageTransform(self.side, channels, center_crop=True)
+
+    def feature_key(self) -> dict:
+        return {"kind": "pixels", "side": self.side, "channels": self.transform.channels, "blur": BLUR.flatten().tolist()}
 
     def features(self, images: Iterable[Image.Image]) -> Tensor:
         x = torch.stack([self.transform(img).mean(0, keepdim=True) for img in images]).double()
@@ -105,8 +119,13 @@ class PixelDetector(Detector):
 
 
 class PHashDetector(Detector):
+    storage_dtype = "int8"  # the hash's bits as +-1: exact
+
     def __init__(self, threshold: float):
         super().__init__("phash", "phash", threshold)
+
+    def feature_key(self) -> dict:
+        return {"kind": "phash", "bits": HASH_BITS}
 
     def features(self, images: Iterable[Image.Image]) -> Tensor:
         # imagehash (a well-kept library) rather than a hand-written DCT hash; rows are the bits as +-1,
@@ -130,6 +149,10 @@ class EmbeddingDetector(Detector):
         self.transform = ImageTransform(resolution, channels, center_crop=True)
         probe = torch.rand(2, channels, resolution, resolution)
         self.extractor = load_extractor(path, device, probe, "dedup_features")
+
+    def feature_key(self) -> dict:
+        return {"kind": "embedding", "model": self.name, "weights": self.extractor.weights,
+                "resolution": self.transform.resolution, "channels": self.transform.channels}
 
     def features(self, images: Iterable[Image.Image]) -> Tensor:
         x = torch.stack([(self.transform(img) + 1) / 2 for img in images])

@@ -3,12 +3,15 @@ a TorchScript file, or a transformers image model given as a directory or a Hub 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from ..cache import hash_tensor
 
 
 @dataclass
@@ -17,6 +20,7 @@ class Extractor:
 
     info: dict
     embed: Callable[[Tensor], Tensor]
+    weights: str = ""  # a digest of the model's weights: stored features are keyed by it (data/feature_store.py)
 
     @torch.no_grad()
     def __call__(self, images01: Tensor, batch_size: int) -> Tensor:
@@ -29,7 +33,7 @@ def _torchscript_extractor(path: str, device: torch.device) -> Extractor:
         module = torch.jit.load(path, map_location=device).eval()
     except RuntimeError as exc:
         raise ValueError(f"cannot load {path!r} as a TorchScript module: {exc}") from exc
-    return Extractor({"kind": "torchscript", "path": path}, lambda x: module(x.to(device)))
+    return Extractor({"kind": "torchscript", "path": path}, lambda x: module(x.to(device)), _weights_digest(module))
 
 
 def _transformers_extractor(path: str, device: torch.device) -> Extractor:
@@ -54,7 +58,15 @@ def _transformers_extractor(path: str, device: torch.device) -> Extractor:
         pooled = getattr(out, "pooler_output", None)
         return pooled if pooled is not None else out.last_hidden_state.mean(1)
 
-    return Extractor({"kind": "transformers", "path": path, "class": type(model).__name__}, embed)
+    return Extractor({"kind": "transformers", "path": path, "class": type(model).__name__}, embed,
+                     _weights_digest(model))
+
+
+def _weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        hash_tensor(h, name, t)
+    return h.hexdigest()
 
 
 def load_extractor(path: str, device: torch.device, probe: Tensor, role: str) -> Extractor:

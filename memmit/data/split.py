@@ -12,10 +12,12 @@ import torch
 from accelerate.logging import get_logger
 from torch import Tensor
 
+from ..workers import Workers
 from .captions import ANCHORS, anchor_captions, cluster_captions, plan_anchors
-from .dataset import iter_images, source_names
+from .dataset import source_names
 from .dedup import cluster_report
 from .detectors import Detector, threshold_for
+from .feature_store import stored_features
 
 if TYPE_CHECKING:
     from ..config import MemmitConfig
@@ -118,23 +120,27 @@ def split_with_clusters(num_samples: int, num_shards: int, clusters: Sequence[Se
 
 
 def duplicate_clusters(ds: datasets.Dataset, image_column: str, detector: Detector, show_progress: bool = True,
-                       family_size: int = 0, family_threshold: Optional[float] = None) -> list[list[int]]:
-    """Exact and near-duplicate clusters of the dataset's images (every image decoded once)."""
-    return detector.clusters(iter_images(ds, image_column, "finding duplicates", show_progress), family_size,
-                             family_threshold)
+                       family_size: int = 0, family_threshold: Optional[float] = None, workers: Workers = Workers(),
+                       features_dir: Optional[str] = None) -> list[list[int]]:
+    """Exact and near-duplicate clusters of the dataset's images: their features computed by `workers` and kept on
+    disk (data/feature_store.py; every process calls this), the search run by the main process, its clusters
+    handed to every process."""
+    feats = stored_features(detector, ds, image_column, workers, features_dir, show_progress)
+    return workers.share(detector.clusters_of(feats, family_size, family_threshold) if workers.index == 0 else None)
 
 
 def build_split(ds: datasets.Dataset, cfg: MemmitConfig, detector: Detector, show_progress: bool = True,
-                embed: Optional[Callable[[list[str]], Tensor]] = None) -> Split:
+                embed: Optional[Callable[[list[str]], Tensor]] = None, workers: Workers = Workers()) -> Split:
     """K disjoint shards of sample ids: all of them (dedup none), clusters kept whole (same_shard), or one
-    copy per cluster (keep_one). `embed`: captions -> the text encoder's conditioning (dedup_captions=anchor)."""
+    copy per cluster (keep_one). `embed`: captions -> the text encoder's conditioning (dedup_captions=anchor);
+    `workers`: the processes that compute the detector's features (every process calls this)."""
     n = len(ds)
     labels = ds[cfg.label_column] if cfg.shard_strategy == "stratified" else None
     if cfg.dedup == "none":
         return Split(split_shards(n, cfg.num_shards, cfg.shard_strategy, cfg.seed, labels))
     family_threshold = threshold_for(cfg.dedup_features, cfg.dedup_threshold, "eval")
     clusters = duplicate_clusters(ds, cfg.image_column, detector, show_progress, cfg.dedup_family_size,
-                                  family_threshold)
+                                  family_threshold, workers, cfg.dedup_features_dir)
     detected = {**detector.describe(), "family_size": cfg.dedup_family_size, "family_threshold": family_threshold}
     report = {"detector": detected, **cluster_report(clusters, source_names(ds, cfg.image_column))}
     logger.info("%d duplicate clusters holding %d samples (dedup=%s)", report["num_clusters"],

@@ -75,7 +75,8 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepar
     resolve_search(config.dedup_search, len(ds))  # an index that cannot fit the data fails before any work
     detector = load_detector(config.dedup_features, config.dedup_threshold, task.resolution, task.channels, device,
                              use="eval", search=config.dedup_search)
-    clusters = duplicate_clusters(ds, config.image_column, detector, show_progress)
+    clusters = duplicate_clusters(ds, config.image_column, detector, show_progress,
+                                  features_dir=config.dedup_features_dir)
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(path, device, probe, role) if path else None
                   for role, path in (("feature_extractor", config.feature_extractor),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
 import datasets
 import numpy as np
@@ -16,7 +16,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import EvalConfig
-from ..data.dataset import iter_images, pick_caption
+from ..data.dataset import pick_caption
+from ..data.feature_store import stored_features
+from ..data.transform import ImageTransform
 from ..draws import keyed_generator
 from ..families import load_task
 from ..families.base import DenoisingTask
@@ -79,9 +81,27 @@ def sample_prompts(captions: list, num_samples: int, seed: int, column: str) -> 
     return [pick_caption(captions[i], generator, column) for i in picks]
 
 
-def load_train_images(ds: datasets.Dataset, image_column: str, transform: Callable,
+class TrainingPixels:
+    """The eval's training images as `transform` makes them, flattened: a featurizer (data/feature_store.py), so
+    they are decoded once, in chunks written to disk as they go, and a later evaluation of the same data reads them."""
+
+    storage_dtype = "float32"  # as the transform makes them: the metrics compare samples with them exactly
+
+    def __init__(self, transform: ImageTransform):
+        self.transform = transform
+
+    def feature_key(self) -> dict:
+        t = self.transform
+        return {"kind": "training pixels", "resolution": t.resolution, "channels": t.channels,
+                "center_crop": t.center_crop}
+
+    def features(self, images) -> Tensor:
+        return torch.stack([self.transform(img) for img in images]).flatten(1)
+
+
+def load_train_images(ds: datasets.Dataset, image_column: str, transform: ImageTransform,
                       show_progress: bool = True) -> Tensor:
-    """Every training image through `transform`, stacked: [N, C, H, W] in [-1, 1]; an unreadable file
-    fails by name."""
-    return torch.stack([transform(img) for img in iter_images(ds, image_column, "loading training images",
-                                                               show_progress)])
+    """Every training image through `transform` (kept on disk, data/feature_store.py), stacked: [N, C, H, W] in
+    [-1, 1]; an unreadable file fails by name."""
+    pixels = stored_features(TrainingPixels(transform), ds, image_column, show_progress=show_progress)
+    return pixels.view(len(ds), transform.channels, transform.resolution, transform.resolution)

@@ -26,6 +26,7 @@ from ..families.latents import cached_inputs, check_cache_latents
 from ..families.stable_diffusion import TextToImageTask
 from ..forget.build import build_forget_set, forget_prompts
 from ..forget.renders import ForgetSet
+from ..workers import Workers
 from . import checkpoint as ckpt
 from .export import check_export
 from .group import ShardGroup
@@ -108,7 +109,8 @@ def with_family_defaults(cfg: MemmitConfig, task: DenoisingTask) -> MemmitConfig
 
 def load_training_data(cfg: MemmitConfig, task: DenoisingTask, detector: Detector,
                        accelerator: Accelerator) -> TrainingData:
-    """The dataset, checked, and its split; the main process first, so the others find its `datasets` cache."""
+    """The dataset, checked (the main process first, so the others find its `datasets` cache), and its split (the
+    main machine's processes share the detector's work)."""
     with accelerator.main_process_first():
         dataset = load_train_dataset(cfg.dataset_name, cfg.train_data_dir, cfg.image_column, cfg.label_column,
                                      cfg.max_train_samples, cfg.dataset_config_name, extra_columns=task.extra_columns)
@@ -119,8 +121,9 @@ def load_training_data(cfg: MemmitConfig, task: DenoisingTask, detector: Detecto
             check_images(dataset, cfg.image_column, show_progress=accelerator.is_local_main_process)
         if len(dataset) < cfg.num_shards:
             raise ValueError(f"the dataset has {len(dataset)} samples, fewer than num_shards={cfg.num_shards}")
-        embed = task.text.caption_embeddings if isinstance(task, TextToImageTask) else None
-        split = build_split(dataset, cfg, detector, accelerator.is_local_main_process, embed)
+    embed = task.text.caption_embeddings if isinstance(task, TextToImageTask) else None
+    split = build_split(dataset, cfg, detector, accelerator.is_local_main_process, embed,
+                        Workers.of(accelerator, every_machine=False))
     content = sample_digests(dataset, cfg.image_column, cfg.caption_column, accelerator.is_local_main_process)
     if cfg.caption_column is not None and hasattr(task, "use_training_captions"):
         task.use_training_captions(dataset[cfg.caption_column])  # the column alone: no image decoded
@@ -161,10 +164,10 @@ def build_trainer(cfg: MemmitConfig, accelerator: Optional[Accelerator] = None) 
     task.prepare(acc.device, WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32))
     data = load_forget_data(cfg, task, *forget, acc) if forget else load_training_data(cfg, task, detector, acc)
     model = LiveModel(task.denoiser, cfg, acc.device)
-    if cfg.cache_latents:  # each machine's main process encodes (or finds) them, the others then read them
-        with acc.local_main_process_first():
-            task.inputs = cached_inputs(task, data.dataset, data.content, cfg.image_column, cfg.caption_column,
-                                        cfg.random_flip, acc.device, acc.is_local_main_process)
+    if cfg.cache_latents:  # each machine's processes encode (or find) them, each a share of the chunks
+        task.inputs = cached_inputs(task, data.dataset, data.content, cfg.image_column, cfg.caption_column,
+                                    cfg.random_flip, acc.device, cfg.cache_text_limit_gb,
+                                    Workers.of(acc, every_machine=True), acc.is_local_main_process)
     trainer = Trainer(cfg, acc, group, task, model, data.dataset, data.split, data.content, data.forget)
     if cfg.resume_from_checkpoint:
         trainer.resume(cfg.resume_from_checkpoint)
