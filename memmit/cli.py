@@ -33,6 +33,7 @@ def prepare(cfg) -> Plan:
     from .eval.report import prepare_evaluation
     from .hub import check_hub_settings, create_repo_early
     from .train.setup import build_trainer  # heavy imports only once the flags are known to be valid
+    from .workers import Workers
 
     repo_id = check_hub_settings(cfg.push_to_hub, cfg.hub_model_id, cfg.output_dir)
     audit = cfg.evaluate and not cfg.forget_prompts  # forget mode verifies against its own references instead
@@ -41,8 +42,9 @@ def prepare(cfg) -> Plan:
     trainer = build_trainer(cfg)
     acc = trainer.accelerator
     before_config = cfg.eval_config(cfg.output_dir, before=True) if audit else None
-    before = (prepare_evaluation(before_config, acc.is_local_main_process)
-              if before_config and acc.is_main_process else None)
+    # Every process prepares (they share the feature work); the main process alone gets the Prepared.
+    before = (prepare_evaluation(before_config, acc.is_local_main_process, Workers.of(acc, every_machine=False))
+              if before_config else None)
     # Every input is valid: a bad token or repo name fails now, in seconds, not after training.
     if repo_id and acc.is_main_process:
         repo_id = create_repo_early(repo_id, cfg.hub_token, cfg.hub_private_repo)

@@ -3,8 +3,8 @@ families) and the eval's training pixels.
 
 The rows are cut into chunks of CHUNK_ROWS; the main machine's processes compute every P-th chunk each, and each chunk
 is written whole as soon as it is done (a temporary file renamed into place), so a killed run resumes at the chunks it
-had not finished and no process holds more than one chunk of images. The chunks are read back memory-mapped, stored
-in the featurizer's `storage_dtype`. A featurizer is a detector (data/detectors.py) or anything else with
+had not finished and no process holds more than one chunk of images. The chunks are stored in the featurizer's
+`storage_dtype`. A featurizer is a detector (data/detectors.py) or anything else with
 `feature_key()` (what its features depend on), `features(images)` ([N, D] float32) and `storage_dtype`. The folder's
 manifest holds the fingerprint of the data (each image's stored bytes, data/content.py) and of the featurizer (its
 kind, input size and weights; not a detector's threshold): a folder holding the features of another dataset or
@@ -104,11 +104,11 @@ class FeatureStore:
                 bar.update(len(span))
 
     def read(self) -> torch.Tensor:
-        """All rows as one float32 tensor, copied from the memory-mapped chunks; a chunk of the wrong shape or dtype is
-        refused by name."""
+        """All rows as one float32 tensor, read a chunk at a time (memory: the rows and one chunk; a memory map would
+        also count every chunk's pages); a chunk of the wrong shape or dtype is refused by name."""
         out = None
         for c in range(self.chunks):
-            part = np.load(self.chunk(c), mmap_mode="r")
+            part = np.load(self.chunk(c))
             start = c * self.chunk_rows
             expected = (min(self.chunk_rows, self.rows - start), part.shape[-1] if out is None else out.shape[1])
             if part.shape != expected or str(part.dtype) != self.fingerprint["dtype"]:

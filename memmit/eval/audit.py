@@ -24,7 +24,7 @@ import memmit
 from ..cache import cache_root, hash_tensor
 from ..config import EvalConfig, MemmitConfig
 from .figures import draw_compare
-from .report import Prepared, prepare_evaluation, run_evaluation, sample_on_processes
+from .report import Prepared, eval_workers, prepare_evaluation, run_evaluation, sample_on_processes
 from .tables import compare_rows, format_compare
 
 logger = logging.getLogger(__name__)
@@ -104,12 +104,12 @@ def evaluate_after(cfg: MemmitConfig, before: Optional[Path], state: PartialStat
     folder): the main one copies it into output_dir, evaluates the export and draws the comparison."""
     out = eval_dir(cfg.output_dir)
     config = cfg.eval_config(out / "after", before=False)
-    if not state.is_main_process:
+    after = prepare_evaluation(config, show_progress, eval_workers(state))  # every process: they share the features
+    if after is None:
         evaluate_once(None, config, "after", None, state, show_progress)
         return None
     shutil.rmtree(out / "before", ignore_errors=True)  # a killed run's copy may come from other settings
     shutil.copytree(before, out / "before")
-    after = prepare_evaluation(config, show_progress)
     reports = {"before": json.loads((out / "before" / "report.json").read_text()),
                "after": evaluate_once(after, config, "after", fingerprint(after), state, show_progress)}
     draw_compare(compare_rows(list(reports.values()), list(reports)), out / "compare.png")

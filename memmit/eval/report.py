@@ -28,6 +28,7 @@ from ..data.features import Extractor, load_extractor
 from ..data.neighbours import resolve_search
 from ..data.split import duplicate_clusters
 from ..families.base import DenoisingTask
+from ..workers import Workers
 from .figures import draw_most_copied
 from .metrics import default_device
 from .sampling import from_uint8, load_eval_task, load_train_images, sample_images, sample_prompts
@@ -63,20 +64,25 @@ def load_eval_dataset(config: EvalConfig, task: DenoisingTask) -> datasets.Datas
     return ds
 
 
-def prepare_evaluation(config: EvalConfig, show_progress: bool = True) -> Prepared:
-    """Load model, data and extractors; every bad input raises ValueError here, before sampling."""
+def prepare_evaluation(config: EvalConfig, show_progress: bool = True,
+                       workers: Workers = Workers()) -> Optional[Prepared]:
+    """Load model, data and extractors; every bad input raises ValueError here, before sampling. Under `accelerate
+    launch` every process calls it with its `workers`: they compute the training images' features together
+    (data/feature_store.py), and the main process alone gets the Prepared (the others None)."""
     task = load_eval_task(config)
     ds = load_eval_dataset(config, task)
-    train = load_train_images(ds, config.image_column, task.transform, show_progress)
+    resolve_search(config.dedup_search, len(ds))  # an index that cannot fit the data fails before any work
+    device = default_device()
+    detector = load_detector(config.dedup_features, config.dedup_threshold, task.resolution, task.channels, device,
+                             use="eval", search=config.dedup_search)
+    clusters = duplicate_clusters(ds, config.image_column, detector, show_progress, workers=workers,
+                                  features_dir=config.dedup_features_dir)
+    train = load_train_images(ds, config.image_column, task.transform, show_progress, workers)
+    if workers.index != 0:
+        return None
     # memorization_report would say so too, but only after sampling.
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
         raise ValueError("the training set needs at least two distinct images at this resolution")
-    device = default_device()
-    resolve_search(config.dedup_search, len(ds))  # an index that cannot fit the data fails before any work
-    detector = load_detector(config.dedup_features, config.dedup_threshold, task.resolution, task.channels, device,
-                             use="eval", search=config.dedup_search)
-    clusters = duplicate_clusters(ds, config.image_column, detector, show_progress,
-                                  features_dir=config.dedup_features_dir)
     probe = (train[:2] + 1) / 2
     extractors = {role: load_extractor(path, device, probe, role) if path else None
                   for role, path in (("feature_extractor", config.feature_extractor),
@@ -197,7 +203,11 @@ def evaluate(config: EvalConfig, show_progress: bool = True,
     Writes report.json, samples.npy and most_copied.png to `config.output_dir` and returns the report. With a
     distributed `state`, every process samples its share and the main process scores, writes and returns it.
     """
-    main = state is None or state.is_main_process
-    p = prepare_evaluation(config, show_progress) if main else None
+    p = prepare_evaluation(config, show_progress, eval_workers(state))
     samples = sample_on_processes(p, config, state, show_progress)
-    return run_evaluation(p, show_progress, samples) if main else None
+    return run_evaluation(p, show_progress, samples) if p is not None else None
+
+
+def eval_workers(state: Optional[PartialState]) -> Workers:
+    """The processes that share the evaluation's feature work: all of a launched run's, else this one."""
+    return Workers.of(state, every_machine=False) if state is not None and state.num_processes > 1 else Workers()

@@ -23,6 +23,7 @@ from ..draws import keyed_generator
 from ..families import load_task
 from ..families.base import DenoisingTask
 from ..families.unconditional import UnconditionalTask
+from ..workers import Workers
 
 
 def to_uint8(images01: Tensor) -> np.ndarray:
@@ -100,8 +101,9 @@ class TrainingPixels:
 
 
 def load_train_images(ds: datasets.Dataset, image_column: str, transform: ImageTransform,
-                      show_progress: bool = True) -> Tensor:
-    """Every training image through `transform` (kept on disk, data/feature_store.py), stacked: [N, C, H, W] in
-    [-1, 1]; an unreadable file fails by name."""
-    pixels = stored_features(TrainingPixels(transform), ds, image_column, show_progress=show_progress)
-    return pixels.view(len(ds), transform.channels, transform.resolution, transform.resolution)
+                      show_progress: bool = True, workers: Workers = Workers()) -> Optional[Tensor]:
+    """Every training image through `transform` (computed by `workers` and kept on disk, data/feature_store.py),
+    stacked: [N, C, H, W] in [-1, 1], on the main process (the others None); an unreadable file fails by name."""
+    pixels = stored_features(TrainingPixels(transform), ds, image_column, workers, show_progress=show_progress)
+    return None if pixels is None else pixels.view(len(ds), transform.channels, transform.resolution,
+                                                   transform.resolution)
