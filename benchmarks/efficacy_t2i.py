@@ -64,6 +64,16 @@ ARMS.update({f"{arm}_lr{tag}": ARMS[arm] + ("--learning_rate", lr) for arm in ("
              for tag, lr in LORA_RATES})
 ARMS.update({f"memmit_lora_lr{tag}_weight{w}": ARMS["memmit_lora"] + ("--learning_rate", lr, "--dedup_anchor_weight", w)
              for tag, lr in LORA_RATES for w in (8, 16, 32)})
+# Other adapters at lr 1e-3 and the default anchor weight: cross-attention key and value only (concept ablation's
+# "cross-attn"), every projection of the UNet (attention, feed-forward, the transformer's in/out, the resnets' time
+# embedding), and the recipes' targets at rank 64.
+LORA_TARGETS = {"kv": ("attn2.to_k", "attn2.to_v"),
+                "wide": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+                         "time_emb_proj")}
+ARMS.update({f"memmit_lora_lr1e3_{name}": ("--lora_rank", 16, "--lora_alpha", 16, "--lora_target_modules", *targets,
+                                           "--learning_rate", 1e-3) for name, targets in LORA_TARGETS.items()})
+ARMS["memmit_lora_lr1e3_rank64"] = ("--lora_rank", 64, "--lora_alpha", 64, "--lora_target_modules", *LORA[5:],
+                                    "--learning_rate", 1e-3)
 TRUTH_ORACLE = "oracle_truth"  # a plain fine-tune on one entry of each source digit (ground truth)
 
 

@@ -98,6 +98,13 @@ def test_features_of_another_dataset_or_detector_are_refused(chunked, tmp_path):
         stored_features(pixels, ds, "image", directory=str(tmp_path))
 
 
+def test_a_features_folder_that_cannot_be_created_is_an_error_naming_the_option(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="dedup_features_dir .*a-file/features' cannot be created"):
+        stored_features(load_detector("pixels", None, 16, 1), with_copies(), "image",
+                        directory=str(tmp_path / "a-file" / "features"))
+
+
 def test_a_training_run_refuses_a_features_folder_of_other_data(tiny_pipeline, digits_dir, tmp_path, capsys):
     from memmit.cli import train_main
 

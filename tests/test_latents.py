@@ -183,6 +183,7 @@ def _two_builders(rank: int, pipe: str, data: str, port: int, results: str) -> N
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # ~10 s: two spawned processes each building a text-to-image task
 def test_two_processes_build_one_cache_each_a_share_of_the_chunks(tiny_sd_pipeline, captioned_digits_dir, cache,
                                                                    request, small_chunks, tmp_path, capsys):
     """Chunks 0, 2, 4 (latents 0-4, 10-14, 20-23) on the first process, 1 and 3 and the prompts on the second: the

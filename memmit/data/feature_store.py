@@ -76,9 +76,7 @@ class FeatureStore:
                              f"another folder")
 
     def open(self) -> None:
-        """The folder, its manifest written and a killed run's temporary files removed (one process, before any
-        other writes)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """The manifest written and a killed run's temporary files removed (one process, before any other writes)."""
         remove_partial_writes(self.directory)
         if not self.manifest.is_file():
             self._write(self.manifest, json.dumps(self.fingerprint, indent=1).encode())
@@ -93,7 +91,8 @@ class FeatureStore:
         """This process's missing chunks (every `workers.count`-th), each written as soon as it is computed."""
         mine = workers.mine(self.missing())
         rows = sum(min(self.chunk_rows, self.rows - c * self.chunk_rows) for c in mine)
-        desc = f"{featurizer.feature_key()['kind']} features" + (f" (process {workers.index} of {workers.count})" if workers.count > 1 else "")
+        desc = f"{featurizer.feature_key()['kind']} features"
+        desc += f" (process {workers.index} of {workers.count})" if workers.count > 1 else ""
         with tqdm(total=rows, desc=desc, disable=not show_progress, leave=False) as bar:
             for c in mine:
                 span = range(c * self.chunk_rows, min(self.rows, (c + 1) * self.chunk_rows))
@@ -128,13 +127,17 @@ def store_for(featurizer, ds: datasets.Dataset, image_column: str, directory: Op
     if directory is None:
         key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:32]
         directory = writable_cache("features") / key
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"dedup_features_dir {str(directory)!r} cannot be created ({exc.strerror or exc})") from exc
     store = FeatureStore(Path(directory), fingerprint)
     store.check()
     return store
 
 
 def stored_features(featurizer, ds: datasets.Dataset, image_column: str, workers: Workers = Workers(),
-                      directory: Optional[str] = None, show_progress: bool = True) -> Optional[torch.Tensor]:
+                    directory: Optional[str] = None, show_progress: bool = True) -> Optional[torch.Tensor]:
     """The featurizer's features of every image, computed by `workers` (or found on disk); every process calls it,
     and the main process (index 0) gets them (the others None)."""
     store = store_for(featurizer, ds, image_column, directory, show_progress) if workers.index is not None else None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,7 +43,8 @@ from .inputs import CaptionedImageInputs, MicroConditionedInputs
 from .stable_diffusion import TextToImageTask
 
 CACHE_BATCH = 32  # images per VAE call while caching
-CHUNK_ROWS = 1024  # images (or prompts) per file: what one process holds at a time while building
+# Images (or prompts) per file: what one process holds while building (SDXL's latents at 1024 px: ~1 GiB with flips).
+CHUNK_ROWS = 1024
 OPEN_FILES = 64  # chunk files a reader keeps open at once
 
 
@@ -101,17 +103,25 @@ def _encode_images(task: TextToImageTask, dataset: datasets.Dataset, image_colum
     transform = ImageTransform(task.resolution, task.channels, center_crop=True)
     autocast = torch.autocast(device.type, dtype=task.weight_dtype, enabled=task.weight_dtype != torch.float32)
     latents: dict[str, list[torch.Tensor]] = {name: [] for name in ("mean", "std", "mean_flipped", "std_flipped")}
-    sizes = []  # (width, height) before the transform: SDXL's micro-conditioning
-    images = list(iter_images(dataset, image_column, show_progress=False, rows=rows))
-    for start in range(0, len(images), CACHE_BATCH):
-        batch = images[start:start + CACHE_BATCH]
-        sizes += [img.size for img in batch]
-        x = torch.stack([transform(img) for img in batch]).to(device, task.weight_dtype)
-        for suffix, pixels in [("", x)] + ([("_flipped", x.flip(-1))] if random_flip else []):
+
+    def encode(pixels: list[torch.Tensor]) -> None:
+        x = torch.stack(pixels).to(device, task.weight_dtype)
+        for suffix, images in [("", x)] + ([("_flipped", x.flip(-1))] if random_flip else []):
             with autocast:
-                dist = task.encode_pixels(pixels, device)
+                dist = task.encode_pixels(images, device)
             latents["mean" + suffix].append(dist.mean.cpu())
             latents["std" + suffix].append(dist.std.cpu())
+
+    pending: list[torch.Tensor] = []
+    sizes = []  # (width, height) before the transform: SDXL's micro-conditioning
+    for img in iter_images(dataset, image_column, show_progress=False, rows=rows):
+        sizes.append(img.size)
+        pending.append(transform(img))
+        if len(pending) == CACHE_BATCH:
+            encode(pending)
+            pending = []
+    if pending:
+        encode(pending)
     return {**{name: torch.cat(parts).contiguous() for name, parts in latents.items() if parts},
             "sizes": torch.tensor(sizes)}
 
@@ -135,7 +145,8 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
     prompts = training_prompts(dataset[caption_column], caption_column)
     todo = [("latents", c, rows) for c, rows in enumerate(_chunks(len(dataset)))]
     todo += [("text", c, rows) for c, rows in enumerate(_chunks(len(prompts)))] if cache_text else []
-    mine = [todo[i] for i in workers.mine(list(range(len(todo)))) if not (staging / _chunk_name(*todo[i][:2])).is_file()]
+    mine = [todo[i] for i in workers.mine(list(range(len(todo))))
+            if not (staging / _chunk_name(*todo[i][:2])).is_file()]
 
     def advice() -> str:
         return "the chunks written are reused by a rerun; free space or set MEMMIT_CACHE to a folder on another disk"
@@ -145,7 +156,7 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
                    else _encode_prompts(task, [prompts[i] for i in rows], device))
         write_whole(staging / _chunk_name(kind, c), save(tensors), advice)
     workers.barrier()
-    if workers.index == 0 and not directory.is_dir():
+    if workers.index == 0:
         index = {"rows": len(dataset), "chunk_rows": CHUNK_ROWS, "text": cache_text}
         write_whole(staging / "prompts.json", json.dumps(prompts).encode(), advice)
         write_whole(staging / "index.json", json.dumps(index).encode(), advice)
@@ -154,6 +165,7 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
         except OSError:  # another machine sharing the cache folder moved in the same key's folder first
             if not directory.is_dir():
                 raise
+            shutil.rmtree(staging, ignore_errors=True)
     workers.barrier()
 
 
