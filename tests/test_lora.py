@@ -62,6 +62,13 @@ def test_svd_lora_is_exact_at_full_rank_and_reports_truncation_error():
     assert a.shape == (3, 8) and b.shape == (6, 3)
     torch.testing.assert_close(b @ a, delta, rtol=1e-4, atol=1e-5)
     assert error < 1e-6
+    conv = delta.reshape(6, 2, 2, 2)  # a 2x2 convolution's change, rank 3 as [out, in x kh x kw]
+    state, error = svd_lora({"blk.conv.weight": conv}, rank=3)
+    b, a = state["blk.conv.lora_B.weight"], state["blk.conv.lora_A.weight"]
+    assert a.shape == (3, 2, 2, 2) and b.shape == (6, 3, 1, 1) and error < 1e-6
+    x = torch.randn(1, 2, 5, 5, generator=gen)
+    torch.testing.assert_close(torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a), b),
+                               torch.nn.functional.conv2d(x, conv), rtol=1e-4, atol=1e-5)
     _, error1 = svd_lora({"blk.to_q.weight": delta}, rank=1)
     s = torch.linalg.svdvals(delta.double())
     assert error1 == pytest.approx(float((s[1:].pow(2).sum() / s.pow(2).sum()).sqrt()), rel=1e-6)
@@ -72,7 +79,14 @@ def test_bad_target_modules():
         add_lora(Attn(), 2, None, 0.0, ["to_x"])
 
 
-def test_stable_diffusion_lora_shards_and_lora_export(tiny_sd_pipeline, captioned_digits_dir, tmp_path):
+# The recipes' UNet adapters: attention only (sd3/flux), and sd15-lora's and sdxl-lora's (1x1 convolutions among them:
+# Stable Diffusion 1.x's proj_in and proj_out).
+UNET_TARGETS = [[], ["--lora_target_modules", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                     "proj_in", "proj_out", "time_emb_proj"]]
+
+
+@pytest.mark.parametrize("targets", UNET_TARGETS, ids=["attention", "wide"])
+def test_stable_diffusion_lora_shards_and_lora_export(targets, tiny_sd_pipeline, captioned_digits_dir, tmp_path):
     """LoRA training on a tiny SD pipeline; the exported LoRA, loaded into the original pipeline with
     load_lora_weights, gives the merged export's UNet (exact when the export rank is full)."""
     import json
@@ -88,7 +102,7 @@ def test_stable_diffusion_lora_shards_and_lora_export(tiny_sd_pipeline, captione
         run(parse_args(["--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
                             "--caption_column", "text", "--output_dir", str(out), "--num_shards", "2",
                             "--num_rounds", "2", "--train_batch_size", "4", "--lora_rank", "4",
-                            "--learning_rate", "1e-2", "--report_to", "none", *extra]))
+                            "--learning_rate", "1e-2", "--report_to", "none", *targets, *extra]))
 
     train(tmp_path / "full")
     train(tmp_path / "lora", "--export", "lora", "--export_lora_rank", "64")

@@ -69,19 +69,22 @@ def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def svd_lora(deltas: dict[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], float]:
-    """One LoRA (scale 1) per 2-D weight change by truncated SVD; returns peft-style keys and the
-    relative Frobenius error ||Δ - B·A|| / ||Δ|| over all changes."""
+    """One LoRA (scale 1) per weight change by truncated SVD: a linear layer's [out, in], or a convolution's
+    [out, in, kh, kw] as [out, in·kh·kw] (peft's conv LoRA: A a [r, in, kh, kw] convolution, B a 1x1 one); returns
+    peft-style keys and the relative Frobenius error ||Δ - B·A|| / ||Δ|| over all changes."""
     state, err2, norm2 = {}, 0.0, 0.0
     for name, delta in deltas.items():
-        if delta.dim() != 2:
-            raise ValueError(f"LoRA export handles linear layers only; {name} has shape {tuple(delta.shape)}")
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        if delta.dim() not in (2, 4):
+            raise ValueError(f"LoRA export handles linear and convolution layers; {name} has shape "
+                             f"{tuple(delta.shape)}")
+        matrix = delta.double().flatten(1)
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         r = min(rank, s.numel())
         root = s[:r].sqrt()
         b, a = u[:, :r] * root, root[:, None] * vh[:r]
         prefix = name.removesuffix(".weight")
-        state[f"{prefix}.lora_A.weight"] = a.float().contiguous()
-        state[f"{prefix}.lora_B.weight"] = b.float().contiguous()
-        err2 += float((delta.double() - b @ a).pow(2).sum())
-        norm2 += float(delta.double().pow(2).sum())
+        state[f"{prefix}.lora_A.weight"] = a.float().reshape(r, *delta.shape[1:]).contiguous()
+        state[f"{prefix}.lora_B.weight"] = b.float().reshape(delta.shape[0], r, *[1] * (delta.dim() - 2)).contiguous()
+        err2 += float((matrix - b @ a).pow(2).sum())
+        norm2 += float(matrix.pow(2).sum())
     return state, (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
