@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image, ImageEnhance
+from PIL import ImageEnhance
 
 from memmit.data import feature_store
 from memmit.data.detectors import load_detector
