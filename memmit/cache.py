@@ -57,6 +57,12 @@ def remove_partial_writes(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def hash_module(h, prefix: str, module: torch.nn.Module) -> None:
+    """Feed every tensor of a module's state dict into a hashlib hash, each named `prefix.key`."""
+    for key, t in module.state_dict().items():
+        hash_tensor(h, f"{prefix}.{key}", t)
+
+
 def hash_tensor(h, name: str, t: torch.Tensor) -> None:
     """Feed a tensor's name, dtype, shape and bytes into a hashlib hash."""
     t = t.detach().cpu().contiguous()

@@ -37,6 +37,7 @@ def test_unknown_yaml_key_names_valid_ones(tmp_path):
     ("--train_batch_size", "0", "train_batch_size must be >= 1"),
     ("--dataloader_num_workers", "-1", "dataloader_num_workers must be >= 0"),
     ("--seed", "-1", "seed must be >= 0"),
+    ("--cache_text_limit_gb", "-1", "cache_text_limit_gb must be >= 0, got -1.0"),
 ])
 def test_invalid_values(flag, value, message):
     with pytest.raises(ValueError, match=message):

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..cache import hash_tensor
+from ..cache import hash_module
 
 
 @dataclass
@@ -64,8 +64,7 @@ def _transformers_extractor(path: str, device: torch.device) -> Extractor:
 
 def _weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        hash_tensor(h, name, t)
+    hash_module(h, "model", module)
     return h.hexdigest()
 
 

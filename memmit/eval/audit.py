@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list
 
 import memmit
 
-from ..cache import cache_root, hash_tensor
+from ..cache import cache_root, hash_module, hash_tensor
 from ..config import EvalConfig, MemmitConfig
 from .figures import draw_compare
 from .report import Prepared, eval_workers, prepare_evaluation, run_evaluation, sample_on_processes
@@ -44,8 +44,7 @@ def fingerprint(p: Prepared) -> str:
     h = hashlib.sha256()
     for name, component in sorted(p.task.pipeline.components.items()):
         if isinstance(component, torch.nn.Module):
-            for key, t in component.state_dict().items():
-                hash_tensor(h, f"{name}.{key}", t)
+            hash_module(h, name, component)
         config = getattr(component, "config", None)
         if isinstance(config, dict):  # diffusers' ConfigMixin; "_name_or_path" and the like say where, not what
             h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True,

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from ..cache import cache_root, hash_tensor, remove_partial_writes, write_whole, writable_cache
+from ..cache import cache_root, hash_module, remove_partial_writes, write_whole, writable_cache
 from ..data.content import content_key
 from ..data.dataset import iter_images, pick_caption
 from ..data.transform import ImageTransform
@@ -66,8 +66,7 @@ def cache_key(task: TextToImageTask, content: list[str], image_column: str, capt
               random_flip: bool, cache_text: bool) -> str:
     h = hashlib.sha256()
     for name, module in [("vae", task.vae), *zip(task.text.names, task.text.encoders)]:
-        for key, t in module.state_dict().items():
-            hash_tensor(h, f"{name}.{key}", t)
+        hash_module(h, name, module)
         h.update(json.dumps({k: v for k, v in module.config.items() if not k.startswith("_")} if isinstance(
             module.config, dict) else module.config.to_dict(), sort_keys=True, default=str).encode())
     for tokenizer in task.text.tokenizers:
@@ -132,7 +131,7 @@ def _encode_prompts(task: TextToImageTask, prompts: list[str], device: torch.dev
 
 
 def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Dataset, image_column: str,
-                caption_column: str, random_flip: bool, cache_text: bool, device: torch.device, workers: Workers,
+                prompts: list[str], random_flip: bool, cache_text: bool, device: torch.device, workers: Workers,
                 show_progress: bool = True) -> None:
     """Every image's latents (and every training prompt's text-encoder outputs, with `cache_text`) in chunks, each
     computed by one of `workers` and written as soon as it is done into a staging folder a killed build resumes
@@ -142,7 +141,6 @@ def build_cache(directory: Path, task: TextToImageTask, dataset: datasets.Datase
         staging.mkdir(parents=True, exist_ok=True)
         remove_partial_writes(staging)
     workers.barrier()
-    prompts = training_prompts(dataset[caption_column], caption_column)
     todo = [("latents", c, rows) for c, rows in enumerate(_chunks(len(dataset)))]
     todo += [("text", c, rows) for c, rows in enumerate(_chunks(len(prompts)))] if cache_text else []
     mine = [todo[i] for i in workers.mine(list(range(len(todo))))
@@ -175,21 +173,21 @@ def cached_inputs(task: TextToImageTask, dataset: datasets.Dataset, content: lis
     """The cache for this run's settings and data (`content`: its samples' digests), built by `workers` if no
     earlier run left it (every process calls this); inputs that read it. The text encoders' outputs are cached
     while they take at most `text_limit_gb`; above it each step encodes its prompts, as without the cache."""
-    prompts = len(training_prompts(dataset[caption_column], caption_column))
-    size = text_bytes(task, prompts, device)
+    prompts = training_prompts(dataset[caption_column], caption_column)
+    size = text_bytes(task, len(prompts), device)
     cache_text = size <= text_limit_gb * 1e9
     directory = cache_root() / "latents" / cache_key(task, content, image_column, caption_column, random_flip,
                                                      cache_text)
     found = (directory / "index.json").is_file()
     if not found:
-        build_cache(directory, task, dataset, image_column, caption_column, random_flip, cache_text, device, workers,
+        build_cache(directory, task, dataset, image_column, prompts, random_flip, cache_text, device, workers,
                     show_progress)
     if show_progress:
         what = "latents and text embeddings" if cache_text else "latents"
         print(f"memmit: reusing the cached {what} in {directory}" if found else
               f"memmit: {what} cached in {directory}")
         if not cache_text:
-            print(f"memmit: the text encoders' outputs are not cached: {prompts:,} prompts would take "
+            print(f"memmit: the text encoders' outputs are not cached: {len(prompts):,} prompts would take "
                   f"{size / 1e9:.1f} GB, above cache_text_limit_gb={text_limit_gb:g}; each step encodes its prompts")
     return CachedInputs(str(directory), random_flip, task.inputs)
 
