@@ -217,11 +217,13 @@ def test_two_processes_split_the_evaluation_and_equal_one(tiny_pipeline, digits_
     assert "memorized fraction" in (out / "README.md").read_text()
 
 
-def test_memmit_eval_under_accelerate_launch_equals_one_process(tiny_sd_pipeline, captioned_digits_dir, tmp_path):
-    """Text-to-image: the second process renders the main one's prompts for its share of the samples."""
+def test_memmit_eval_under_accelerate_launch_equals_one_process(tiny_sd_pipeline, captioned_digits_dir, tmp_path,
+                                                                encoder_file):  # noqa: F811
+    """Text-to-image: the second process renders the main one's prompts for its share of the samples; both
+    processes embed the training set for the quality extractor (the feature store)."""
     flags = ["--pretrained_model_name_or_path", tiny_sd_pipeline, "--dataset_name", captioned_digits_dir,
              "--caption_column", "captions", "--num_samples", "5", "--num_inference_steps", "2", "--batch_size", "2",
-             "--seed", "4"]
+             "--seed", "4", "--quality_extractor", encoder_file]
     proc = subprocess.run([*accelerate_launch(2), "--module", "memmit.cli", "eval", *flags, "--output_dir",
                            str(tmp_path / "two")], env=launch_env(), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -230,3 +232,5 @@ def test_memmit_eval_under_accelerate_launch_equals_one_process(tiny_sd_pipeline
     assert main(["eval", *flags, "--output_dir", str(tmp_path / "one")]) == 0
     for name in ("samples.npy", "prompts.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    quality = [json.loads((tmp_path / run / "report.json").read_text())["quality"] for run in ("two", "one")]
+    assert quality[0]["frechet_distance"] == pytest.approx(quality[1]["frechet_distance"], rel=1e-5)

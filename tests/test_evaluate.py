@@ -18,7 +18,8 @@ from memmit.config import EvalConfig
 from memmit.data.dataset import load_train_dataset, source_names
 from memmit.data.features import load_extractor
 from memmit.eval.report import evaluate, rescore
-from memmit.eval.sampling import from_uint8, load_train_images, to_uint8
+from memmit.data.feature_store import store_for
+from memmit.eval.sampling import TrainingEmbeddings, TrainingPixels, from_uint8, load_train_images, to_uint8
 from memmit.eval.scores import score_samples
 from memmit.eval.tables import compare_rows, format_compare, format_report
 from memmit.families.base import load_pipeline
@@ -44,7 +45,8 @@ class TinyEncoder(torch.nn.Module):
         self.conv = torch.nn.Conv2d(1, 6, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x).relu().mean(dim=(2, 3)) + 0.1  # + 0.1: never an all-zero embedding
+        # Channels averaged: grey and RGB training sets alike; + 0.1: never an all-zero embedding.
+        return self.conv(x.mean(1, keepdim=True)).relu().mean(dim=(2, 3)) + 0.1
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,33 @@ def test_eval_end_to_end_with_feature_extractor(tiny_pipeline, digits_dir, encod
     assert samples.shape == (8, 16, 16, 1) and samples.dtype == np.uint8 and samples.std() > 0
     with Image.open(out / "most_copied.png") as fig:
         assert fig.width >= 4 * 2 * 64 and fig.height >= 2 * 64  # 8 pairs, digits upscaled 4x
+
+
+def test_extractor_embeddings_of_the_training_set_are_stored(tiny_pipeline, digits_dir, digits, encoder_file,
+                                                              tmp_path, monkeypatch):
+    """--feature_extractor's and --quality_extractor's embeddings of the training set are features of the store
+    (computed by every process, on disk, read again by a later evaluation), and score as in-memory ones."""
+    monkeypatch.setenv("MEMMIT_CACHE", str(tmp_path / "cache"))  # the test alters the store below
+    out = tmp_path / "out"
+    report = evaluate(EvalConfig(pretrained_model_name_or_path=tiny_pipeline, output_dir=str(out),
+                                 dataset_name=digits_dir, num_samples=4, num_inference_steps=2, batch_size=4, k=5,
+                                 feature_extractor=encoder_file, quality_extractor=encoder_file), show_progress=False)
+    train, sources = digits
+    encoder = load_extractor(encoder_file, torch.device("cpu"), (train[:2] + 1) / 2, "quality_extractor")
+    task = UnconditionalTask(load_pipeline(tiny_pipeline), center_crop=True)
+    ds = load_train_dataset(dataset_name=digits_dir)
+    # One store serves both roles (the same model); its rows are the encoder's embeddings of the training pixels.
+    store = store_for(TrainingEmbeddings(TrainingPixels(task.transform), encoder, 4), ds, "image", None, False)
+    assert store.missing() == [] and store.fingerprint["detector"]["kind"] == "training embeddings"
+    torch.testing.assert_close(store.read(), encoder((train + 1) / 2, 4))
+    in_memory = score_samples(from_uint8(np.load(out / "samples.npy")), train, sources, k=5,
+                              clusters=report["pixel"]["clusters"]["groups"], feature_extractor=encoder,
+                              quality_extractor=encoder)
+    assert report["features"]["cosine"] == pytest.approx(in_memory["features"]["cosine"])
+    assert report["quality"]["frechet_distance"] == pytest.approx(in_memory["quality"]["frechet_distance"])
+    # A later evaluation reads the stored embeddings rather than embedding the training set again.
+    np.save(store.chunk(0), np.random.RandomState(0).rand(len(ds), 6).astype(np.float32))
+    assert rescore(out)["quality"]["frechet_distance"] != pytest.approx(report["quality"]["frechet_distance"])
 
 
 def test_saved_samples_rescore_to_the_same_report(tiny_pipeline, digits_dir, digits, tmp_path):

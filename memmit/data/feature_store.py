@@ -33,11 +33,24 @@ CHUNK_ROWS = 4096  # images decoded and held at once by one process; one file ea
 FORMAT = 1
 
 
+# Each dataset's images key, by its `datasets` fingerprint (which changes with any change to its rows) and column: an
+# evaluation stores several featurizers of one dataset, and hashing a million images' bytes once is enough.
+_IMAGES_KEYS: dict[tuple[str, str], str] = {}
+
+
+def images_key(ds: datasets.Dataset, image_column: str, show_progress: bool = True) -> str:
+    """One digest of every image's stored bytes, in row order."""
+    memo = (ds._fingerprint, image_column)
+    if memo not in _IMAGES_KEYS:
+        _IMAGES_KEYS[memo] = content_key(sample_digests(ds, image_column, None, show_progress))
+    return _IMAGES_KEYS[memo]
+
+
 def fingerprint_of(featurizer, ds: datasets.Dataset, image_column: str, show_progress: bool = True) -> dict:
     """What the features depend on: the featurizer's settings and every image's stored bytes, in row order."""
-    digests = sample_digests(ds, image_column, None, show_progress)
-    return {"format": FORMAT, "detector": featurizer.feature_key(), "rows": len(ds), "images": content_key(digests),
-            "dtype": featurizer.storage_dtype, "chunk_rows": CHUNK_ROWS}
+    return {"format": FORMAT, "detector": featurizer.feature_key(), "rows": len(ds),
+            "images": images_key(ds, image_column, show_progress), "dtype": featurizer.storage_dtype,
+            "chunk_rows": CHUNK_ROWS}
 
 
 class FeatureStore:

@@ -24,6 +24,7 @@ import memmit
 from ..config import EvalConfig
 from ..data.dataset import caption_counts, check_captions, load_train_dataset, source_names
 from ..data.detectors import load_detector
+from ..data.feature_store import stored_features
 from ..data.features import Extractor, load_extractor
 from ..data.neighbours import resolve_search
 from ..data.split import duplicate_clusters
@@ -31,7 +32,8 @@ from ..families.base import DenoisingTask
 from ..workers import Workers
 from .figures import draw_most_copied
 from .metrics import default_device
-from .sampling import from_uint8, load_eval_task, load_train_images, sample_images, sample_prompts
+from .sampling import (TrainingEmbeddings, TrainingPixels, from_uint8, load_eval_task, load_train_images,
+                       sample_images, sample_prompts)
 from .scores import score_samples
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class Prepared:
     prompts: Optional[list[str]] = None  # text-to-image: one training caption per sample
     duplicated_captions: frozenset[str] = frozenset()  # captions occurring more than once in the training data
     alignment_classifier: Optional[Extractor] = None
+    # The feature and quality extractors' embeddings of `train`, by role (from the feature store)
+    train_embeddings: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
 
 def load_eval_dataset(config: EvalConfig, task: DenoisingTask) -> datasets.Dataset:
@@ -77,18 +81,26 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True,
                              use="eval", search=config.dedup_search)
     clusters = duplicate_clusters(ds, config.image_column, detector, show_progress, workers=workers,
                                   features_dir=config.dedup_features_dir)
+    pixels = TrainingPixels(task.transform)
+    t = task.transform
+    probe = (pixels.features(ds.select(range(min(2, len(ds))))[config.image_column])
+             .view(-1, t.channels, t.resolution, t.resolution) + 1) / 2
+    # Every process loads the embedding models: they embed the training set together, as they compute its pixels.
+    embedders = {role: load_extractor(path, device, probe, role)
+                 for role, path in (("feature_extractor", config.feature_extractor),
+                                    ("quality_extractor", config.quality_extractor)) if path}
     train = load_train_images(ds, config.image_column, task.transform, show_progress, workers)
+    embeddings = {role: stored_features(TrainingEmbeddings(pixels, extractor, config.batch_size), ds,
+                                        config.image_column, workers, show_progress=show_progress)
+                  for role, extractor in embedders.items()}
     if workers.index != 0:
         return None
     # memorization_report would say so too, but only after sampling.
     if torch.unique(train.flatten(1), dim=0).shape[0] < 2:
         raise ValueError("the training set needs at least two distinct images at this resolution")
-    probe = (train[:2] + 1) / 2
-    extractors = {role: load_extractor(path, device, probe, role) if path else None
-                  for role, path in (("feature_extractor", config.feature_extractor),
-                                     ("quality_extractor", config.quality_extractor),
-                                     ("alignment_classifier", config.alignment_classifier))}
-    classes = extractors["alignment_classifier"](probe, 2).shape[1] if config.alignment_classifier else None
+    classifier = (load_extractor(config.alignment_classifier, device, probe, "alignment_classifier")
+                  if config.alignment_classifier else None)
+    classes = classifier(probe, 2).shape[1] if classifier is not None else None
     if classes is not None and classes != len(config.class_names):
         raise ValueError(f"alignment_classifier {config.alignment_classifier!r} scores {classes} classes, and "
                          f"class_names names {len(config.class_names)}")
@@ -97,9 +109,9 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True,
         captions = ds[config.caption_column]
         prompts = sample_prompts(captions, config.num_samples, config.seed, config.caption_column)
         duplicated = frozenset(c for c, n in caption_counts(captions, config.caption_column).items() if n > 1)
-    return Prepared(config, task, train, source_names(ds, config.image_column),
-                    extractors["feature_extractor"], extractors["quality_extractor"], device, clusters,
-                    detector.describe(), prompts, duplicated, extractors["alignment_classifier"])
+    return Prepared(config, task, train, source_names(ds, config.image_column), embedders.get("feature_extractor"),
+                    embedders.get("quality_extractor"), device, clusters, detector.describe(), prompts, duplicated,
+                    classifier, embeddings)
 
 
 def named_class(prompt: str, class_names: list[str]) -> Optional[int]:
@@ -146,7 +158,7 @@ def run_evaluation(p: Prepared, show_progress: bool = True, samples: Optional[np
     scores = score_samples(from_uint8(samples), p.train, p.sources, clusters=p.clusters, detector=p.detector,
                            k=c.k, threshold=c.threshold,
                            feature_extractor=p.feature_extractor, quality_extractor=p.quality_extractor,
-                           batch_size=c.batch_size)
+                           train_embeddings=p.train_embeddings, batch_size=c.batch_size)
     # The options, then what they resolved to and how the samples were made.
     report = {"settings": {**dataclasses.asdict(c), "resolution": p.task.resolution, "channels": p.task.channels,
                            "sampler": p.task.sampler, "pipeline": type(p.task.pipeline).__name__, "device": str(p.device)},

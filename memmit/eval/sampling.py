@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..config import EvalConfig
 from ..data.dataset import pick_caption
 from ..data.feature_store import stored_features
+from ..data.features import Extractor
 from ..data.transform import ImageTransform
 from ..draws import keyed_generator
 from ..families import load_task
@@ -98,6 +99,25 @@ class TrainingPixels:
 
     def features(self, images) -> Tensor:
         return torch.stack([self.transform(img) for img in images]).flatten(1)
+
+
+class TrainingEmbeddings:
+    """An extractor's (--feature_extractor's, --quality_extractor's) embedding of the eval's training images: a
+    featurizer too, so a million training images are embedded by every process, chunk by chunk on disk, once."""
+
+    storage_dtype = "float32"
+
+    def __init__(self, pixels: TrainingPixels, extractor: Extractor, batch_size: int):
+        self.pixels, self.extractor, self.batch_size = pixels, extractor, batch_size
+
+    def feature_key(self) -> dict:
+        return {**self.pixels.feature_key(), "kind": "training embeddings", "extractor": self.extractor.info,
+                "weights": self.extractor.weights}
+
+    def features(self, images) -> Tensor:
+        t = self.pixels.transform
+        x = self.pixels.features(images).view(-1, t.channels, t.resolution, t.resolution)
+        return self.extractor((x + 1) / 2, self.batch_size)
 
 
 def load_train_images(ds: datasets.Dataset, image_column: str, transform: ImageTransform,

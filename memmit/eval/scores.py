@@ -56,9 +56,10 @@ def _pixel_report(samples: Tensor, train: Tensor, sources: list[str], k: int, th
     return summary
 
 
-def _feature_report(samples01: Tensor, train01: Tensor, sources: list[str], extractor: Extractor,
+def _feature_report(samples01: Tensor, train: Tensor, sources: list[str], extractor: Extractor,
                     batch_size: int) -> dict:
-    rep = memorization_report(extractor(samples01, batch_size), extractor(train01, batch_size), metric="cosine")
+    """Memorization in the extractor's cosine; `train`: the training set's embeddings."""
+    rep = memorization_report(extractor(samples01, batch_size), train, metric="cosine")
     summary = {"extractor": extractor.info, **rep["summary"]}
     summary["most_copied"] = _most_copied(summary.pop("copied_counts"), sources)
     summary["per_sample"] = {name: v.tolist() for name, v in rep["per_sample"].items()}
@@ -84,14 +85,15 @@ def _inception_fid(samples01: Tensor, train01: Tensor, batch_size: int) -> dict:
 
 
 def _quality_report(samples01: Tensor, train01: Tensor, clusters: list[list[int]], extractor: Optional[Extractor],
-                    batch_size: int) -> dict:
+                    train_embedded: Optional[Tensor], batch_size: int) -> dict:
     """Fréchet distance to one training image per near-duplicate family: against the raw set, a model that
-    copies duplicated images would be rewarded for matching their inflated frequency."""
+    copies duplicated images would be rewarded for matching their inflated frequency. `train_embedded`: the
+    training set's embeddings by `extractor`."""
     labels = cluster_labels(train01.shape[0], clusters)
-    reference = train01[first_occurrence(labels, int(labels.max()) + 1)]
-    report = (_inception_fid(samples01, reference, batch_size) if extractor is None else
+    reference = first_occurrence(labels, int(labels.max()) + 1)
+    report = (_inception_fid(samples01, train01[reference], batch_size) if extractor is None else
               {"available": True, "extractor": extractor.info,
-               "frechet_distance": frechet_distance(extractor(samples01, batch_size), extractor(reference, batch_size))})
+               "frechet_distance": frechet_distance(extractor(samples01, batch_size), train_embedded[reference])})
     return {**report, "reference": f"one of each of {len(reference)} near-duplicate families and lone images, "
                                    f"of {len(train01)} training images"}
 
@@ -99,18 +101,25 @@ def _quality_report(samples01: Tensor, train01: Tensor, clusters: list[list[int]
 def score_samples(samples: Tensor, train: Tensor, sources: list[str], *, clusters: Optional[list[list[int]]] = None,
                   detector: Optional[dict] = None, k: int = 50, threshold: float = 1 / 3,
                   feature_extractor: Optional[Extractor] = None, quality_extractor: Optional[Extractor] = None,
-                  batch_size: int = 64) -> dict:
+                  train_embeddings: Optional[dict[str, Tensor]] = None, batch_size: int = 64) -> dict:
     """The memorization and quality report of `samples` against `train`, both [N, C, H, W] in [-1, 1].
 
     `clusters` (near-duplicate families of training ids, found by `detector`) count once as neighbours.
+    `train_embeddings` (role -> [N, D]): the extractors' embeddings of `train` when already computed (memmit
+    eval's come from the feature store); an extractor without one embeds `train` here.
     Keys: "pixel" (L2 ratio and neighbourhood criteria), "features" (cosine in the feature
     extractor's space, or None), "quality" (Fréchet distance, or why it is unavailable).
     """
     if clusters is None:  # without a detector's clusters, byte-identical training images are one
         clusters, detector = exact_clusters(train.flatten(1)), {"features": "byte-identical", "threshold": 0.0}
     samples01, train01 = (samples + 1) / 2, (train + 1) / 2
+    embedded = dict(train_embeddings or {})
+    for role, extractor in (("feature_extractor", feature_extractor), ("quality_extractor", quality_extractor)):
+        if extractor is not None and role not in embedded:
+            embedded[role] = extractor(train01, batch_size)
     features = (None if feature_extractor is None
-                else _feature_report(samples01, train01, sources, feature_extractor, batch_size))
+                else _feature_report(samples01, embedded["feature_extractor"], sources, feature_extractor, batch_size))
     return {"pixel": _pixel_report(samples, train, sources, k, threshold, clusters, detector),
             "features": features,
-            "quality": _quality_report(samples01, train01, clusters, quality_extractor, batch_size)}
+            "quality": _quality_report(samples01, train01, clusters, quality_extractor,
+                                       embedded.get("quality_extractor"), batch_size)}
