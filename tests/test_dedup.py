@@ -177,6 +177,23 @@ def test_an_index_search_finds_the_clusters_exact_search_finds(search):
     assert find_duplicate_clusters(rows, 0.05, cosine_distance, search_metric="cosine", search=search) == exact
 
 
+def test_a_faiss_gpu_build_moves_the_ivf_index_to_the_gpus(monkeypatch):
+    """No GPU here: faiss is made to report one, and its move to the GPUs hands the CPU index back, recorded. What
+    this pins is the routing (IVF moves, HNSW, which faiss cannot run on a GPU, stays), not GPU arithmetic."""
+    import faiss
+
+    from memmit.data.neighbours import IVF_MIN_ROWS, index_nearest_neighbours
+
+    moved = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: moved.append(type(index).__name__) or index)
+    rows = torch.randn(IVF_MIN_ROWS, 8, generator=torch.Generator().manual_seed(0))
+    _, ivf = index_nearest_neighbours(rows, 2, "ivf")
+    _, hnsw = index_nearest_neighbours(rows, 2, "hnsw")
+    assert moved == ["IndexIVFFlat"]
+    assert torch.equal(ivf[:, 0], torch.arange(len(rows))) and torch.equal(hnsw[:, 0], torch.arange(len(rows)))
+
+
 def test_the_search_is_chosen_by_size_and_an_index_that_cannot_fit_is_refused():
     from memmit.data.neighbours import EXACT_MAX, IVF_MIN_ROWS, resolve_search
 

@@ -111,7 +111,8 @@ def resolve_search(search: str, num_refs: int) -> str:
 def index_nearest_neighbours(rows: Tensor, k: int, search: str, metric: str = "l2") -> tuple[Tensor, Tensor]:
     """Each row's k nearest rows (itself usually first) by a faiss index, `search` "ivf" or "hnsw": squared L2
     ascending or cosine descending, as nearest_neighbours returns them; an index that finds fewer than k gives
-    index -1 there. Approximate: benchmarks/scale.py measures its recall against exact search."""
+    index -1 there. Approximate: benchmarks/scale.py measures its recall against exact search. With a faiss-gpu
+    build and a GPU, the IVF index is built and searched on every GPU (faiss has no GPU HNSW)."""
     import faiss  # only this path needs it
 
     _check_search_args(rows, rows, k, metric, 1, 1)
@@ -121,6 +122,8 @@ def index_nearest_neighbours(rows: Tensor, k: int, search: str, metric: str = "l
     if search == "ivf":
         lists = max(1, min(int(4 * n ** 0.5), n // IVF_POINTS_PER_LIST))
         index = faiss.IndexIVFFlat(faiss.IndexFlat(d, faiss_metric), d, lists, faiss_metric)
+        if faiss.get_num_gpus() > 0:  # a faiss-gpu build on a GPU machine (faiss-cpu says 0): IVF runs there
+            index = faiss.index_cpu_to_all_gpus(index)
         # Training on an evenly spaced subset: k-means needs ~40-256 points per list, not all of a million rows.
         index.train(x[::max(1, n // (256 * lists))])
         index.nprobe = min(IVF_NPROBE, lists)
