@@ -9,7 +9,7 @@ table is efficacy_t2i.py's, its "vs plain" column relative to the pretrained che
 (renders of the reproducing prompts on new seeds and in four variants against its references). Renders use the
 run's seed 100, apart from the eval's sampling noises. Usage:
     python benchmarks/forget_t2i.py [--output_dir efficacy-t2i-3000] [--pretrain_steps 3000] [--family sd]
-        [--prompt_sets duplicated detected] [--steps 96 384] [--seeds 0 1]
+        [--prompt_sets duplicated detected] [--steps 384] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--prompt_sets", nargs="+", default=["duplicated", "detected"],
                         choices=("duplicated", "detected"))
     parser.add_argument("--forget_top", type=int, default=16, help="detected: the highest-ranked prompts taken")
-    parser.add_argument("--steps", type=int, nargs="+", default=[96, 384], help="optimizer steps of each run")
+    parser.add_argument("--steps", type=int, nargs="+", default=[384], help="optimizer steps of each run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--table_only", action="store_true")

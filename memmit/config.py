@@ -37,7 +37,8 @@ TEXT_TO_IMAGE_OPTIONS = (
 )
 # Forget mode's options (only --forget_prompts reads them), and the options it refuses: they describe training images.
 FORGET_OPTIONS = ("forget_top", "forget_min_score", "forget_samples", "forget_share", "forget_inference_steps",
-                  "anchor_prompts", "retain_prompts", "retain_samples", "retain_neighbours")
+                  "anchor_prompts", "retain_prompts", "retain_samples", "retain_neighbours",
+                  "retain_recombined", "forget_anchor_weight")
 NEEDS_TRAINING_IMAGES = ("dataset_name", "dataset_config_name", "train_data_dir", "label_column", "max_train_samples",
                          "cache_latents", "cache_text_limit_gb", "dedup", "dedup_captions", "dedup_anchors",
                          "dedup_family_size")
@@ -200,6 +201,8 @@ class MemmitConfig(ModelDataConfig):
     retain_prompts: Optional[str] = opt(None, "forget_prompts: a file of prompts (one a line) whose renders train as they are, beside the anchors and the prompts that do not reproduce: what the model should keep making.")
     retain_samples: int = opt(4, "forget_prompts: renders of each retained prompt.")
     retain_neighbours: int = opt(8, "forget_prompts: neighbours of each reproducing prompt retained (one word swapped for another of the forget prompts' words; those whose renders reproduce a copy are left out): the prompts near the forgotten ones that should render as before.")
+    retain_recombined: int = opt(32, "forget_prompts: prompts retained per reproducing prompt made of the forget prompts' words recombined by position (word j of a prompt drawn for each position; those whose renders reproduce a copy are left out): the words the copies share, in combinations the model should keep rendering.")
+    forget_anchor_weight: float = opt(4.0, "forget_prompts: the loss weight of a reproduction's anchored samples (1 = as a retained render's). Each reproducing prompt has as many anchored rows as collapsed renders, so it needs less than dedup_anchor_weight's boost: on the testbed that copies hard, 4 with 32 recombined prompts retained removed every copy in 384 steps and kept unique-prompt alignment at 83 (input model 88); weight 1 left 12 of 100 new-seed renders copying, and at 96 steps 16 kept alignment 42 where 4 kept 61 (EFFICACY.md, forget mode).")
 
     # Method: Iterative Ensemble Training
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2; with fewer shards than processes, P/K processes train each shard data-parallel). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
@@ -208,7 +211,7 @@ class MemmitConfig(ModelDataConfig):
     dedup_captions: Optional[str] = opt(None, "Text-to-image with dedup keep_one; default: anchor for text-to-image pipelines with dedup keep_one (memmit's measured text-to-image default, EFFICACY.md), else ignore. ignore (the kept copy keeps its own caption) | merge (it trains with every distinct caption of its cluster, one drawn per step: the copies' captions are not lost) | empty (a cluster whose copies share one caption trains its kept copy on the empty prompt: that caption no longer points at the image; merge for the other clusters) | anchor (unlearn each copied caption, a caption >= 2 copies of a cluster carry: one copy carrying it trains the model's prediction for that caption towards its own, gradient-stopped prediction for one of the dedup_anchors training captions nearest to it in the text encoder's output, outside every cluster, after Kumari et al. 2023's concept ablation; AGC neither banks nor skips it; the cluster's captions one copy carries train merged on one more copy, so a cluster sharing no caption merges).", choices=(None, "ignore", "merge", "empty", "anchor"))
     dedup_anchors: int = opt(4, "dedup_captions=anchor: how many of the nearest other training captions a copied caption is pulled towards; each step draws one.")
     dedup_anchor_noisiest: float = opt(1.0, "dedup_captions=anchor: anchored samples draw their timesteps from this noisiest fraction of the schedule (1 = the whole schedule, as any sample): a copy is decided in the first, noisiest sampling steps.")
-    dedup_anchor_weight: float = opt(16.0, "dedup_captions=anchor and forget mode: the loss weight of an anchored copy's samples (1 = as any sample): how fast its copied caption unlearns the image. 16 removed all duplicated-caption copying of a checkpoint that already copies hard, where 8 left more than half of it (EFFICACY.md, 2026-12-06).")
+    dedup_anchor_weight: float = opt(16.0, "dedup_captions=anchor: the loss weight of an anchored copy's samples (1 = as any sample): how fast its copied caption unlearns the image. 16 removed all duplicated-caption copying of a checkpoint that already copies hard, where 8 left more than half of it (EFFICACY.md, 2026-12-06).")
     dedup_family_size: int = opt(8, "Training also merges every near-duplicate family of at least this many images found at the eval's looser threshold (dedup_threshold or the eval default): many variants of one image are copies, two look-alike images are not; 0 turns it off.")
     aggregation: str = opt("size", "Shard weights when averaging: size (n_k/N) | uniform (1/K).", choices=AGGREGATIONS)
     num_rounds: int = opt(2, "Number of rounds; each ends by averaging the shard models.")
@@ -376,6 +379,10 @@ class MemmitConfig(ModelDataConfig):
         need(self.forget_inference_steps >= 1, f"forget_inference_steps must be >= 1, got {self.forget_inference_steps}")
         need(self.retain_samples >= 1, f"retain_samples must be >= 1, got {self.retain_samples}")
         need(self.retain_neighbours >= 0, f"retain_neighbours must be >= 0, got {self.retain_neighbours}")
+        need(self.retain_recombined >= 0, f"retain_recombined must be >= 0, got {self.retain_recombined}")
+        need(self.forget_anchor_weight > 0, f"forget_anchor_weight must be > 0, got {self.forget_anchor_weight}")
+        need(not options_given(self, ("dedup_anchor_weight",)), "dedup_anchor_weight weighs anchored training "
+             "captions; forget mode's reproductions take --forget_anchor_weight")
 
     def eval_config(self, output_dir: str | Path, before: bool) -> EvalConfig:
         """`memmit eval`'s settings for the input pipeline (`before`) or the exported one in output_dir: the

@@ -16,7 +16,7 @@ from memmit.config import parse_args
 from memmit.data.detectors import PixelDetector
 from memmit.eval.detect import prompt_scores
 from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
-from memmit.forget.build import forget_prompts, neighbour_prompts, unlike
+from memmit.forget.build import forget_prompts, neighbour_prompts, recombined_prompts, unlike
 from memmit.forget.prompts import read_forget_prompts
 from memmit.forget.renders import ForgetSet, collapsed, render
 from memmit.forget.verify import VARIANTS, load_references, prompt_variants, reproduces, verify
@@ -103,6 +103,19 @@ def test_neighbours_swap_one_word_for_another_of_the_prompts_words():
     assert neighbour_prompts(prompts, 0, seed=0) == []
 
 
+def test_recombined_prompts_take_each_position_s_word_from_a_forget_prompt():
+    prompts = ["a handwritten seven, bold, tall", "a handwritten three, thin, wide", "the number 3"]
+    mixed = recombined_prompts(prompts, 12, seed=0)
+    assert mixed == recombined_prompts(prompts, 12, seed=0) and mixed != recombined_prompts(prompts, 12, seed=1)
+    assert 0 < len(mixed) <= 12 and len(set(mixed)) == len(mixed) and not set(mixed) & set(prompts)
+    for m in mixed:
+        words = m.split()
+        assert len(words) in {len(p.split()) for p in prompts}
+        # Word j is word j of some forget prompt.
+        assert all(any(len(p.split()) > j and p.split()[j] == w for p in prompts) for j, w in enumerate(words))
+    assert recombined_prompts(prompts, 0, seed=0) == []
+
+
 def test_retain_candidates_whose_renders_reproduce_a_copy_are_left_out():
     images, _ = mnist_images(4)
     digits = [np.asarray(img.convert("L").resize((16, 16)))[..., None] for img in images]
@@ -148,8 +161,9 @@ def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_pa
         assert row["anchor"] == (expected if max(drops) > 0 else "")
     anchors = [r["anchor"] for r in report["prompts"]]
     # Every render is within the threshold of every copy: each retain candidate (the anchors, then the
-    # neighbours) would teach a copy back, and is left out.
-    candidates = [a for a in dict.fromkeys(anchors + neighbour_prompts(PROMPTS, 8, 0)) if a not in PROMPTS]
+    # neighbours, then the words recombined) would teach a copy back, and is left out.
+    candidates = [a for a in dict.fromkeys(anchors + neighbour_prompts(PROMPTS, 8, 0)
+                                           + recombined_prompts(PROMPTS, 32 * 3, 0)) if a not in PROMPTS]
     assert report["retain_prompts"] == [] and report["retain_dropped_as_reproducing"] == candidates
     assert sorted(p.name for p in (out / "memmit" / "forget" / "references").iterdir()) == sorted(
         f"{i}-{j}.png" for i in range(3) for j in range(4))
@@ -157,6 +171,7 @@ def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_pa
     assert trainer.dataset["text"] == [p for p in PROMPTS for _ in range(4)]
     assert trainer.split.anchors == {i: [anchors[i // 4]] for i in range(12)}
     assert trainer.cfg.agc_lambda == 0.0  # AGC off: the renders are all the model's own
+    assert trainer.task.anchor_weight == trainer.cfg.forget_anchor_weight == 4.0  # not dedup_anchor_weight's 16
     assert (out / "model_index.json").is_file()
     card = (out / "README.md").read_text()
     assert "fine-tuned on its own renders of prompts it reproduced" in card and "**Forget mode**" in card
@@ -207,6 +222,9 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
     ("sd", ["--evaluate", "--export", "lora", "--lora_rank", "4"], "--evaluate needs --export full"),
     ("sd", ["--anchor_prompts", "PROMPTS2"], "anchor_prompts 'PROMPTS2' holds 1 anchors for 3 forget prompts"),
     ("sd", ["--forget_share", "1.5"], "forget_share must be in (0, 1]"),
+    ("sd", ["--retain_recombined", "-1"], "retain_recombined must be >= 0"),
+    ("sd", ["--forget_anchor_weight", "0"], "forget_anchor_weight must be > 0"),
+    ("sd", ["--dedup_anchor_weight", "8"], "forget mode's reproductions take --forget_anchor_weight"),
     ("ddpm", [], "is unconditional"),
     ("sd3", [], "samples with FlowMatchEulerDiscrete; pass --anchor_prompts"),
 ])

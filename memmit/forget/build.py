@@ -68,6 +68,23 @@ def neighbour_prompts(prompts: list[str], count: int, seed: int) -> list[str]:
     return [p for p in dict.fromkeys(out) if p not in prompts]
 
 
+def recombined_prompts(prompts: list[str], count: int, seed: int) -> list[str]:
+    """Up to `count` new prompts made of the prompts' words by position: word j of a new prompt is word j of a
+    prompt drawn for that position, its length a drawn prompt's. The forget prompts' words in new combinations: what
+    the model should still render (a digit, a style, a name) once the combination it copies for is unlearned. Draws
+    from the generator keyed (seed, 0, 1), a stream apart from neighbour_prompts' (seed, i); fewer prompts when the
+    draws repeat (at most 4 * count draws)."""
+    words, g = [p.split() for p in prompts], keyed_generator(seed, 0, 1)
+    draw = lambda options: options[int(torch.randint(len(options), (), generator=g))]  # noqa: E731
+    out: dict[str, None] = {}
+    for _ in range(4 * count):
+        if len(out) == count:
+            break
+        length = len(draw(words))
+        out[" ".join(draw([w for w in words if len(w) > j])[j] for j in range(length))] = None
+    return [p for p in out if p not in prompts]
+
+
 def unlike(renders: list[np.ndarray], copies: np.ndarray, detector: Detector) -> list[int]:
     """The candidates none of whose renders reproduces one of the copies: training on the others would teach the
     copy back."""
@@ -94,10 +111,13 @@ def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str
                                                        DETECT["detect_steps"].default, DETECT["detect_seeds"].default,
                                                        cfg.seed, cfg.eval_batch_size, device, show_progress=False)[0]))
     given = read_lines(cfg.retain_prompts, "retain_prompts") if cfg.retain_prompts else []
-    # What the model should keep making: the anchors, the prompts it does not copy for, the user's, and the
-    # forget prompts' neighbours (one word swapped), all but those whose renders reproduce a forget prompt's copy.
+    # What the model should keep making: the anchors, the prompts it does not copy for, the user's, the forget
+    # prompts' neighbours (one word swapped) and their words recombined, all but those whose renders reproduce a
+    # forget prompt's copy.
     candidates = [p for p in dict.fromkeys([*forget.anchors.values(), *forget.not_reproducing, *given,
-                                            *neighbour_prompts(reproducing, cfg.retain_neighbours, cfg.seed)])
+                                            *neighbour_prompts(reproducing, cfg.retain_neighbours, cfg.seed),
+                                            *recombined_prompts(reproducing, cfg.retain_recombined * len(reproducing),
+                                                                cfg.seed)])
                   if p not in forget.anchors]
     # Seeds apart from the forget renders' (seed + 1): a retained prompt's renders do not share their noises.
     kept = render(task, candidates, cfg.retain_samples, cfg.forget_inference_steps, cfg.eval_batch_size,

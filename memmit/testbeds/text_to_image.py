@@ -328,12 +328,12 @@ ARMS = {"memmit": [],
 
 
 # Forget mode on the testbed (--task forget, benchmarks/forget_t2i.py): configs/t2i-testbed.yaml's optimizer settings
-# without its data options (forget mode has no dataset), 4 rounds of 24 steps, verified with --evaluate.
+# without its data options (forget mode has no dataset), 16 rounds of 24 steps (384), verified with --evaluate.
 FORGET_RECIPE = ["--resolution", 16, "--center_crop", "--train_batch_size", 32, "--learning_rate", 1e-4,
                  "--adam_weight_decay", 0, "--caption_dropout", 0.1, "--num_validation_images", 0,
                  "--report_to", "none", "--checkpointing_steps", 100, "--checkpoints_total_limit", 1, "--evaluate",
                  "--local_steps", 24]
-FORGET_ROUNDS = 4
+FORGET_ROUNDS = 16
 
 
 def forget(out: Path, pretrained: Path, name: str, *extra) -> Path:

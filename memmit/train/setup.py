@@ -153,6 +153,8 @@ def build_trainer(cfg: MemmitConfig, accelerator: Optional[Accelerator] = None) 
         cfg = dataclasses.replace(cfg, caption_column="text")
     task = load_task(cfg)
     forget = forget_prompts(cfg, task) if cfg.forget_prompts else None  # a bad prompt file fails before any render
+    if forget:  # the reproductions' anchored samples are weighed by forget mode's own option
+        task.anchor_weight = cfg.forget_anchor_weight
     check_export(task, cfg)
     if cfg.cache_latents:
         check_cache_latents(task)
