@@ -292,3 +292,30 @@ def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd
     printed = capsys.readouterr().out
     assert "forget prompts before and after" in printed and "word removed" in printed
     assert "## Forget prompts before and after" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow  # ~40 s of launched processes
+def test_two_processes_render_their_share_and_forget_as_one(tiny_sd_pipeline, tmp_path):
+    """Forget mode under accelerate launch: each process renders a share of the forget and retain renders (keyed
+    per prompt and seed, so the split is the one process's), and K = 1 on two processes, each half of every
+    micro-batch, trains what one process with the whole micro-batch trains."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from test_multiprocess import ROOT, accelerate_launch, launch_env
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    for processes, batch in ((1, "4"), (2, "2")):
+        out = tmp_path / f"p{processes}"
+        args = train_args(tiny_sd_pipeline, prompts, out, "--dedup_threshold", 2.0, "--retain_recombined", 2)
+        args[args.index("--train_batch_size") + 1] = batch
+        proc = subprocess.run([*accelerate_launch(processes), str(ROOT / "train_memmit.py"), *args],
+                              env=launch_env(), cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    split = [json.loads((tmp_path / p / "memmit" / "forget" / "forget.json").read_text()) for p in ("p1", "p2")]
+    assert split[0]["prompts"] == split[1]["prompts"] and split[0]["retain_prompts"] == split[1]["retain_prompts"]
+    one, two = (load_file(tmp_path / p / "unet" / "diffusion_pytorch_model.safetensors") for p in ("p1", "p2"))
+    for name in one:  # summed in another order: test_multiprocess's tolerance
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5)
