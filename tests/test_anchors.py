@@ -179,6 +179,7 @@ def test_bad_anchor_options_are_named(tiny_sd_pipeline, captioned_digits_dir, tm
     assert "dedup_captions=anchor acts on the captions of the copies" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~20 s of launched processes; test_multiprocess's one-shard group test runs in make test
 def test_anchored_copies_train_alike_on_two_processes_and_on_one(tiny_sd_pipeline, tmp_path):
     """The anchored flag and weight travel with each sample's loss through the group's gather: K = 1 on two
     processes, each taking half of every micro-batch, is one process with the whole micro-batch."""
