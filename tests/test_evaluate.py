@@ -121,9 +121,15 @@ def test_extractor_embeddings_of_the_training_set_are_stored(tiny_pipeline, digi
                               quality_extractor=encoder)
     assert report["features"]["cosine"] == pytest.approx(in_memory["features"]["cosine"])
     assert report["quality"]["frechet_distance"] == pytest.approx(in_memory["quality"]["frechet_distance"])
-    # A later evaluation reads the stored embeddings rather than embedding the training set again.
-    np.save(store.chunk(0), np.random.RandomState(0).rand(len(ds), 6).astype(np.float32))
-    assert rescore(out)["quality"]["frechet_distance"] != pytest.approx(report["quality"]["frechet_distance"])
+    # A later evaluation reads the stored embeddings rather than embedding the training set again: its Frechet
+    # distance is the one against the rows now on disk.
+    stored = np.random.RandomState(0).rand(len(ds), 6).astype(np.float32)
+    np.save(store.chunk(0), stored)
+    expected = score_samples(from_uint8(np.load(out / "samples.npy")), train, sources, k=5,
+                             clusters=report["pixel"]["clusters"]["groups"], quality_extractor=encoder,
+                             train_embeddings={"quality_extractor": torch.from_numpy(stored)})["quality"]
+    assert expected["frechet_distance"] != pytest.approx(report["quality"]["frechet_distance"])
+    assert rescore(out)["quality"]["frechet_distance"] == pytest.approx(expected["frechet_distance"])
 
 
 def test_saved_samples_rescore_to_the_same_report(tiny_pipeline, digits_dir, digits, tmp_path):

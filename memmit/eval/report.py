@@ -82,9 +82,7 @@ def prepare_evaluation(config: EvalConfig, show_progress: bool = True,
     clusters = duplicate_clusters(ds, config.image_column, detector, show_progress, workers=workers,
                                   features_dir=config.dedup_features_dir)
     pixels = TrainingPixels(task.transform)
-    t = task.transform
-    probe = (pixels.features(ds.select(range(min(2, len(ds))))[config.image_column])
-             .view(-1, t.channels, t.resolution, t.resolution) + 1) / 2
+    probe = (pixels.images(ds.select(range(min(2, len(ds))))[config.image_column]) + 1) / 2
     # Every process loads the embedding models: they embed the training set together, as they compute its pixels.
     embedders = {role: load_extractor(path, device, probe, role)
                  for role, path in (("feature_extractor", config.feature_extractor),

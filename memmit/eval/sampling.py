@@ -97,8 +97,12 @@ class TrainingPixels:
         return {"kind": "training pixels", "resolution": t.resolution, "channels": t.channels,
                 "center_crop": t.center_crop}
 
+    def images(self, images) -> Tensor:
+        """[N, C, H, W] in [-1, 1], as the metrics and the extractors see them."""
+        return torch.stack([self.transform(img) for img in images])
+
     def features(self, images) -> Tensor:
-        return torch.stack([self.transform(img) for img in images]).flatten(1)
+        return self.images(images).flatten(1)
 
 
 class TrainingEmbeddings:
@@ -115,9 +119,7 @@ class TrainingEmbeddings:
                 "weights": self.extractor.weights}
 
     def features(self, images) -> Tensor:
-        t = self.pixels.transform
-        x = self.pixels.features(images).view(-1, t.channels, t.resolution, t.resolution)
-        return self.extractor((x + 1) / 2, self.batch_size)
+        return self.extractor((self.pixels.images(images) + 1) / 2, self.batch_size)
 
 
 def load_train_images(ds: datasets.Dataset, image_column: str, transform: ImageTransform,
