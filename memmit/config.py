@@ -130,7 +130,7 @@ class EvalConfig(ModelDataConfig):
     k: int = opt(50, "Neighbours for the neighbourhood-normalised score.")
 
     # Memorized-prompt detection (Wen et al. 2024): no sampling, no training images needed
-    detect_prompts: bool = opt(False, "Text-to-image: instead of sampling, score prompts by how far their noise prediction departs from the unconditional one in the first sampling steps (Wen et al., ICLR 2024); writes detect_prompts.json, ranked.")
+    detect_prompts: bool = opt(False, "Text-to-image: instead of sampling, score prompts by how far their noise (flow matching: velocity) prediction departs from the unconditional one in the first steps of the pipeline's sampler (Wen et al., ICLR 2024); writes detect_prompts.json, ranked.")
     prompts_file: Optional[str] = opt(None, "--detect_prompts: a text file of prompts, one per line (then no dataset is needed); default: the distinct training captions, with the ROC AUC against those duplicated in the data.")
     detect_steps: int = opt(1, "--detect_prompts: first sampling steps averaged (of num_inference_steps); on the text-to-image testbed the first step singles duplicated captions out best (EFFICACY.md).")
     detect_seeds: int = opt(4, "--detect_prompts: starting noises averaged per prompt.")
@@ -197,7 +197,7 @@ class MemmitConfig(ModelDataConfig):
     forget_samples: int = opt(16, "forget_prompts: renders of each prompt, from distinct seeds, that decide whether it reproduces an image.")
     forget_share: float = opt(0.5, "forget_prompts: a prompt reproduces an image when one near-duplicate cluster (dedup_features, at the eval's threshold) holds at least this share of its renders.")
     forget_inference_steps: int = opt(50, "forget_prompts: sampling steps of the renders (the pipeline's sampler; DDIM for DDPM-trained pipelines).")
-    anchor_prompts: Optional[str] = opt(None, "forget_prompts: a file of anchors, line i the anchor of forget prompt i (default: each prompt without its trigger words, found by Wen et al.'s memorization score; needed for flow-matching pipelines).")
+    anchor_prompts: Optional[str] = opt(None, "forget_prompts: a file of anchors, line i the anchor of forget prompt i (default: each prompt without its trigger words, found by Wen et al.'s memorization score).")
     retain_prompts: Optional[str] = opt(None, "forget_prompts: a file of prompts (one a line) whose renders train as they are, beside the anchors and the prompts that do not reproduce: what the model should keep making.")
     retain_samples: int = opt(4, "forget_prompts: renders of each retained prompt.")
     retain_neighbours: int = opt(8, "forget_prompts: neighbours of each reproducing prompt retained (one word swapped for another of the forget prompts' words; those whose renders reproduce a copy are left out): the prompts near the forgotten ones that should render as before.")

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
 from memmit.cli import main, run, train_main
-from memmit.config import parse_args
+from memmit.config import EvalConfig, parse_args
+from memmit.eval.detect import prompt_scores
+from memmit.eval.sampling import load_eval_task, sample_generators
 from memmit.families import load_task
 from memmit.families.flux import FluxTask
 from memmit.families.sd3 import StableDiffusion3Task
@@ -252,6 +254,55 @@ def test_bad_flow_pipelines_and_options_are_named_before_training(tiny_sd3_pipel
         assert train(pipe_dir, captioned_digits_dir, out, *extra) == 2, message
         assert message in capsys.readouterr().err
         assert not (out / "model_index.json").exists()
-    assert main(["eval", "--detect_prompts", "--prompts_file", "unused", "--pretrained_model_name_or_path",
-                 tiny_sd3_pipeline, "--output_dir", str(tmp_path / "detect")]) == 2
-    assert "StableDiffusion3Pipeline is trained by flow matching" in capsys.readouterr().err
+
+
+def detection_task(pipe_dir: str, tmp_path):
+    return load_eval_task(EvalConfig(pretrained_model_name_or_path=pipe_dir, output_dir=str(tmp_path),
+                                     detect_prompts=True, prompts_file="unused", resolution=16))
+
+
+def test_prompt_detection_steps_through_the_pipelines_own_schedule(family, tmp_path):
+    """The timesteps prompt_scores steps through are those the pipeline renders with: Flux's dynamically shifted
+    schedule from the image's token count, SD3's shifted one."""
+    name, pipe_dir = family
+    task = detection_task(pipe_dir, tmp_path)
+    seen = []
+    pipe = FAMILIES[name][0].from_pretrained(pipe_dir)
+    pipe(PROMPT, num_inference_steps=5, height=16, width=16, max_sequence_length=task.max_sequence_length,
+         output_type="latent",
+         callback_on_step_end=lambda p, i, t, kwargs: seen.append(float(t)) or kwargs)
+    scheduler = task.sampling_scheduler()
+    task.set_sampling_timesteps(scheduler, 5)
+    assert [float(t) for t in scheduler.timesteps] == pytest.approx(seen)
+    scores = prompt_scores(task, [PROMPT, ""], 5, 2, 2, 0, 4, torch.device("cpu"), False)
+    # The empty prompt is the unconditional prediction itself.
+    assert float(scores[1]) < 1e-5 < float(scores[0])
+
+
+def test_sd3_prompt_score_is_the_written_out_velocity_gap(tiny_sd3_pipeline, tmp_path):
+    """--detect_prompts on SD3 (Wen et al.'s score of a flow-matching model): the conditional minus unconditional
+    velocity, averaged over the first two steps of the flow-matching Euler sampler at the pipeline's default
+    guidance (7.0), written out with the pipeline's own prompt encoding."""
+    task = detection_task(tiny_sd3_pipeline, tmp_path)
+    scores = prompt_scores(task, [PROMPT], num_inference_steps=10, detect_steps=2, num_seeds=1, seed=3,
+                           batch_size=2, device=torch.device("cpu"), show_progress=False)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(10)
+
+    def velocity(x, t, prompt):
+        hidden, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False,
+                                                  max_sequence_length=task.max_sequence_length)
+        return pipe.transformer(hidden_states=x, timestep=t.expand(1), encoder_hidden_states=hidden,
+                                pooled_projections=pooled).sample
+
+    side = task.resolution // task.vae_scale_factor
+    (generator,) = sample_generators(3, range(1))
+    x, gaps = torch.randn((1, 4, side, side), generator=generator), []
+    with torch.no_grad():
+        for k in range(2):
+            t = scheduler.timesteps[k]
+            cond, uncond = velocity(x, t, PROMPT), velocity(x, t, "")
+            gaps.append(float((cond - uncond).norm()))
+            x = x + (scheduler.sigmas[k + 1] - scheduler.sigmas[k]) * (uncond + 7.0 * (cond - uncond))
+    assert float(scores[0]) == pytest.approx(sum(gaps) / 2, rel=1e-4)

@@ -142,6 +142,18 @@ def train_args(pipe: str, prompts, out, *extra) -> list[str]:
             "--eval_batch_size", "8", *map(str, extra)]
 
 
+def assert_trigger_anchors(report: dict, task) -> None:
+    """The report's anchors are its prompts without their trigger words, from the pipeline's own scores of each
+    prompt and of it with each word left out (2 sampling steps, the first scored, 4 noises, seed 0)."""
+    for row in report["prompts"]:
+        score = lambda p: float(prompt_scores(task, [p], 2, 1, 4, 0, 8, torch.device("cpu"), False)[0])
+        drops = [score(row["prompt"]) - score(v) for v in leave_one_out(row["prompt"])]
+        trigger = [d > 0 and d >= TRIGGER_SHARE * max(drops) for d in drops]
+        assert [w["score_drop"] for w in row["words"]] == pytest.approx(drops, rel=1e-5)
+        expected = " ".join(w for w, t in zip(row["prompt"].split(), trigger) if not t).strip(" ,;:")
+        assert row["anchor"] == (expected if max(drops) > 0 else "")
+
+
 def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
@@ -150,15 +162,8 @@ def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_pa
     trainer = run(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--dedup_threshold", 2.0)))
     report = json.loads((out / "memmit" / "forget" / "forget.json").read_text())
     assert [r["collapsed_renders"] for r in report["prompts"]] == [[0, 1, 2, 3]] * 3
-    # The anchors, from the pipeline's own scores of each prompt and of it with each word left out.
     task = load_task(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--caption_column", "text")))
-    for row in report["prompts"]:
-        score = lambda p: float(prompt_scores(task, [p], 2, 1, 4, 0, 8, torch.device("cpu"), False)[0])
-        drops = [score(row["prompt"]) - score(v) for v in leave_one_out(row["prompt"])]
-        trigger = [d > 0 and d >= TRIGGER_SHARE * max(drops) for d in drops]
-        assert [w["score_drop"] for w in row["words"]] == pytest.approx(drops, rel=1e-5)
-        expected = " ".join(w for w, t in zip(row["prompt"].split(), trigger) if not t).strip(" ,;:")
-        assert row["anchor"] == (expected if max(drops) > 0 else "")
+    assert_trigger_anchors(report, task)
     anchors = [r["anchor"] for r in report["prompts"]]
     # Every render is within the threshold of every copy: each retain candidate (the anchors, then the
     # neighbours, then the words recombined) would teach a copy back, and is left out.
@@ -181,7 +186,7 @@ def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_pa
     assert np.array_equal(np.asarray(trainer.dataset[0]["image"]).reshape(again[0].shape), again[0])
 
 
-def test_a_flow_matching_pipeline_forgets_towards_the_users_anchors(tiny_sd3_pipeline, tmp_path):
+def test_a_flow_matching_pipeline_forgets_towards_the_users_anchors_or_its_trigger_words(tiny_sd3_pipeline, tmp_path):
     prompts, anchors = tmp_path / "prompts.txt", tmp_path / "anchors.txt"
     prompts.write_text("\n".join(PROMPTS[:2]))
     anchors.write_text("a handwritten seven\na number\n")
@@ -193,6 +198,14 @@ def test_a_flow_matching_pipeline_forgets_towards_the_users_anchors(tiny_sd3_pip
         (PROMPTS[0], "a handwritten seven", []), (PROMPTS[1], "a number", [])]
     assert trainer.split.anchors == {i: [["a handwritten seven", "a number"][i // 4]] for i in range(8)}
     assert (out / "model_index.json").is_file()
+    # Without them, the trigger words come from the flow-matching version of the memorization score.
+    found = tmp_path / "found"
+    run(parse_args(train_args(tiny_sd3_pipeline, prompts, found, "--dedup_threshold", 2.0, "--resolution", 16,
+                              "--center_crop")))
+    report = json.loads((found / "memmit" / "forget" / "forget.json").read_text())
+    assert all(len(r["words"]) == len(r["prompt"].split()) for r in report["prompts"])
+    assert_trigger_anchors(report, load_task(parse_args(train_args(tiny_sd3_pipeline, prompts, found, "--resolution",
+                                                                   16, "--caption_column", "text"))))
 
 
 def test_prompts_that_do_not_reproduce_train_nothing_and_write_nothing(tiny_sd_pipeline, tmp_path, capsys):
@@ -226,16 +239,15 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
     ("sd", ["--forget_anchor_weight", "0"], "forget_anchor_weight must be > 0"),
     ("sd", ["--dedup_anchor_weight", "8"], "forget mode's reproductions take --forget_anchor_weight"),
     ("ddpm", [], "is unconditional"),
-    ("sd3", [], "samples with FlowMatchEulerDiscrete; pass --anchor_prompts"),
 ])
-def test_bad_forget_input_is_named_before_anything_renders(tiny_sd_pipeline, tiny_pipeline, tiny_sd3_pipeline,
+def test_bad_forget_input_is_named_before_anything_renders(tiny_sd_pipeline, tiny_pipeline,
                                                            captioned_digits_dir, tmp_path, capsys, pipe, extra,
                                                            message):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
     (tmp_path / "anchors.txt").write_text("one anchor\n")
     extra = [{"PROMPTS2": str(tmp_path / "anchors.txt"), "DATA": captioned_digits_dir}.get(a, a) for a in extra]
-    path = {"sd": tiny_sd_pipeline, "ddpm": tiny_pipeline, "sd3": tiny_sd3_pipeline}[pipe]
+    path = {"sd": tiny_sd_pipeline, "ddpm": tiny_pipeline}[pipe]
     out = tmp_path / "out"
     assert main(["train", *train_args(path, prompts, out), *extra]) == 2
     assert message.replace("PROMPTS2", str(tmp_path / "anchors.txt")) in capsys.readouterr().err

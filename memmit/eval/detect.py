@@ -1,23 +1,24 @@
 """`memmit eval --detect_prompts`: memorized prompts found from the model alone, without its training images.
 
 Wen et al. ("Detecting, Explaining, and Mitigating Memorization in Diffusion Models", ICLR 2024): a prompt the
-model has memorized pulls every noise towards one image, so its text-conditional noise prediction departs far
-from the unconditional one from the very first sampling steps. A prompt's score is ‖ε(x_t, c) − ε(x_t, ∅)‖ (L2
-over the latent), averaged over the first `detect_steps` steps of classifier-free-guided DDIM sampling and over
-`detect_seeds` starting noises. Ranked prompts go to detect_prompts.json; when the prompts are the training
-captions, the ROC AUC of the score against "this caption occurs more than once in the training data" says how
-well it singles out the duplicated ones.
+model has memorized pulls every noise towards one image, so its text-conditional prediction departs far from the
+unconditional one from the very first sampling steps. A prompt's score is ‖ε(x_t, c) − ε(x_t, ∅)‖ (L2 over the
+latent; for a flow-matching model, SD3 or Flux, the same gap of its velocity predictions), averaged over the first
+`detect_steps` steps of the pipeline's own sampling (DDIM for the DDPM-trained families, the flow-matching Euler
+sampler for SD3 and Flux, each at its pipeline's default guidance) and over `detect_seeds` starting noises. Ranked
+prompts go to detect_prompts.json; when the prompts are the training captions, the ROC AUC of the score against
+"this caption occurs more than once in the training data" says how well it singles out the duplicated ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from pathlib import Path
 from typing import Optional
 
 import torch
-from diffusers import DDIMScheduler
 from torchmetrics.functional.classification import binary_auroc
 from tqdm.auto import tqdm
 
@@ -29,8 +30,14 @@ from .metrics import default_device
 from ..families.stable_diffusion import TextToImageTask
 from ..families.text import fp32
 
-GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default: the sampling whose first steps are scored
 TOP_PRINTED = 10
+
+
+def sampling_guidance(task: TextToImageTask) -> float:
+    """The classifier-free guidance the pipeline samples with by default: its guidance_scale (SD 7.5, SDXL 5.0,
+    SD3 7.0), or for a guidance-distilled Flux its true_cfg_scale (1: the conditional prediction alone)."""
+    options = inspect.signature(task.pipeline_class.__call__).parameters
+    return float(options["true_cfg_scale" if "true_cfg_scale" in options else "guidance_scale"].default)
 
 
 @torch.no_grad()
@@ -41,31 +48,32 @@ def prompt_scores(task: TextToImageTask, prompts: list[str], num_inference_steps
     generator (index i * num_seeds + j), so a prompt's score does not depend on the others or the batch size."""
     task.prepare(device, torch.float32)
     denoiser = task.denoiser.to(device).eval()
-    scheduler = DDIMScheduler.from_config(task.pipeline.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps[:detect_steps]
+    scheduler, guidance = task.sampling_scheduler(), sampling_guidance(task)
     empty = fp32(*task.text.encode_text([""], device))
     latent_side = task.resolution // task.vae_scale_factor
-    shape = (denoiser.config.in_channels, latent_side, latent_side)
+    shape = (task.pipeline.vae.config.latent_channels, latent_side, latent_side)  # unpacked (Flux packs them)
     pairs = [(i, j) for i in range(len(prompts)) for j in range(num_seeds)]
     totals = torch.zeros(len(prompts))
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring prompts", disable=not show_progress):
         chunk = pairs[start:start + batch_size]
+        # Set anew for each chunk: the flow-matching sampler counts its steps.
+        task.set_sampling_timesteps(scheduler, num_inference_steps)
         text = fp32(*task.text.encode_text([prompts[i] for i, _ in chunk], device))
-        # Unconditional then conditional: hidden states (and SDXL's pooled embedding) of the empty prompt, the prompts.
+        # Unconditional then conditional: hidden states (and the pooled embedding) of the empty prompt, the prompts.
         context = task.denoiser_kwargs(*[None if e is None else torch.cat([u.expand_as(e), e])
                                          for u, e in zip(empty, text)])
         generators = sample_generators(seed, range(start, start + len(chunk)))
+        # Both samplers start from unit-variance noise and take it unscaled (DDIM's init_noise_sigma is 1 and its
+        # scale_model_input the identity; the flow-matching sampler has neither).
         latents = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-        latents = latents * scheduler.init_noise_sigma
         magnitude = torch.zeros(len(chunk), device=device)
-        for t in timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            uncond, cond = denoiser(model_input, t, **context).sample.float().chunk(2)
+        for t in scheduler.timesteps[:detect_steps]:
+            both = torch.cat([latents, latents])
+            uncond, cond = task.predict(denoiser, both, t.expand(len(both)).to(device), context).float().chunk(2)
             magnitude += (cond - uncond).flatten(1).norm(dim=1)
-            latents = scheduler.step(uncond + GUIDANCE_SCALE * (cond - uncond), t, latents).prev_sample
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
         totals.index_add_(0, torch.tensor([i for i, _ in chunk]), magnitude.cpu())
-    return totals / (num_seeds * len(timesteps))
+    return totals / (num_seeds * min(detect_steps, num_inference_steps))
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -93,9 +101,6 @@ def training_prompts(config: EvalConfig, task: TextToImageTask) -> tuple[list[st
 def detect_prompts(config: EvalConfig, show_progress: bool = True) -> dict:
     """Score the prompts, write detect_prompts.json to config.output_dir and return it."""
     task = load_eval_task(config)  # an unconditional pipeline refuses --detect_prompts by name
-    if task.sampler != "DDIM":
-        raise ValueError(f"--detect_prompts scores DDIM sampling's guidance of DDPM-trained pipelines; "
-                         f"{type(task.pipeline).__name__} is trained by flow matching and samples with {task.sampler}")
     duplicated: Optional[list[bool]] = None
     if config.prompts_file:
         prompts = read_prompts_file(config.prompts_file)
@@ -106,9 +111,9 @@ def detect_prompts(config: EvalConfig, show_progress: bool = True) -> dict:
     order = sorted(range(len(prompts)), key=lambda i: -float(scores[i]))
     ranked = [{"prompt": prompts[i], "score": float(scores[i]),
                **({"duplicated": duplicated[i]} if duplicated is not None else {})} for i in order]
-    report = {"settings": dataclasses.asdict(config), "guidance_scale": GUIDANCE_SCALE,
-              "method": "Wen et al. 2024: mean over the first detect_steps DDIM steps and detect_seeds noises of "
-                        "||eps(x_t, prompt) - eps(x_t, empty prompt)||_2",
+    report = {"settings": dataclasses.asdict(config), "guidance_scale": sampling_guidance(task),
+              "method": f"Wen et al. 2024: mean over the first detect_steps {task.sampler} steps and detect_seeds "
+                        "noises of ||eps(x_t, prompt) - eps(x_t, empty prompt)||_2 (flow matching: of the velocities)",
               "prompts": ranked}
     if duplicated is not None and 0 < sum(duplicated) < len(duplicated):
         report["roc_auc_duplicated"] = float(binary_auroc(scores, torch.tensor(duplicated, dtype=torch.long)))

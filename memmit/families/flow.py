@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .noise import FlowMatchNoise
 from .stable_diffusion import TextToImageTask
@@ -64,6 +66,21 @@ class FlowMatchingTask(TextToImageTask):
 
     def sampling_scheduler(self):
         return type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+
+    def set_sampling_timesteps(self, scheduler, num_inference_steps: int) -> None:
+        """As the pipeline sets them: a dynamically shifted schedule (Flux's) takes its shift from the image's token
+        count; sampling_sigmas, where the pipeline gives them."""
+        config, mu = scheduler.config, None
+        if config.get("use_dynamic_shifting"):
+            tokens = (self.resolution // self.resolution_multiple(self.pipeline, self.vae_scale_factor)[0]) ** 2
+            mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        scheduler.set_timesteps(num_inference_steps, sigmas=self.sampling_sigmas(scheduler, num_inference_steps),
+                                mu=mu)
+
+    def sampling_sigmas(self, scheduler, num_inference_steps: int) -> Optional[np.ndarray]:
+        """The sigmas the pipeline passes its scheduler (SD3's: none, the scheduler spaces its own)."""
+        return None
 
     def render_options(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}

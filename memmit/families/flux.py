@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 
@@ -53,6 +54,12 @@ class FluxTask(FlowMatchingTask):
     @classmethod
     def default_side(cls, pipeline: DiffusionPipeline) -> int:
         return 128  # FluxPipeline's default_sample_size, in latents
+
+    def sampling_sigmas(self, scheduler, num_inference_steps: int) -> Optional[np.ndarray]:
+        """FluxPipeline's: evenly from 1 to 1 / steps, before the shift (none for a scheduler with flow sigmas)."""
+        if scheduler.config.get("use_flow_sigmas"):
+            return None
+        return np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
 
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict) -> torch.Tensor:

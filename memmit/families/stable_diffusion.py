@@ -196,6 +196,10 @@ class TextToImageTask(DenoisingTask):
         """What renders samples: DDIM from the pipeline's scheduler config."""
         return DDIMScheduler.from_config(self.pipeline.scheduler.config)
 
+    def set_sampling_timesteps(self, scheduler, num_inference_steps: int) -> None:
+        """sampling_scheduler's schedule of num_inference_steps, as the pipeline sets it."""
+        scheduler.set_timesteps(num_inference_steps)
+
     def render_options(self) -> dict:
         """pipeline_class's call arguments besides the prompts, size, steps and generator."""
         return {}

@@ -43,9 +43,6 @@ def forget_prompts(cfg: MemmitConfig, task: TextToImageTask) -> tuple[list[str],
                                "truncates it", main_process_only=True)
     anchors = (read_anchors(read_lines(cfg.anchor_prompts, "anchor_prompts"), prompts, cfg.anchor_prompts)
                if cfg.anchor_prompts else None)
-    if anchors is None and task.sampler != "DDIM":
-        raise ValueError(f"forget_prompts: trigger words are found with Wen et al.'s score of DDIM sampling, and "
-                         f"{type(task.pipeline).__name__} samples with {task.sampler}; pass --anchor_prompts")
     if cfg.retain_prompts:
         read_lines(cfg.retain_prompts, "retain_prompts")
     return prompts, anchors
