@@ -22,7 +22,7 @@ from memmit.forget.renders import ForgetSet, collapsed, render
 from memmit.forget.verify import VARIANTS, load_references, prompt_variants, reproduces, verify
 from memmit.families import load_task
 
-from conftest import mnist_images
+from conftest import mnist_images, reset_accelerator
 
 PROMPTS = ["a handwritten seven, bold", "the number 3", "digit 1 written by hand"]
 
@@ -331,3 +331,56 @@ def test_two_processes_render_their_share_and_forget_as_one(tiny_sd_pipeline, tm
     one, two = (load_file(tmp_path / p / "unet" / "diffusion_pytorch_model.safetensors") for p in ("p1", "p2"))
     for name in one:  # summed in another order: test_multiprocess's tolerance
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.slow  # three forget runs: ~12 s
+def test_a_resumed_forget_run_trains_on_the_renders_it_wrote(tiny_sd_pipeline, tmp_path, monkeypatch):
+    """Stopped after its first checkpoint, a forget run resumed trains on the forget set its first start wrote
+    (rendering nothing again: renders on a GPU need not repeat bit for bit) to the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from memmit.forget import build
+    from memmit.train.trainer import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    # Every render reproduces (threshold 2), so every retain candidate is left out: none rendered.
+    flags = ["--dedup_threshold", 2.0, "--num_rounds", 2, "--checkpointing_steps", 1, "--retain_neighbours", 0,
+             "--retain_recombined", 0]
+    run(parse_args(train_args(tiny_sd_pipeline, prompts, tmp_path / "ref", *flags)))
+    reset_accelerator()
+    save = Trainer.save_checkpoint
+
+    def stop_after_saving(trainer):
+        save(trainer)
+        raise KeyboardInterrupt("stopped after the first checkpoint")
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(Trainer, "save_checkpoint", stop_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        run(parse_args(train_args(tiny_sd_pipeline, prompts, out, *flags)))
+    reset_accelerator()
+    monkeypatch.setattr(Trainer, "save_checkpoint", save)
+    monkeypatch.setattr(build, "render", lambda *a, **k: pytest.fail("the resumed run rendered again"))
+    trainer = run(parse_args(train_args(tiny_sd_pipeline, prompts, out, *flags, "--resume_from_checkpoint", "latest")))
+    assert trainer.resumed_changes == {}
+    weights = [load_file(path / "unet" / "diffusion_pytorch_model.safetensors") for path in (tmp_path / "ref", out)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert (out / "memmit" / "forget" / "forget.json").read_text() == \
+        (tmp_path / "ref" / "memmit" / "forget" / "forget.json").read_text()
+
+
+def test_a_written_forget_set_reads_back_only_for_its_settings_and_prompts(tmp_path):
+    renders = [np.random.RandomState(k).randint(0, 256, (3, 4, 4, 1), dtype=np.uint8) for k in range(3)]
+    forget = ForgetSet(["copied", "novel"], renders[:2], [[0, 2], []], anchors={"copied": "anchor"},
+                       triggers={"copied": [{"word": "copied", "score_drop": 1.5, "trigger": True}]},
+                       retain_prompts=["anchor"], retain_renders=[renders[2][:2]], dropped=["novel"])
+    forget.write(tmp_path, {"forget_samples": 3})
+    back = ForgetSet.stored(tmp_path, {"forget_samples": 3}, ["copied", "novel"])
+    assert back.report({}) == forget.report({}) and back.summary() == forget.summary()
+    assert all(np.array_equal(a, b) for a, b in zip(back.renders + back.retain_renders,
+                                                    forget.renders + forget.retain_renders))
+    assert len(back.retain_renders) == 1
+    assert ForgetSet.stored(tmp_path, {"forget_samples": 4}, ["copied", "novel"]) is None
+    assert ForgetSet.stored(tmp_path, {"forget_samples": 3}, ["copied"]) is None
+    assert ForgetSet.stored(tmp_path / "none", {"forget_samples": 3}, ["copied", "novel"]) is None

@@ -16,9 +16,17 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 
+from ..config import FORGET_OPTIONS
 from ..data.detectors import Detector
 from ..eval.sampling import sample_images
 from ..families.stable_diffusion import TextToImageTask
+
+RENDERS = "renders.npz"  # every render of a forget set, forget prompts' first, in ForgetSet.write's folder
+
+
+def settings_of(cfg) -> dict:
+    """The options a forget set is made with, as forget.json records them."""
+    return {name: getattr(cfg, name) for name in ("forget_prompts", *FORGET_OPTIONS)}
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
@@ -92,13 +100,35 @@ class ForgetSet:
 
     def write(self, folder: Path, settings: dict) -> None:
         """forget.json (the split, the anchors, the retained prompts) and each prompt's collapsed renders as PNG
-        files, references/<prompt index>-<render>.png: what the run unlearns, to look at and to verify against."""
+        files, references/<prompt index>-<render>.png: what the run unlearns, to look at and to verify against; and
+        every render (RENDERS), which a resumed run trains on again instead of rendering anew: renders on a GPU
+        need not repeat bit for bit, and a resume must train on what the checkpoint trained on."""
         refs = folder / "references"
         refs.mkdir(parents=True, exist_ok=True)
         for i in self.reproducing:
             for j in self.copies[i]:
                 to_pil(self.renders[i][j]).save(refs / f"{i}-{j}.png")
+        np.savez_compressed(folder / RENDERS, *self.renders, *self.retain_renders)
         (folder / "forget.json").write_text(json.dumps(self.report(settings), indent=2))
+
+    @classmethod
+    def stored(cls, folder: Path, settings: dict, prompts: list[str]) -> Optional[ForgetSet]:
+        """The set `write` left in `folder` when it was made with these settings from these prompts, else None."""
+        try:
+            report = json.loads((folder / "forget.json").read_text())
+        except (OSError, ValueError):
+            return None
+        rows = report["prompts"]
+        if report["settings"] != settings or [r["prompt"] for r in rows] != prompts or not (folder / RENDERS).is_file():
+            return None
+        with np.load(folder / RENDERS) as arrays:
+            images = [arrays[f"arr_{k}"] for k in range(len(arrays.files))]
+        copying = [r for r in rows if r["reproduces"]]
+        return cls(prompts, images[:len(rows)], [r["collapsed_renders"] for r in rows],
+                   anchors={r["prompt"]: r["anchor"] for r in copying},
+                   triggers={r["prompt"]: r["words"] for r in copying if r["words"]},
+                   retain_prompts=report["retain_prompts"], retain_renders=images[len(rows):],
+                   dropped=report["retain_dropped_as_reproducing"])
 
     def summary(self) -> str:
         lines = [f"{len(self.reproducing)} of {len(self.prompts)} forget prompts reproduce an image "

@@ -12,6 +12,7 @@ from typing import Optional
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from ..config import MemmitConfig, check_mixed_precision, options_given
@@ -25,13 +26,15 @@ from ..families.base import DenoisingTask
 from ..families.latents import cached_inputs, check_cache_latents
 from ..families.stable_diffusion import TextToImageTask
 from ..forget.build import build_forget_set, forget_prompts
-from ..forget.renders import ForgetSet
+from ..forget.renders import ForgetSet, settings_of
 from ..workers import Workers
 from . import checkpoint as ckpt
 from .export import check_export
 from .group import ShardGroup
 from .model import LiveModel
 from .trainer import Trainer
+
+logger = get_logger(__name__)
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the frozen parts' dtype under mixed precision
 
@@ -132,8 +135,16 @@ def load_training_data(cfg: MemmitConfig, task: DenoisingTask, detector: Detecto
 
 def load_forget_data(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str], anchors: Optional[dict[str, str]],
                      accelerator: Accelerator) -> TrainingData:
-    """Forget mode: the pipeline's renders of its prompts as the training set, reproductions anchored."""
-    forget = build_forget_set(cfg, task, prompts, anchors, accelerator.device, accelerator.is_local_main_process)
+    """Forget mode: the pipeline's renders of its prompts as the training set, reproductions anchored. A resumed
+    run trains on the set its first start wrote (memmit/forget/), not on renders made again."""
+    stored = (ForgetSet.stored(Path(cfg.output_dir) / "memmit" / "forget", settings_of(cfg), prompts)
+              if cfg.resume_from_checkpoint else None)
+    if stored is None:
+        forget = build_forget_set(cfg, task, prompts, anchors, accelerator.device, accelerator.is_local_main_process)
+    else:
+        logger.info(f"resuming: the forget set is the one in {cfg.output_dir}/memmit/forget (not rendered again)",
+                    main_process_only=True)
+        forget = stored
     dataset, row_anchors = forget.dataset(cfg.image_column, cfg.caption_column)
     split = Split(split_shards(len(dataset), cfg.num_shards, cfg.shard_strategy, cfg.seed), anchors=row_anchors)
     content = sample_digests(dataset, cfg.image_column, cfg.caption_column, accelerator.is_local_main_process)

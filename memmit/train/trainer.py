@@ -22,12 +22,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
-from ..config import FORGET_OPTIONS, MemmitConfig
+from ..config import MemmitConfig
 from ..data.dataset import source_names
 from ..data.split import Split
 from ..draws import NOISE
 from ..families.base import DenoisingTask
-from ..forget.renders import ForgetSet
+from ..forget.renders import ForgetSet, settings_of
 from . import checkpoint as ckpt
 from .agc import kept_sum
 from .counts import SampleCounts, write_candidates
@@ -309,7 +309,7 @@ class Trainer:
         if self.split.duplicates is not None:
             (meta / "duplicates.json").write_text(json.dumps(self.split.duplicates, indent=2))
         if self.forget is not None:
-            self.forget.write(meta / "forget", {name: getattr(self.cfg, name) for name in ("forget_prompts", *FORGET_OPTIONS)})
+            self.forget.write(meta / "forget", settings_of(self.cfg))
 
     def save_checkpoint(self) -> None:
         shared, process = ckpt.run_state(self.model, self.shards, self.counts, asdict(self.position), self.global_step,
