@@ -7,9 +7,10 @@ Prompt sets: "duplicated" (the captions the duplicated digits carry: a user who 
 mitigate end to end). Each runs with text_to_image.FORGET_RECIPE's settings for each budget given (steps); the
 table is efficacy_t2i.py's, its "vs plain" column relative to the pretrained checkpoint, then each run's --evaluate
 (renders of the reproducing prompts on new seeds and in four variants against its references). Renders use the
-run's seed 100, apart from the eval's sampling noises. Usage:
+run's seed 100, apart from the eval's sampling noises. `--lora`: the family's LoRA recipe (configs/sd15-lora.yaml,
+configs/sd3-lora.yaml: its adapter and learning rate), exported merged for the verification. Usage:
     python benchmarks/forget_t2i.py [--output_dir efficacy-t2i-3000] [--pretrain_steps 3000] [--family sd]
-        [--prompt_sets duplicated detected] [--steps 384] [--seeds 0 1]
+        [--prompt_sets duplicated detected] [--steps 384] [--seeds 0 1] [--lora]
 """
 
 from __future__ import annotations
@@ -18,10 +19,20 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
 from efficacy_t2i import Scorer, print_table
+from memmit.testbeds.launch import ROOT
 from memmit.testbeds.text_to_image import FORGET_RECIPE, duplicated_captions, eval_flags, forget, prepare
 
 RENDER_SEED = 100
+LORA_RECIPES = {"sd": "sd15-lora.yaml", "sd3": "sd3-lora.yaml"}
+
+
+def lora_flags(family: str) -> list:
+    """The family's LoRA recipe's adapter and learning rate (its export stays full: --evaluate renders the model)."""
+    recipe = yaml.safe_load((ROOT / "configs" / LORA_RECIPES[family]).read_text())
+    return ["--lora_rank", recipe["lora_rank"], "--lora_alpha", recipe["lora_alpha"], "--lora_target_modules",
+            *recipe["lora_target_modules"], "--learning_rate", recipe["learning_rate"]]
 
 def detected_prompts(out: Path, data: Path, features: Path, pretrained: Path) -> Path:
     """`memmit eval --detect_prompts` over every training caption of the testbed (cached)."""
@@ -46,6 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[384], help="optimizer steps of each run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--num_samples", type=int, default=256)
+    parser.add_argument("--lora", action="store_true", help="the family's LoRA recipe instead of full fine-tuning")
     parser.add_argument("--table_only", action="store_true")
     args = parser.parse_args()
     out = Path(args.output_dir)
@@ -60,18 +72,19 @@ def main() -> None:
                   ["--forget_prompts", detected_prompts(out, data, features, pretrained), "--forget_top",
                    args.forget_top])
         for steps in args.steps:
-            arm, rows = f"forget_{prompt_set}_{steps}", []
+            arm, rows = f"forget_{prompt_set}_{steps}{'_lora' if args.lora else ''}", []
             for seed in args.seeds:
                 name = f"{arm}-seed{seed}"
                 if not args.table_only:
-                    forget(out, pretrained, name, *source, "--seed", RENDER_SEED + seed, "--num_rounds", steps // local)
+                    forget(out, pretrained, name, *source, "--seed", RENDER_SEED + seed, "--num_rounds", steps // local,
+                           *(lora_flags(args.family) if args.lora else []))
                 rows.append(scorer.measure(name, out / name))
                 split = json.loads((out / name / "memmit" / "forget" / "forget.json").read_text())
                 rows[-1]["reproducing"] = [p["prompt"] for p in split["prompts"] if p["reproduces"]]
                 verified = json.loads((out / name / "memmit" / "forget" / "verify.json").read_text())
                 rows[-1]["verified"] = verified["summary"]
             results[arm] = rows
-    (out / "forget.json").write_text(json.dumps(results, indent=2))
+    (out / f"forget{'-lora' if args.lora else ''}.json").write_text(json.dumps(results, indent=2))
     print_table(results, "pretrained")
     for arm, rows in results.items():
         for row in rows[:1]:
