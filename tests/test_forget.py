@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,3 +385,20 @@ def test_a_written_forget_set_reads_back_only_for_its_settings_and_prompts(tmp_p
     assert ForgetSet.stored(tmp_path, {"forget_samples": 4}, ["copied", "novel"]) is None
     assert ForgetSet.stored(tmp_path, {"forget_samples": 3}, ["copied"]) is None
     assert ForgetSet.stored(tmp_path / "none", {"forget_samples": 3}, ["copied", "novel"]) is None
+
+
+def test_a_lora_forget_run_moves_only_the_adapted_projections(tiny_sd_pipeline, tmp_path):
+    """Forget mode with an adapter (the LoRA recipes): the reproductions and retained renders train the adapter
+    alone; merged into the export, only the adapted projections differ from the input."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "out"
+    run(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--dedup_threshold", 2.0, "--retain_neighbours", 0,
+                              "--retain_recombined", 0, "--lora_rank", 2, "--lora_target_modules", "to_q", "to_v",
+                              "--learning_rate", 1e-2)))
+    before, after = (load_file(path / "unet" / "diffusion_pytorch_model.safetensors")
+                     for path in (Path(tiny_sd_pipeline), out))
+    changed = {k for k in after if (after[k] - before[k]).abs().max() > 1e-5}
+    assert changed and {k.rsplit(".", 2)[-2] for k in changed} == {"to_q", "to_v"}, changed
