@@ -18,7 +18,7 @@ from memmit.data.detectors import PixelDetector
 from memmit.eval.detect import prompt_scores
 from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
 from memmit.forget.build import forget_prompts, neighbour_prompts, recombined_prompts, unlike
-from memmit.forget.prompts import read_forget_prompts
+from memmit.forget.prompts import lowest_ranked, read_forget_prompts
 from memmit.forget.renders import ForgetSet, collapsed, render
 from memmit.forget.verify import VARIANTS, load_references, prompt_variants, reproduces, verify
 from memmit.families import load_task
@@ -42,6 +42,10 @@ def test_prompt_files_lines_or_ranked_detection(tmp_path):
     assert read_forget_prompts(ranked) == ["a", "b", "c"]
     assert read_forget_prompts(ranked, min_score=5.0) == ["a", "b"]
     assert read_forget_prompts(ranked, top=1, min_score=0.5) == ["a"]
+    # Retained from a ranking: its lowest scores first, none of those taken; none from a list of prompts.
+    unsorted = detect_json(tmp_path / "unsorted.json", [("a", 9.0), ("c", 1.0), ("d", 0.5), ("b", 5.0)])
+    assert lowest_ranked(unsorted, ["a"], 2) == ["d", "c"] and lowest_ranked(unsorted, ["a"], 9) == ["d", "c", "b"]
+    assert lowest_ranked(unsorted, ["a", "d"], 0) == [] and lowest_ranked(str(lines), ["first prompt"], 9) == []
 
 
 @pytest.mark.parametrize("content, kwargs, message", [
@@ -156,19 +160,21 @@ def assert_trigger_anchors(report: dict, task) -> None:
 
 
 def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS))
+    # A detection's ranking: its three highest are forgotten, its lowest retained.
+    lowest = ["a photo of a cat", "digit 5"]
+    prompts = detect_json(tmp_path / "detect_prompts.json", [*zip(PROMPTS, (9.0, 8.0, 7.0)), (lowest[1], 1.0),
+                                                              (lowest[0], 0.5)])
     out = tmp_path / "out"
     # Every render is within the threshold of every other (pixels RMS is at most 2): every prompt reproduces.
-    trainer = run(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--dedup_threshold", 2.0)))
+    trainer = run(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--dedup_threshold", 2.0, "--forget_top", 3)))
     report = json.loads((out / "memmit" / "forget" / "forget.json").read_text())
     assert [r["collapsed_renders"] for r in report["prompts"]] == [[0, 1, 2, 3]] * 3
     task = load_task(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--caption_column", "text")))
     assert_trigger_anchors(report, task)
     anchors = [r["anchor"] for r in report["prompts"]]
-    # Every render is within the threshold of every copy: each retain candidate (the anchors, then the
-    # neighbours, then the words recombined) would teach a copy back, and is left out.
-    candidates = [a for a in dict.fromkeys(anchors + neighbour_prompts(PROMPTS, 8, 0)
+    # Every render is within the threshold of every copy: each retain candidate (the anchors, the ranking's
+    # lowest, the neighbours, the words recombined) would teach a copy back, and is left out.
+    candidates = [a for a in dict.fromkeys(anchors + lowest + neighbour_prompts(PROMPTS, 8, 0)
                                            + recombined_prompts(PROMPTS, 32 * 3, 0)) if a not in PROMPTS]
     assert report["retain_prompts"] == [] and report["retain_dropped_as_reproducing"] == candidates
     assert sorted(p.name for p in (out / "memmit" / "forget" / "references").iterdir()) == sorted(
@@ -237,6 +243,8 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
     ("sd", ["--anchor_prompts", "PROMPTS2"], "anchor_prompts 'PROMPTS2' holds 1 anchors for 3 forget prompts"),
     ("sd", ["--forget_share", "1.5"], "forget_share must be in (0, 1]"),
     ("sd", ["--retain_recombined", "-1"], "retain_recombined must be >= 0"),
+    ("sd", ["--retain_detected", "-1"], "retain_detected must be >= 0"),
+    ("sd", ["--retain_detected", "8"], "retain_detected retains prompts of a detect_prompts.json, and forget_prompts"),
     ("sd", ["--forget_anchor_weight", "0"], "forget_anchor_weight must be > 0"),
     ("sd", ["--dedup_anchor_weight", "8"], "forget mode's reproductions take --forget_anchor_weight"),
     ("ddpm", [], "is unconditional"),

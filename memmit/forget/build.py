@@ -11,14 +11,14 @@ import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 
-from ..config import EvalConfig
+from ..config import EvalConfig, options_given
 from ..data.detectors import Detector, load_detector
 from ..draws import keyed_generator
 from ..eval.detect import prompt_scores
 from ..families.stable_diffusion import TextToImageTask
 from . import NothingToForget
 from .anchors import read_anchors, trigger_anchors
-from .prompts import read_forget_prompts, read_lines
+from .prompts import lowest_ranked, ranking, read_forget_prompts, read_lines
 from .renders import ForgetSet, collapsed, render
 from .verify import reproduces
 
@@ -45,6 +45,9 @@ def forget_prompts(cfg: MemmitConfig, task: TextToImageTask) -> tuple[list[str],
                if cfg.anchor_prompts else None)
     if cfg.retain_prompts:
         read_lines(cfg.retain_prompts, "retain_prompts")
+    if options_given(cfg, ("retain_detected",)) and ranking(cfg.forget_prompts) is None:
+        raise ValueError(f"retain_detected retains prompts of a detect_prompts.json, and forget_prompts "
+                         f"{cfg.forget_prompts!r} is a list of prompts")
     return prompts, anchors
 
 
@@ -108,10 +111,11 @@ def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str
                                                        DETECT["detect_steps"].default, DETECT["detect_seeds"].default,
                                                        cfg.seed, cfg.eval_batch_size, device, show_progress=False)[0]))
     given = read_lines(cfg.retain_prompts, "retain_prompts") if cfg.retain_prompts else []
-    # What the model should keep making: the anchors, the prompts it does not copy for, the user's, the forget
-    # prompts' neighbours (one word swapped) and their words recombined, all but those whose renders reproduce a
-    # forget prompt's copy.
-    candidates = [p for p in dict.fromkeys([*forget.anchors.values(), *forget.not_reproducing, *given,
+    # What the model should keep making: the anchors, the prompts it does not copy for, the user's (a file, and a
+    # detection's lowest-ranked prompts), the forget prompts' neighbours (one word swapped) and their words
+    # recombined, all but those whose renders reproduce a forget prompt's copy.
+    detected = lowest_ranked(cfg.forget_prompts, prompts, cfg.retain_detected)
+    candidates = [p for p in dict.fromkeys([*forget.anchors.values(), *forget.not_reproducing, *given, *detected,
                                             *neighbour_prompts(reproducing, cfg.retain_neighbours, cfg.seed),
                                             *recombined_prompts(reproducing, cfg.retain_recombined * len(reproducing),
                                                                 cfg.seed)])

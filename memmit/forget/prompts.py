@@ -29,16 +29,20 @@ def _ranked(report: dict, path: str) -> list[tuple[str, float]]:
     return [(r["prompt"], float(r["score"])) for r in rows]
 
 
+def ranking(path: str) -> Optional[list[tuple[str, float]]]:
+    """A detect_prompts.json's prompts and scores; None for a file of prompts, one a line."""
+    try:
+        report = json.loads("\n".join(read_lines(path, "forget_prompts")))
+    except json.JSONDecodeError:
+        return None
+    return _ranked(report, path) if isinstance(report, dict) else None
+
+
 def read_forget_prompts(path: str, top: Optional[int] = None, min_score: Optional[float] = None) -> list[str]:
     """The prompts to forget, in the file's order (detect_prompts.json: highest score first), each once: the `top`
     first, and of a detect_prompts.json only those scoring at least `min_score`."""
-    text = "\n".join(read_lines(path, "forget_prompts"))
-    try:
-        report = json.loads(text)
-    except json.JSONDecodeError:
-        report = None
-    if isinstance(report, dict):
-        ranked = _ranked(report, path)
+    ranked = ranking(path)
+    if ranked is not None:
         prompts = [p for p, score in ranked if min_score is None or score >= min_score]
         if not prompts:
             raise ValueError(f"no prompt of forget_prompts {path!r} scores >= forget_min_score={min_score} "
@@ -47,6 +51,13 @@ def read_forget_prompts(path: str, top: Optional[int] = None, min_score: Optiona
         raise ValueError(f"forget_min_score reads the scores of a detect_prompts.json, and forget_prompts {path!r} "
                          "is a list of prompts")
     else:
-        prompts = text.splitlines()
+        prompts = read_lines(path, "forget_prompts")
     prompts = list(dict.fromkeys(prompts))
     return prompts[:top] if top is not None else prompts
+
+
+def lowest_ranked(path: str, taken: list[str], count: int) -> list[str]:
+    """Of a detect_prompts.json, the `count` lowest-scoring prompts not among those `taken`, lowest first: prompts
+    of the user's own list that the model renders without memorizing. None of a list of prompts."""
+    ranked = sorted(ranking(path) or [], key=lambda row: row[1])
+    return [p for p in dict.fromkeys(p for p, _ in ranked) if p not in set(taken)][:count]
