@@ -410,3 +410,24 @@ def test_a_lora_forget_run_moves_only_the_adapted_projections(tiny_sd_pipeline, 
                      for path in (Path(tiny_sd_pipeline), out))
     changed = {k for k in after if (after[k] - before[k]).abs().max() > 1e-5}
     assert changed and {k.rsplit(".", 2)[-2] for k in changed} == {"to_q", "to_v"}, changed
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_sdxl_and_flux_forget_towards_their_trigger_words(family, tiny_sdxl_pipeline, tiny_flux_pipeline, tmp_path):
+    """The other families forget mode mitigates: each finds its trigger words with its own score (DDIM for SDXL,
+    the flow-matching velocity gap for Flux), trains and exports a pipeline that loads with its own class."""
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline
+
+    pipe, pipeline_class, extra = {"sdxl": (tiny_sdxl_pipeline, StableDiffusionXLPipeline, []),
+                                   "flux": (tiny_flux_pipeline, FluxPipeline, ["--max_sequence_length", 32])}[family]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    out = tmp_path / "out"
+    flags = ["--resolution", 16, "--center_crop", *extra]
+    run(parse_args(train_args(pipe, prompts, out, "--dedup_threshold", 2.0, "--retain_neighbours", 0,
+                              "--retain_recombined", 0, *flags)))
+    report = json.loads((out / "memmit" / "forget" / "forget.json").read_text())
+    assert all(r["reproduces"] and len(r["words"]) == len(r["prompt"].split()) for r in report["prompts"])
+    assert_trigger_anchors(report, load_task(parse_args(train_args(pipe, prompts, out, "--caption_column", "text",
+                                                                   *flags))))
+    assert isinstance(pipeline_class.from_pretrained(out), pipeline_class)
