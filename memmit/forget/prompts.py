@@ -59,5 +59,5 @@ def read_forget_prompts(path: str, top: Optional[int] = None, min_score: Optiona
 def lowest_ranked(path: str, taken: list[str], count: int) -> list[str]:
     """Of a detect_prompts.json, the `count` lowest-scoring prompts not among those `taken`, lowest first: prompts
     of the user's own list that the model renders without memorizing. None of a list of prompts."""
-    ranked = sorted(ranking(path) or [], key=lambda row: row[1])
-    return [p for p in dict.fromkeys(p for p, _ in ranked) if p not in set(taken)][:count]
+    ranked, skip = sorted(ranking(path) or [], key=lambda row: row[1]), set(taken)
+    return [p for p in dict.fromkeys(p for p, _ in ranked) if p not in skip][:count]
