@@ -306,3 +306,30 @@ def test_sd3_prompt_score_is_the_written_out_velocity_gap(tiny_sd3_pipeline, tmp
             gaps.append(float((cond - uncond).norm()))
             x = x + (scheduler.sigmas[k + 1] - scheduler.sigmas[k]) * (uncond + 7.0 * (cond - uncond))
     assert float(scores[0]) == pytest.approx(sum(gaps) / 2, rel=1e-4)
+
+
+def test_flux_prompt_score_is_the_written_out_velocity_gap(tiny_flux_pipeline, tmp_path):
+    """--detect_prompts on Flux: the first step's conditional minus unconditional velocity, on 2 x 2 packed latents
+    at the guidance the transformer embeds (3.5), written out with the pipeline's own encoding and packing."""
+    task = detection_task(tiny_flux_pipeline, tmp_path)
+    scores = prompt_scores(task, [PROMPT], num_inference_steps=10, detect_steps=1, num_seeds=1, seed=3,
+                           batch_size=2, device=torch.device("cpu"), show_progress=False)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_pipeline)
+    scheduler = task.sampling_scheduler()
+    task.set_sampling_timesteps(scheduler, 10)
+    t = scheduler.timesteps[0]
+    side = task.resolution // task.vae_scale_factor
+    (generator,) = sample_generators(3, range(1))
+    x = torch.randn((1, 4, side, side), generator=generator)
+    packed = FluxPipeline._pack_latents(x, 1, 4, side, side)
+    ids = FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, x.device, x.dtype)
+
+    def velocity(prompt):
+        hidden, pooled, text_ids = pipe.encode_prompt(prompt, max_sequence_length=task.max_sequence_length)
+        return pipe.transformer(hidden_states=packed, timestep=t.expand(1) / 1000, guidance=torch.tensor([3.5]),
+                                pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=text_ids,
+                                img_ids=ids).sample
+
+    with torch.no_grad():
+        gap = velocity(PROMPT) - velocity("")
+    assert float(scores[0]) == pytest.approx(float(gap.norm()), rel=1e-4)
