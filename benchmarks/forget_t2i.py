@@ -10,13 +10,15 @@ table is efficacy_t2i.py's, its "vs plain" column relative to the pretrained che
 run's seed 100, apart from the eval's sampling noises. `--lora`: the family's LoRA recipe (configs/sd15-lora.yaml,
 configs/sd3-lora.yaml: its adapter and learning rate), exported merged for the verification. Usage:
     python benchmarks/forget_t2i.py [--output_dir efficacy-t2i-3000] [--pretrain_steps 3000] [--family sd]
-        [--prompt_sets duplicated detected] [--steps 384] [--seeds 0 1] [--lora]
+        [--prompt_sets duplicated detected] [--steps 384] [--seeds 0 1] [--lora] [--no_verify]
+        [--train_flags "--retain_distill" --arm_name _distil]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import yaml
@@ -60,6 +62,11 @@ def main() -> None:
     # (binomial error ~2 points, not ~4); the 11 points between two seeds' runs stayed at 1024 (EFFICACY.md).
     parser.add_argument("--num_samples", type=int, default=1024)
     parser.add_argument("--lora", action="store_true", help="the family's LoRA recipe instead of full fine-tuning")
+    parser.add_argument("--train_flags", default="", help="more train_memmit.py flags for every run, one string "
+                        "(e.g. \"--retain_distill --forget_anchor_weight 16\"); --arm_name names its arms")
+    parser.add_argument("--arm_name", default="", help="a suffix of the arms' names (their runs and eval reports)")
+    parser.add_argument("--no_verify", action="store_true", help="runs without --evaluate: ground truth and the "
+                        "eval only (the verification renders every retained prompt twice)")
     parser.add_argument("--table_only", action="store_true")
     args = parser.parse_args()
     out = Path(args.output_dir)
@@ -74,19 +81,20 @@ def main() -> None:
                   ["--forget_prompts", detected_prompts(out, data, features, pretrained), "--forget_top",
                    args.forget_top])
         for steps in args.steps:
-            arm, rows = f"forget_{prompt_set}_{steps}{'_lora' if args.lora else ''}", []
+            arm, rows = f"forget_{prompt_set}_{steps}{'_lora' if args.lora else ''}{args.arm_name}", []
             for seed in args.seeds:
                 name = f"{arm}-seed{seed}"
                 if not args.table_only:
                     forget(out, pretrained, name, *source, "--seed", RENDER_SEED + seed, "--num_rounds", steps // local,
-                           *(lora_flags(args.family) if args.lora else []))
+                           *(lora_flags(args.family) if args.lora else []), *shlex.split(args.train_flags),
+                           *(["--no-evaluate"] if args.no_verify else []))
                 rows.append(scorer.measure(name, out / name))
                 split = json.loads((out / name / "memmit" / "forget" / "forget.json").read_text())
                 rows[-1]["reproducing"] = [p["prompt"] for p in split["prompts"] if p["reproduces"]]
-                verified = json.loads((out / name / "memmit" / "forget" / "verify.json").read_text())
-                rows[-1]["verified"] = verified["summary"]
+                verified = out / name / "memmit" / "forget" / "verify.json"
+                rows[-1]["verified"] = {} if args.no_verify else json.loads(verified.read_text())["summary"]
             results[arm] = rows
-    (out / f"forget{'-lora' if args.lora else ''}.json").write_text(json.dumps(results, indent=2))
+    (out / f"forget{'-lora' if args.lora else ''}{args.arm_name}.json").write_text(json.dumps(results, indent=2))
     print_table(results, "pretrained")
     for arm, rows in results.items():
         for row in rows[:1]:

@@ -79,7 +79,7 @@ def _method_lines(cfg: dict) -> list[str]:
     return [
         f"- **Iterative Ensemble Training**: {iet}.",
         f"- **Anti-Gradient Control**: {agc}.",
-        (FORGET_TEXT if cfg.get("forget_prompts") else
+        (_forget_text(cfg) if cfg.get("forget_prompts") else
          f"- **Near-duplicate training images**: {DEDUP_TEXT.get(cfg.get('dedup', 'none'), cfg.get('dedup'))}."),
         f"- **Optimisation**: {weights}; AdamW, learning rate {cfg['learning_rate']} ({cfg['lr_scheduler']}), "
         f"batch {cfg['train_batch_size']} × {cfg['gradient_accumulation_steps']} accumulation, "
@@ -87,9 +87,14 @@ def _method_lines(cfg: dict) -> list[str]:
     ]
 
 
-FORGET_TEXT = ("- **Forget mode**: no training image; the pipeline's renders of the prompts it reproduces trained "
-               "towards anchor prompts, its renders of the anchors and other prompts kept (`memmit/forget/forget.json` "
-               "lists the prompts, the anchors and the reproductions).")
+def _forget_text(cfg: dict) -> str:
+    kept = ("held to the input model's predictions (distilled)" if cfg.get("retain_distill")
+            else "trained as they are")
+    return ("- **Forget mode**: no training image; the pipeline's renders of the prompts it reproduces trained towards "
+            f"anchor prompts, its renders of the anchors and other prompts {kept} (`memmit/forget/forget.json` lists "
+            "the prompts, the anchors and the reproductions).")
+
+
 DEDUP_TEXT = {"none": "not handled (the paper's method)",
               "keep_one": "found before training and trained on once (`memmit/duplicates.json` lists them)",
               "same_shard": "found before training; all copies of one image in the same shard"}

@@ -3,6 +3,7 @@ pipelines: the prompt files, the split of renders into reproductions, the trigge
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -14,6 +15,7 @@ from accelerate import PartialState
 
 from memmit.cli import main, run
 from memmit.config import parse_args
+from memmit.data.captions import ANCHORS
 from memmit.data.detectors import PixelDetector
 from memmit.eval.detect import prompt_scores
 from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
@@ -24,6 +26,7 @@ from memmit.forget.verify import VARIANTS, load_references, prompt_variants, rep
 from memmit.families import load_task
 
 from conftest import mnist_images, reset_accelerator
+from test_text_to_image import generators, make_task, reference_loss, rows
 
 PROMPTS = ["a handwritten seven, bold", "the number 3", "digit 1 written by hand"]
 
@@ -140,6 +143,31 @@ def test_the_forget_set_trains_reproductions_anchored_and_retained_renders_as_th
     assert forget.not_reproducing == ["novel"] and forget.reproducing == [0]
 
 
+def test_retained_rows_distil_the_frozen_input_model_and_anchored_rows_their_anchor(tiny_sd_pipeline,
+                                                                                      captioned_digits_dir):
+    """retain_distill: a row that is not anchored trains towards the teacher's prediction for its own noised
+    latent, timestep and caption; an anchored row still towards the model's own prediction under its anchor."""
+    task = make_task(tiny_sd_pipeline, captioned_digits_dir)
+    task.denoiser.requires_grad_(False)
+    batch = rows(captioned_digits_dir, 6)
+    batch[ANCHORS] = [["the number 3"], [], [], ["digit 1"], [], []]
+    inputs = task.inputs(batch, generators(1, 6))
+    plain = task.per_sample_loss(task.denoiser, inputs, generators(2, 6), torch.device("cpu")).losses
+    task.teacher = copy.deepcopy(task.denoiser)
+    with torch.no_grad():  # a teacher unlike the trained model, so its targets show
+        for p, g in zip(task.teacher.parameters(), generators(3, 10**4)):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    out = task.per_sample_loss(task.denoiser, inputs, generators(2, 6), torch.device("cpu"))
+    expected = reference_loss(tiny_sd_pipeline, inputs, seed=2, teacher=task.teacher)[0]
+    torch.testing.assert_close(out.losses, expected)
+    torch.testing.assert_close(out.losses[out.anchored], plain[out.anchored])
+    assert not torch.allclose(out.losses[~out.anchored], plain[~out.anchored])
+    # The teacher is the trained model itself: every retained row's loss is exactly 0.
+    task.teacher = task.denoiser
+    out = task.per_sample_loss(task.denoiser, inputs, generators(2, 6), torch.device("cpu"))
+    assert (out.losses[~out.anchored] == 0).all() and (out.losses[out.anchored] > 0).all()
+
+
 def train_args(pipe: str, prompts, out, *extra) -> list[str]:
     return ["--pretrained_model_name_or_path", pipe, "--forget_prompts", str(prompts), "--output_dir", str(out),
             "--forget_samples", "4", "--forget_inference_steps", "2", "--retain_samples", "2", "--num_rounds", "1",
@@ -184,9 +212,17 @@ def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_pa
     assert trainer.split.anchors == {i: [anchors[i // 4]] for i in range(12)}
     assert trainer.cfg.agc_lambda == 0.0  # AGC off: the renders are all the model's own
     assert trainer.task.anchor_weight == trainer.cfg.forget_anchor_weight == 4.0  # not dedup_anchor_weight's 16
+    # retain_distill: the teacher is the input's UNet, frozen, where the trained one moved.
+    from safetensors.torch import load_file
+    given = load_file(Path(tiny_sd_pipeline) / "unet" / "diffusion_pytorch_model.safetensors")
+    teacher, trained = trainer.task.teacher.state_dict(), load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(teacher[k], v) for k, v in given.items())
+    assert not all(torch.equal(trained[k], v) for k, v in given.items())
+    assert not any(p.requires_grad for p in trainer.task.teacher.parameters())
     assert (out / "model_index.json").is_file()
     card = (out / "README.md").read_text()
     assert "fine-tuned on its own renders of prompts it reproduced" in card and "**Forget mode**" in card
+    assert "other prompts held to the input model's predictions (distilled)" in card
     assert "Near-duplicate training images" not in card
     # The reproductions are the pipeline's renders of their prompt at the run's seed, keyed per render.
     again = render(task, PROMPTS[:1], 4, 2, 3, 0, torch.device("cpu"), False)[0]
@@ -199,7 +235,8 @@ def test_a_flow_matching_pipeline_forgets_towards_the_users_anchors_or_its_trigg
     anchors.write_text("a handwritten seven\na number\n")
     out = tmp_path / "out"
     trainer = run(parse_args(train_args(tiny_sd3_pipeline, prompts, out, "--dedup_threshold", 2.0, "--anchor_prompts",
-                                        anchors, "--resolution", 16, "--center_crop")))
+                                        anchors, "--resolution", 16, "--center_crop", "--no-retain_distill")))
+    assert trainer.task.teacher is None  # no copy of the input's denoiser kept
     report = json.loads((out / "memmit" / "forget" / "forget.json").read_text())
     assert [(r["prompt"], r["anchor"], r["words"]) for r in report["prompts"]] == [
         (PROMPTS[0], "a handwritten seven", []), (PROMPTS[1], "a number", [])]
@@ -247,6 +284,7 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
     ("sd", ["--retain_detected", "8"], "retain_detected retains prompts of a detect_prompts.json, and forget_prompts"),
     ("sd", ["--forget_anchor_weight", "0"], "forget_anchor_weight must be > 0"),
     ("sd", ["--dedup_anchor_weight", "8"], "forget mode's reproductions take --forget_anchor_weight"),
+    ("sd", ["--agc_lambda", "0.5"], "agc_lambda > 0 with retain_distill"),
     ("ddpm", [], "is unconditional"),
 ])
 def test_bad_forget_input_is_named_before_anything_renders(tiny_sd_pipeline, tiny_pipeline,

@@ -133,13 +133,13 @@ def test_conditional_pipelines_this_task_cannot_train_are_refused(tiny_sd_pipeli
         TextToImageTask(pipe, caption_column="text")
 
 
-def reference_loss(pipe_dir: str, batch: dict, seed: int, text_noise: float = 0.0,
-                   noisiest: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_loss(pipe_dir: str, batch: dict, seed: int, text_noise: float = 0.0, noisiest: float = 1.0,
+                   teacher=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample loss, timesteps and SNR written out from the schedule's alphas_cumprod, on a fresh load.
     Sample i draws from its own generator: its latent, then (`text_noise`: GNI of that std) its text-embedding
     noise, its noise, its timestep. A sample `batch["anchored"]` marks has the UNet's prediction under its
     anchor prompt (`batch["anchor_ids"]`) as its target, at timestep T - n + floor(t * n / T) of the n = T *
-    `noisiest` noisiest (highest) ones."""
+    `noisiest` noisiest (highest) ones. With a `teacher` UNet, the other samples' target is its prediction."""
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
     with torch.no_grad():
         dist = pipe.vae.encode(batch["pixels"]).latent_dist
@@ -163,6 +163,8 @@ def reference_loss(pipe_dir: str, batch: dict, seed: int, text_noise: float = 0.
         else:
             target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
         pred = pipe.unet(noisy, t, encoder_hidden_states=text).sample
+        if teacher is not None:
+            target = teacher(noisy, t, encoder_hidden_states=text).sample
         if "anchored" in batch:
             anchor_text = pipe.text_encoder(batch["anchor_ids"])[0]
             anchored = pipe.unet(noisy, t, encoder_hidden_states=anchor_text).sample

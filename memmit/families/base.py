@@ -137,17 +137,22 @@ class DenoisingTask:
 
     def denoising_loss(self, denoiser: torch.nn.Module, x0: torch.Tensor, generators: Sequence[torch.Generator],
                        device: torch.device, anchor: Optional[Anchor] = None,
-                       **conditioning) -> LossOutput:
+                       teacher: Optional[torch.nn.Module] = None, **conditioning) -> LossOutput:
         """Unreduced fp32 loss per sample of denoising x0, its timestep index, and the noise's loss weights.
 
-        Sample i's noise, then its timestep, come from generators[i] on the CPU (noise.py). With an `anchor`, the
-        anchored samples' target is the model's own prediction, gradient stopped, under their anchor conditioning
-        instead (Kumari et al. 2023's model-based concept ablation), in the space of the target, at timesteps in the
-        noisiest `anchor.noisiest` of the schedule (where a sample's layout, and so a copy, is decided).
+        Sample i's noise, then its timestep, come from generators[i] on the CPU (noise.py). With a `teacher` (a
+        frozen denoiser), the target is its prediction for the same input and conditioning instead of the noise
+        drawn: distillation. With an `anchor`, the anchored samples' target is the model's own prediction, gradient
+        stopped, under their anchor conditioning instead (Kumari et al. 2023's model-based concept ablation), in the
+        space of the target, at timesteps in the noisiest `anchor.noisiest` of the schedule (where a sample's
+        layout, and so a copy, is decided).
         """
         squeeze = None if anchor is None or anchor.noisiest == 1 else (anchor.mask, anchor.noisiest)
         draw = self.noise(x0, generators, device, squeeze=squeeze)
         pred = self.predict(denoiser, draw.noisy, draw.timesteps, conditioning)
+        if teacher is not None:  # the whole batch: simpler than slicing every family's conditioning by rows
+            with torch.no_grad():
+                draw.target = self.predict(teacher, draw.noisy, draw.timesteps, conditioning).to(draw.target.dtype)
         if anchor is None:
             return LossOutput(self.squared_error(pred, draw.target), draw.indices, draw.weights)
         mask = anchor.mask

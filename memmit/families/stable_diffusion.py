@@ -73,6 +73,8 @@ class TextToImageTask(DenoisingTask):
         self.text_embedding_noise = text_embedding_noise
         self.anchor_weight = dedup_anchor_weight
         self.anchor_noisiest = dedup_anchor_noisiest
+        # Forget mode's retained renders train towards this frozen copy of the input denoiser (retain_distill).
+        self.teacher: Optional[torch.nn.Module] = None
         self.validation_prompts = validation_prompts
         self.default_prompts: list[str] = []
         self.vae = vae
@@ -169,7 +171,7 @@ class TextToImageTask(DenoisingTask):
                 anchor = Anchor(mask, self.denoiser_kwargs(anchor_text, anchor_pooled,
                                                            None if time_ids is None else time_ids[mask.cpu()]),
                                 self.anchor_noisiest)
-        out = self.denoising_loss(denoiser, latents, generators, device, anchor,
+        out = self.denoising_loss(denoiser, latents, generators, device, anchor, self.teacher,
                                   **self.denoiser_kwargs(text, pooled, time_ids))
         if self.snr_gamma is not None:
             out.weights = min_snr_weights(self.scheduler, out.timesteps.to(device), self.snr_gamma,

@@ -25,6 +25,7 @@ from ..families import load_task
 from ..families.base import DenoisingTask
 from ..families.latents import cached_inputs, check_cache_latents
 from ..families.stable_diffusion import TextToImageTask
+from ..families.text import frozen_copy
 from ..forget.build import build_forget_set, forget_prompts
 from ..forget.renders import ForgetSet, settings_of
 from ..workers import Workers
@@ -174,7 +175,10 @@ def build_trainer(cfg: MemmitConfig, accelerator: Optional[Accelerator] = None) 
                              search=cfg.dedup_search)
     cfg = with_family_defaults(cfg, task)
     # The frozen parts on the device first: dedup_captions=anchor encodes captions to build the split.
-    task.prepare(acc.device, WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32))
+    weight_dtype = WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
+    task.prepare(acc.device, weight_dtype)
+    if forget and cfg.retain_distill:  # copied before training or a resume changes the denoiser: the input's
+        task.teacher = frozen_copy(task.denoiser, acc.device, weight_dtype)
     data = load_forget_data(cfg, task, *forget, acc) if forget else load_training_data(cfg, task, detector, acc)
     model = LiveModel(task.denoiser, cfg, acc.device)
     if cfg.cache_latents:  # each machine's processes encode (or find) them, each a share of the chunks
