@@ -11,7 +11,7 @@ run's seed 100, apart from the eval's sampling noises. `--lora`: the family's Lo
 configs/sd3-lora.yaml: its adapter and learning rate), exported merged for the verification. Usage:
     python benchmarks/forget_t2i.py [--output_dir efficacy-t2i-3000] [--pretrain_steps 3000] [--family sd]
         [--prompt_sets duplicated detected] [--steps 384] [--seeds 0 1] [--lora] [--no_verify]
-        [--train_flags "--retain_distill" --arm_name _distil]
+        [--train_flags="--no-retain_distill" --arm_name _renders]
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=1024)
     parser.add_argument("--lora", action="store_true", help="the family's LoRA recipe instead of full fine-tuning")
     parser.add_argument("--train_flags", default="", help="more train_memmit.py flags for every run, one string "
-                        "(e.g. \"--retain_distill --forget_anchor_weight 16\"); --arm_name names its arms")
+                        "after an = (--train_flags=--no-retain_distill: argparse takes a value that starts with -- as a flag); "
+                        "--arm_name names its arms")
     parser.add_argument("--arm_name", default="", help="a suffix of the arms' names (their runs and eval reports)")
     parser.add_argument("--no_verify", action="store_true", help="runs without --evaluate: ground truth and the "
                         "eval only (the verification renders every retained prompt twice)")
