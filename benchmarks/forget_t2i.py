@@ -63,8 +63,8 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=1024)
     parser.add_argument("--lora", action="store_true", help="the family's LoRA recipe instead of full fine-tuning")
     parser.add_argument("--train_flags", default="", help="more train_memmit.py flags for every run, one string "
-                        "after an = (--train_flags=--no-retain_distill: argparse takes a value that starts with -- as a flag); "
-                        "--arm_name names its arms")
+                        "after an = (--train_flags=--no-retain_distill: argparse takes a value that starts with -- "
+                        "as a flag); --arm_name names its arms")
     parser.add_argument("--arm_name", default="", help="a suffix of the arms' names (their runs and eval reports)")
     parser.add_argument("--no_verify", action="store_true", help="runs without --evaluate: ground truth and the "
                         "eval only (the verification renders every retained prompt twice)")

@@ -215,7 +215,8 @@ def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_pa
     # retain_distill: the teacher is the input's UNet, frozen, where the trained one moved.
     from safetensors.torch import load_file
     given = load_file(Path(tiny_sd_pipeline) / "unet" / "diffusion_pytorch_model.safetensors")
-    teacher, trained = trainer.task.teacher.state_dict(), load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    teacher = trainer.task.teacher.state_dict()
+    trained = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(teacher[k], v) for k, v in given.items())
     assert not all(torch.equal(trained[k], v) for k, v in given.items())
     assert not any(p.requires_grad for p in trainer.task.teacher.parameters())
