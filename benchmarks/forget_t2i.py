@@ -88,7 +88,7 @@ def main() -> None:
                 if not args.table_only:
                     forget(out, pretrained, name, *source, "--seed", RENDER_SEED + seed, "--num_rounds", steps // local,
                            *(lora_flags(args.family) if args.lora else []), *shlex.split(args.train_flags),
-                           *(["--no-evaluate"] if args.no_verify else []))
+                           *(["--no-evaluate"] if args.no_verify else ["--eval_quality_extractor", features]))
                 rows.append(scorer.measure(name, out / name))
                 split = json.loads((out / name / "memmit" / "forget" / "forget.json").read_text())
                 rows[-1]["reproducing"] = [p["prompt"] for p in split["prompts"] if p["reproduces"]]

@@ -213,8 +213,12 @@ def _card_body(cfg: dict, base_model: Optional[str], dataset: Optional[str],
                     for kind, row in verification["summary"].items()], ""]
         kept = verification["retained"]
         if kept["mean_pixel_change"] is not None:
+            from .forget.verify import quality_text  # torch and diffusers: imported for a forget run's card only
+
+            quality = quality_text(kept)
             lines += [f"The {len(kept['prompts'])} retained prompts' renders changed by "
-                      f"{kept['mean_pixel_change']:.3f} RMS (pixels in [-1, 1]) for the same seeds.", ""]
+                      f"{kept['mean_pixel_change']:.3f} RMS (pixels in [-1, 1]) for the same seeds"
+                      + (f"; their {quality}." if quality else "."), ""]
     lines += ["## How to use", "", *_usage_lines(cfg, base_model, repo_id, pipeline_class), "",
               "## Training configuration", "", "<details>", "", "```yaml",
               yaml.safe_dump(_public_config(cfg), sort_keys=False).rstrip(), "```", "", "</details>", "",

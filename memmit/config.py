@@ -290,7 +290,7 @@ class MemmitConfig(ModelDataConfig):
     validation_inference_steps: int = opt(50, "Sampling steps of the round-end sample grid (DDIM, or the flow-matching pipeline's own sampler).", resume="free")
 
     # Memorization before and after (memmit eval's options, named eval_<name>)
-    evaluate: bool = opt(False, "Run `memmit eval` on the input pipeline before training (cached) and on the result after export; the model card and the run's last lines compare them. With forget_prompts: both pipelines render each reproducing prompt from new seeds and in four variants (a word added or removed, a typo, a template), and the retained prompts, against the forget references (memmit/forget/verify.json).", resume="free")
+    evaluate: bool = opt(False, "Run `memmit eval` on the input pipeline before training (cached) and on the result after export; the model card and the run's last lines compare them. With forget_prompts: both pipelines render each reproducing prompt from new seeds and in four variants (a word added or removed, a typo, a template), and the retained prompts, against the forget references, and the retained renders' Frechet distance to the input's (memmit/forget/verify.json).", resume="free")
     eval_num_samples: int = eval_opt("num_samples")
     eval_num_inference_steps: int = eval_opt("num_inference_steps")
     eval_batch_size: int = eval_opt("batch_size")

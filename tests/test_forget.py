@@ -13,6 +13,7 @@ import pytest
 import torch
 from accelerate import PartialState
 
+from memmit.card import write_model_card
 from memmit.cli import main, run
 from memmit.config import parse_args
 from memmit.data.captions import ANCHORS
@@ -22,7 +23,9 @@ from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
 from memmit.forget.build import forget_prompts, neighbour_prompts, recombined_prompts, unlike
 from memmit.forget.prompts import lowest_ranked, read_forget_prompts
 from memmit.forget.renders import ForgetSet, collapsed, render
-from memmit.forget.verify import VARIANTS, load_references, prompt_variants, reproduces, verify
+from memmit.data.features import Extractor
+from memmit.forget.verify import (VARIANTS, load_references, prompt_variants, reproduces, retained_quality,
+                                   verification_table, verify)
 from memmit.families import load_task
 
 from conftest import mnist_images, reset_accelerator
@@ -286,6 +289,7 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
     ("sd", ["--forget_anchor_weight", "0"], "forget_anchor_weight must be > 0"),
     ("sd", ["--dedup_anchor_weight", "8"], "forget mode's reproductions take --forget_anchor_weight"),
     ("sd", ["--agc_lambda", "0.5"], "agc_lambda > 0 with retain_distill"),
+    ("sd", ["--evaluate", "--eval_quality_extractor", "no-such.pt"], "eval_quality_extractor: 'no-such.pt' does not exist"),
     ("ddpm", [], "is unconditional"),
 ])
 def test_bad_forget_input_is_named_before_anything_renders(tiny_sd_pipeline, tiny_pipeline,
@@ -323,6 +327,41 @@ def test_a_render_reproduces_when_it_lies_within_the_threshold_of_a_reference():
     assert reproduces(np.stack([shifted, digits[2]]), digits[:2], PixelDetector(0.3, 16, 1)) == [True, False]
 
 
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The FID formula written out with scipy's matrix square root."""
+    from scipy.linalg import sqrtm
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * sqrtm(s_a @ s_b).real))
+
+
+# Three statistics of an image: a low-dimensional embedding whose covariance the few test renders can fit.
+STATS = Extractor({"kind": "stats"},
+                  lambda x: torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, :, :8].mean((1, 2, 3))], 1))
+
+
+def stats(images: np.ndarray) -> np.ndarray:
+    x = images.astype(np.float64) / 255
+    return np.stack([x.mean((1, 2, 3)), x.std((1, 2, 3), ddof=1), x[:, :8].mean((1, 2, 3))], 1)
+
+
+def test_retained_quality_is_the_frechet_distance_to_the_input_renders_of_the_other_seeds():
+    rng = np.random.default_rng(0)
+    before = [rng.integers(0, 256, (6, 16, 16, 1), dtype=np.uint8) for _ in range(3)]
+    after = [np.clip(r.astype(int) + rng.integers(0, 60, r.shape), 0, 255).astype(np.uint8) for r in before]
+    quality = retained_quality(before, after, STATS, 4)
+    reference = stats(np.concatenate([r[3:] for r in before]))
+    for label, renders in (("before", before), ("after", after)):
+        expected = fid(stats(np.concatenate([r[:3] for r in renders])), reference)
+        assert quality[label] == {"available": True, "extractor": {"kind": "stats"},
+                                  "frechet_distance": pytest.approx(expected, rel=1e-6, abs=1e-9)}
+    assert quality["after"]["frechet_distance"] > quality["before"]["frechet_distance"]  # brightened: moved away
+    # One render a side cannot be fitted: said, not computed.
+    assert retained_quality([r[:2] for r in before[:1]], [r[:2] for r in after[:1]], STATS, 4)["after"] == {
+        "available": False, "reason": "1 render(s) in each half of the seeds"}
+
+
 def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd_pipeline, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]))
@@ -335,7 +374,8 @@ def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd
     # Every render is within a threshold of 2 of every reference: all reproduce, before and after.
     assert all(row == {"before": 1.0, "after": 1.0} for row in result["summary"].values())
     # Every retain candidate reproduced a copy too (threshold 2): none retained, no change to report.
-    assert result["retained"] == {"prompts": [], "mean_pixel_change": None, "share_reproducing_a_reference": None}
+    assert result["retained"] == {"prompts": [], "mean_pixel_change": None, "share_reproducing_a_reference": None,
+                                  "frechet_to_input": None}
     # verify() of retained prompts: their renders by both pipelines, same seeds (seed + 2), written out.
     kept = ["the number 7", "a digit"]
     before = load_task(parse_args(train_args(tiny_sd_pipeline, prompts, out, "--caption_column", "text")))
@@ -343,12 +383,24 @@ def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd
     report = json.loads((out / "memmit" / "forget" / "forget.json").read_text())
     refs = load_references(out / "memmit" / "forget" / "references", report, before.channels)
     direct = verify(before, after, {**report, "retain_prompts": kept}, refs, PixelDetector(0.3, 16, 1), 4, 2, 8, 0,
-                    torch.device("cpu"), False)
-    a, b = (np.concatenate(render(t, kept, 4, 2, 8, 2, torch.device("cpu"), False)).astype(float) / 127.5
-            for t in (before, after))
+                    torch.device("cpu"), False, STATS)
+    renders = {t: render(task, kept, 4, 2, 8, 2, torch.device("cpu"), False)
+               for t, task in (("before", before), ("after", after))}
+    a, b = (np.concatenate(renders[t]).astype(float) / 127.5 for t in ("before", "after"))
     per_render = np.sqrt(((a - b) ** 2).reshape(len(kept), 4, -1).mean(axis=2)).mean(axis=1)
     assert direct["retained"]["mean_pixel_change"] == pytest.approx(per_render.mean(), rel=1e-6)
     assert direct["retained"]["mean_pixel_change"] > 0  # lr 1e-2 moved the model
+    # Their quality: seeds 1-2 of each prompt against the input's seeds 3-4, in the quality extractor's embedding.
+    reference = stats(np.concatenate([r[2:] for r in renders["before"]]))
+    for label, rows in renders.items():
+        assert direct["retained"]["frechet_to_input"][label]["frechet_distance"] == pytest.approx(
+            fid(stats(np.concatenate([r[:2] for r in rows])), reference), rel=1e-4, abs=1e-8)
+    assert "retained prompts: Fréchet distance to the input's renders of other seeds (stats)" in verification_table(
+        direct)
+    (out / "memmit" / "forget" / "verify.json").write_text(json.dumps(direct))
+    write_model_card(out, parse_args(train_args(tiny_sd_pipeline, prompts, out)).to_dict(), tiny_sd_pipeline, None)
+    assert "2 retained prompts' renders changed by" in (out / "README.md").read_text()
+    assert "their Fréchet distance to the input's renders of other seeds (stats)" in (out / "README.md").read_text()
     printed = capsys.readouterr().out
     assert "forget prompts before and after" in printed and "word removed" in printed
     assert "## Forget prompts before and after" in (out / "README.md").read_text()

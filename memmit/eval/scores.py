@@ -84,6 +84,17 @@ def _inception_fid(samples01: Tensor, train01: Tensor, batch_size: int) -> dict:
     return {"available": True, "extractor": info, "frechet_distance": fid.compute().item()}
 
 
+def frechet_report(samples01: Tensor, reference01: Tensor, extractor: Optional[Extractor], batch_size: int,
+                   reference_embedded: Optional[Tensor] = None) -> dict:
+    """Fréchet distance of samples to reference images in [0, 1]: in the extractor's embedding (the reference's
+    given as `reference_embedded` when stored), else torchmetrics' Inception FID when it loads."""
+    if extractor is None:
+        return _inception_fid(samples01, reference01, batch_size)
+    reference = extractor(reference01, batch_size) if reference_embedded is None else reference_embedded
+    return {"available": True, "extractor": extractor.info,
+            "frechet_distance": frechet_distance(extractor(samples01, batch_size), reference)}
+
+
 def _quality_report(samples01: Tensor, train01: Tensor, clusters: list[list[int]], extractor: Optional[Extractor],
                     train_embedded: Optional[Tensor], batch_size: int) -> dict:
     """Fréchet distance to one training image per near-duplicate family: against the raw set, a model that
@@ -91,9 +102,8 @@ def _quality_report(samples01: Tensor, train01: Tensor, clusters: list[list[int]
     training set's embeddings by `extractor`."""
     labels = cluster_labels(train01.shape[0], clusters)
     reference = first_occurrence(labels, int(labels.max()) + 1)
-    report = (_inception_fid(samples01, train01[reference], batch_size) if extractor is None else
-              {"available": True, "extractor": extractor.info,
-               "frechet_distance": frechet_distance(extractor(samples01, batch_size), train_embedded[reference])})
+    report = frechet_report(samples01, train01[reference], extractor, batch_size,
+                            None if train_embedded is None else train_embedded[reference])
     return {**report, "reference": f"one of each of {len(reference)} near-duplicate families and lone images, "
                                    f"of {len(train01)} training images"}
 

@@ -380,7 +380,8 @@ def forget_main(args) -> int:
     prompts.write_text("\n".join(duplicated_captions(data)) + "\n")
     extra = ["--dedup_threshold", args.forget_threshold] if args.forget_threshold is not None else []
     target = forget(out, pretrained, "forget", "--forget_prompts", prompts, "--num_rounds",
-                    args.num_rounds or FORGET_ROUNDS, "--forget_inference_steps", args.num_inference_steps, *extra)
+                    args.num_rounds or FORGET_ROUNDS, "--forget_inference_steps", args.num_inference_steps,
+                    "--eval_quality_extractor", features, *extra)
     if not (target / "model_index.json").is_file():  # no prompt reproduced: the run said so and wrote no model
         return 0
     reports = {name: evaluate_run(path, out / "eval" / name, data, features, args.num_samples,
