@@ -272,8 +272,13 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
     cfg = parse_args(train_args(tiny_sd_pipeline, prompts, tmp_path / "out", "--caption_column", "text"))
     PartialState()  # as the run's accelerator would: the warning goes through accelerate's logger
     with caplog.at_level(logging.WARNING):
-        assert forget_prompts(cfg, load_task(cfg))[0][0] == "short"
+        task = load_task(cfg)
+        assert forget_prompts(cfg, task)[0][0] == "short"
     assert "forget prompt 2 of" in caplog.text and "it is truncated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # said once: the renders do not repeat the pipeline's warning each batch
+        render(task, [" ".join(["word"] * 20)], 2, 1, 1, 0, torch.device("cpu"), False)
+    assert "truncated" not in caplog.text
 
 
 @pytest.mark.parametrize("pipe, extra, message", [

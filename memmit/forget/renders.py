@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import PartialState
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 from ..config import FORGET_OPTIONS
@@ -39,11 +40,16 @@ def render(task: TextToImageTask, prompts: list[str], samples: int, steps: int, 
     """`samples` renders of each prompt, uint8 [samples, H, W, C]: render j of prompt i from the generator keyed
     (seed, i * samples + j), so a render does not depend on the batch or the number of processes."""
     keep = task.validation_prompts  # sample_images renders through them; the run's round-end grid keeps its own
+    verbosity = diffusers_logging.get_verbosity()
+    # The pipeline warns of a truncated prompt on every batch that holds it (thousands of lines for a few long
+    # prompts); forget_prompts says it once of each forget prompt.
+    diffusers_logging.set_verbosity_error()
     flat = [p for p in prompts for _ in range(samples)]
     try:
         images = sample_images(task, len(flat), steps, batch_size, seed, device, show_progress, flat, state)
     finally:
         task.validation_prompts = keep
+        diffusers_logging.set_verbosity(verbosity)
     return [images[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
 
