@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 from statistics import mean
+from typing import Optional
 
 import numpy as np
 import torch
