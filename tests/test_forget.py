@@ -18,12 +18,12 @@ from memmit.cli import main, run
 from memmit.config import parse_args
 from memmit.data.captions import ANCHORS
 from memmit.data.detectors import PixelDetector
+from memmit.data.features import Extractor
 from memmit.eval.detect import prompt_scores
 from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
 from memmit.forget.build import forget_prompts, neighbour_prompts, recombined_prompts, unlike
 from memmit.forget.prompts import lowest_ranked, read_forget_prompts
 from memmit.forget.renders import ForgetSet, collapsed, render
-from memmit.data.features import Extractor
 from memmit.forget.verify import (VARIANTS, load_references, prompt_variants, reproduces, retained_quality,
                                    verification_table, verify)
 from memmit.families import load_task
@@ -294,7 +294,8 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
     ("sd", ["--forget_anchor_weight", "0"], "forget_anchor_weight must be > 0"),
     ("sd", ["--dedup_anchor_weight", "8"], "forget mode's reproductions take --forget_anchor_weight"),
     ("sd", ["--agc_lambda", "0.5"], "agc_lambda > 0 with retain_distill"),
-    ("sd", ["--evaluate", "--eval_quality_extractor", "no-such.pt"], "eval_quality_extractor: 'no-such.pt' does not exist"),
+    ("sd", ["--evaluate", "--eval_quality_extractor", "no-such.pt"],
+     "eval_quality_extractor: 'no-such.pt' does not exist"),
     ("ddpm", [], "is unconditional"),
 ])
 def test_bad_forget_input_is_named_before_anything_renders(tiny_sd_pipeline, tiny_pipeline,
