@@ -142,7 +142,7 @@ def quality_text(retained: dict) -> Optional[str]:
             "(what the seeds alone move)")
 
 
-def quality_extractor(cfg, task: TextToImageTask, device: torch.device) -> Optional[Extractor]:
+def load_quality_extractor(cfg, task: TextToImageTask, device: torch.device) -> Optional[Extractor]:
     """--eval_quality_extractor (None: the Inception FID), tried on images of the run's size: build_trainer calls it
     before any render, so one that does not load fails then, not after training."""
     if cfg.eval_quality_extractor is None:
@@ -166,6 +166,6 @@ def verify_run(cfg, out: Path, device: torch.device, show_progress: bool = True)
                              use="eval")
     result = verify(before, after, report, load_references(folder / "references", report, before.channels), detector,
                     cfg.forget_samples, cfg.forget_inference_steps, cfg.eval_batch_size, cfg.seed, device,
-                    show_progress, quality_extractor(cfg, before, device))
+                    show_progress, load_quality_extractor(cfg, before, device))
     (folder / "verify.json").write_text(json.dumps(result, indent=2))
     return result

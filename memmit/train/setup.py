@@ -28,7 +28,7 @@ from ..families.stable_diffusion import TextToImageTask
 from ..families.text import frozen_copy
 from ..forget.build import build_forget_set, forget_prompts
 from ..forget.renders import ForgetSet, settings_of
-from ..forget.verify import quality_extractor
+from ..forget.verify import load_quality_extractor
 from ..workers import Workers
 from . import checkpoint as ckpt
 from .export import check_export
@@ -175,7 +175,7 @@ def build_trainer(cfg: MemmitConfig, accelerator: Optional[Accelerator] = None) 
     detector = load_detector(cfg.dedup_features, cfg.dedup_threshold, task.resolution, task.channels, acc.device,
                              search=cfg.dedup_search)
     if forget and cfg.evaluate:  # and the verification's quality extractor
-        quality_extractor(cfg, task, acc.device)
+        load_quality_extractor(cfg, task, acc.device)
     cfg = with_family_defaults(cfg, task)
     # The frozen parts on the device first: dedup_captions=anchor encodes captions to build the split.
     weight_dtype = WEIGHT_DTYPES.get(cfg.mixed_precision, torch.float32)
