@@ -25,7 +25,7 @@ from memmit.forget.build import forget_prompts, neighbour_prompts, recombined_pr
 from memmit.forget.prompts import lowest_ranked, read_forget_prompts
 from memmit.forget.renders import ForgetSet, collapsed, render
 from memmit.forget.verify import (VARIANTS, load_references, prompt_variants, reproduces, retained_quality,
-                                   verification_table, verify)
+                                   verification_table, verify, verify_run)
 from memmit.families import load_task
 
 from conftest import mnist_images, reset_accelerator
@@ -342,9 +342,14 @@ def fid(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * sqrtm(s_a @ s_b).real))
 
 
-# Three statistics of an image: a low-dimensional embedding whose covariance the few test renders can fit.
-STATS = Extractor({"kind": "stats"},
-                  lambda x: torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, :, :8].mean((1, 2, 3))], 1))
+class Stats(torch.nn.Module):
+    """Three statistics of an image: a low-dimensional embedding whose covariance the few test renders can fit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, :, :8].mean((1, 2, 3))], 1)
+
+
+STATS = Extractor({"kind": "stats"}, Stats())
 
 
 def stats(images: np.ndarray) -> np.ndarray:
@@ -368,6 +373,7 @@ def test_retained_quality_is_the_frechet_distance_to_the_input_renders_of_the_ot
         "available": False, "reason": "1 render(s) in each half of the seeds"}
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")  # the quality extractor's format
 def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd_pipeline, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]))
@@ -403,6 +409,17 @@ def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd
             fid(stats(np.concatenate([r[:2] for r in rows])), reference), rel=1e-4, abs=1e-8)
     assert "retained prompts: Fréchet distance to the input's renders of other seeds (stats)" in verification_table(
         direct)
+    # A run's verification takes --eval_quality_extractor: the same statistics as a TorchScript file.
+    scripted = tmp_path / "stats.pt"
+    torch.jit.script(Stats()).save(str(scripted))
+    (out / "memmit" / "forget" / "forget.json").write_text(json.dumps({**report, "retain_prompts": kept}))
+    cfg = parse_args(train_args(tiny_sd_pipeline, prompts, out, "--caption_column", "text", "--eval_quality_extractor",
+                                scripted))
+    ran = verify_run(cfg, out, torch.device("cpu"), False)["retained"]["frechet_to_input"]
+    for label in ("before", "after"):
+        assert ran[label]["extractor"] == {"kind": "torchscript", "path": str(scripted)}
+        assert ran[label]["frechet_distance"] == pytest.approx(
+            direct["retained"]["frechet_to_input"][label]["frechet_distance"], rel=1e-5)
     (out / "memmit" / "forget" / "verify.json").write_text(json.dumps(direct))
     write_model_card(out, parse_args(train_args(tiny_sd_pipeline, prompts, out)).to_dict(), tiny_sd_pipeline, None)
     assert "2 retained prompts' renders changed by" in (out / "README.md").read_text()
