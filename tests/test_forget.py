@@ -20,8 +20,9 @@ from memmit.data.captions import ANCHORS
 from memmit.data.detectors import PixelDetector
 from memmit.data.features import Extractor
 from memmit.eval.detect import prompt_scores
-from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, trigger_anchors
-from memmit.forget.build import forget_prompts, neighbour_prompts, recombined_prompts, unlike
+from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, nearest, trigger_anchors
+from memmit.forget.build import (forget_prompts, neighbour_prompts, recombined_prompts, replace_copying_anchors,
+                                 unlike)
 from memmit.forget.prompts import lowest_ranked, read_forget_prompts
 from memmit.forget.renders import ForgetSet, collapsed, render
 from memmit.forget.verify import (VARIANTS, load_references, prompt_variants, reproduces, retained_quality,
@@ -86,6 +87,27 @@ def test_trigger_words_are_those_whose_absence_drops_the_score_most():
     assert anchors["plain words"] == ""  # no word's absence lowers the score: the prompt is its own trigger
     assert anchors["handwritten bold"] == "handwritten"
     assert leave_one_out("a b c") == ["b c", "a c", "a b"]
+
+
+def test_an_anchor_that_renders_a_copy_gives_way_to_the_nearest_retained_prompt(tmp_path):
+    renders = [np.full((2, 4, 4, 1), k, np.uint8) for k in range(3)]
+    forget = ForgetSet(["a seven, bold, tall", "a three, thin", "a one"], renders, [[0, 1]] * 3,
+                       anchors={"a seven, bold, tall": "a tall", "a three, thin": "thin", "a one": "a"},
+                       retain_prompts=["thin", "a four, bold, tall", "a seven, bold, wide", "a seven, thin, tall"],
+                       dropped=["a tall", "a", "a three, thick"])
+    replace_copying_anchors(forget)
+    # "a tall" copies: the last three retained prompts share 3 words each with "a seven, bold, tall", the first of
+    # them wins; "thin" renders no copy and stays. "a one" shares 1 word ("a") with each of the last three.
+    assert forget.anchors == {"a seven, bold, tall": "a four, bold, tall", "a three, thin": "thin",
+                              "a one": "a four, bold, tall"}
+    assert forget.replaced == {"a seven, bold, tall": "a tall", "a one": "a"}
+    assert nearest("x y y", ["y", "y y z", "x"]) == "y y z"  # words counted with repeats
+    # forget.json says which anchor copied, and a resumed run reads it back.
+    forget.retain_renders = [renders[0]] * 4
+    forget.write(tmp_path, {"k": 1})
+    assert [r["anchor_reproducing"] for r in json.loads((tmp_path / "forget.json").read_text())["prompts"]] == [
+        "a tall", None, "a"]
+    assert ForgetSet.stored(tmp_path, {"k": 1}, forget.prompts).replaced == forget.replaced
 
 
 def test_renders_that_collapse_onto_one_image_are_the_copies():

@@ -3,10 +3,17 @@
 A word's significance is the drop of the prompt's memorization score (Wen et al. 2024, eval/detect.py) when the word
 is left out; the trigger words are those whose drop is at least TRIGGER_SHARE of the largest drop (the words that
 carry the copy, where the rest say what the picture shows). A prompt no word's absence lowers is its own trigger:
-its anchor is the empty prompt."""
+its anchor is the empty prompt.
+
+An anchor whose renders still reproduce a copy would teach the copy back (the anchored rows train the forget prompt
+towards the model's prediction under its anchor): it is replaced by the retained prompt (one that renders no copy)
+sharing the most words with the forget prompt (build.build_forget_set). Shorter anchors made of the prompt's own words
+were measured and lost: on a checkpoint that copies hard, "handwritten", "a handwritten" and the empty prompt draw
+copies too, and several forget prompts pulled towards one generic anchor copied more (EFFICACY.md)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 TRIGGER_SHARE = 0.5
@@ -36,6 +43,12 @@ def trigger_anchors(prompts: list[str], score: Callable[[str], float]) -> tuple[
         anchors[prompt] = tidy([w for w, t in zip(words, trigger) if not t]) if top > 0 else ""
         words_of[prompt] = [{"word": w, "score_drop": d, "trigger": t} for w, d, t in zip(words, drops, trigger)]
     return anchors, words_of
+
+
+def nearest(prompt: str, options: list[str]) -> str:
+    """The option sharing the most words (counted with repeats) with the prompt; the first of those that tie."""
+    words = Counter(prompt.split())
+    return max(options, key=lambda option: sum((words & Counter(option.split())).values()))
 
 
 def read_anchors(lines: list[str], prompts: list[str], path: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from ..draws import keyed_generator
 from ..eval.detect import prompt_scores
 from ..families.stable_diffusion import TextToImageTask
 from . import NothingToForget
-from .anchors import read_anchors, trigger_anchors
+from .anchors import nearest, read_anchors, trigger_anchors
 from .prompts import lowest_ranked, ranking, read_forget_prompts, read_lines
 from .renders import ForgetSet, collapsed, render
 from .verify import reproduces
@@ -91,6 +91,15 @@ def unlike(renders: list[np.ndarray], copies: np.ndarray, detector: Detector) ->
     return [k for k, r in enumerate(renders) if not any(reproduces(r, copies, detector))]
 
 
+def replace_copying_anchors(forget: ForgetSet) -> None:
+    """Each anchor left out of the retained prompts (its renders reproduce a copy) gives way to the retained prompt
+    sharing the most words with its forget prompt; forget.replaced keeps the anchors replaced."""
+    for prompt, anchor in forget.anchors.items():
+        if anchor in forget.dropped and forget.retain_prompts:
+            forget.replaced[prompt] = anchor
+            forget.anchors[prompt] = nearest(prompt, forget.retain_prompts)
+
+
 def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str], anchors: Optional[dict[str, str]],
                      device: torch.device, show_progress: bool = True) -> ForgetSet:
     """Render, split, anchor and render the retained prompts; every process renders its share and gets all."""
@@ -128,5 +137,7 @@ def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str
     forget.retain_prompts = [candidates[k] for k in retained]
     forget.retain_renders = [kept[k] for k in retained]
     forget.dropped = [c for k, c in enumerate(candidates) if k not in retained]
+    if anchors is None:  # a user's anchors are theirs
+        replace_copying_anchors(forget)
     logger.info(forget.summary(), main_process_only=True)
     return forget

@@ -70,6 +70,7 @@ class ForgetSet:
     copies: list[list[int]]  # each prompt's collapsed renders ([]: it does not reproduce)
     anchors: dict[str, str] = field(default_factory=dict)  # reproducing prompt -> its anchor
     triggers: dict[str, list[dict]] = field(default_factory=dict)  # reproducing prompt -> its words' score drops
+    replaced: dict[str, str] = field(default_factory=dict)  # reproducing prompt -> its words' anchor, which copied
     retain_prompts: list[str] = field(default_factory=list)
     retain_renders: list[np.ndarray] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # retain candidates left out: their renders reproduce a copy
@@ -99,8 +100,9 @@ class ForgetSet:
     def report(self, settings: dict) -> dict:
         return {"settings": settings,
                 "prompts": [{"prompt": p, "reproduces": bool(c), "collapsed_renders": c,
-                             "share": len(c) / len(r), **({"anchor": self.anchors[p], "words": self.triggers.get(p, [])}
-                                                           if c else {})}
+                             "share": len(c) / len(r), **({"anchor": self.anchors[p], "words": self.triggers.get(p, []),
+                                                              "anchor_reproducing": self.replaced.get(p)}
+                                                             if c else {})}
                             for p, r, c in zip(self.prompts, self.renders, self.copies)],
                 "retain_prompts": self.retain_prompts, "retain_dropped_as_reproducing": self.dropped}
 
@@ -133,6 +135,8 @@ class ForgetSet:
         return cls(prompts, images[:len(rows)], [r["collapsed_renders"] for r in rows],
                    anchors={r["prompt"]: r["anchor"] for r in copying},
                    triggers={r["prompt"]: r["words"] for r in copying if r["words"]},
+                   replaced={r["prompt"]: r["anchor_reproducing"] for r in copying
+                             if r["anchor_reproducing"] is not None},
                    retain_prompts=report["retain_prompts"], retain_renders=images[len(rows):],
                    dropped=report["retain_dropped_as_reproducing"])
 
@@ -141,6 +145,7 @@ class ForgetSet:
                  f"(one near-duplicate cluster holds >= the share of their renders):"]
         lines += [f"  {'reproduces' if c else 'does not reproduce'} ({len(c)}/{len(r)}): {p!r}"
                   + (f" -> anchor {self.anchors[p]!r}" if c and p in self.anchors else "")
+                  + (f" (its words' anchor {self.replaced[p]!r} renders a copy)" if p in self.replaced else "")
                   for p, r, c in zip(self.prompts, self.renders, self.copies)]
         lines.append(f"{len(self.retain_prompts)} prompts retained ({len(self.dropped)} candidates left out: their "
                      "renders reproduce a copy)")
