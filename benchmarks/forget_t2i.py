@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--family", default="sd", choices=("sd", "sd3"))
     parser.add_argument("--prompt_sets", nargs="+", default=["duplicated", "detected"],
                         choices=("duplicated", "detected"))
-    parser.add_argument("--forget_top", type=int, default=16, help="detected: the highest-ranked prompts taken")
+    parser.add_argument("--forget_top", type=int, default=64,
+                        help="detected: the highest-ranked prompts taken (the UNet checkpoint's detection ranks a "
+                             "duplicated caption 58th)")
     parser.add_argument("--steps", type=int, nargs="+", default=[384], help="optimizer steps of each run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     # 1024: alignment on the other prompts (a third of the samples) is then a share of ~340 samples, not ~89

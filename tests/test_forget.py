@@ -236,7 +236,7 @@ def test_a_forget_run_renders_splits_anchors_and_trains(tiny_sd_pipeline, tmp_pa
     assert trainer.dataset["text"] == [p for p in PROMPTS for _ in range(4)]
     assert trainer.split.anchors == {i: [anchors[i // 4]] for i in range(12)}
     assert trainer.cfg.agc_lambda == 0.0  # AGC off: the renders are all the model's own
-    assert trainer.task.anchor_weight == trainer.cfg.forget_anchor_weight == 4.0  # not dedup_anchor_weight's 16
+    assert trainer.task.anchor_weight == trainer.cfg.forget_anchor_weight == 2.0  # not dedup_anchor_weight's 16
     # retain_distill: the teacher is the input's UNet, frozen, where the trained one moved.
     from safetensors.torch import load_file
     given = load_file(Path(tiny_sd_pipeline) / "unet" / "diffusion_pytorch_model.safetensors")
