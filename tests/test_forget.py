@@ -108,6 +108,13 @@ def test_an_anchor_that_renders_a_copy_gives_way_to_the_nearest_retained_prompt(
     assert [r["anchor_reproducing"] for r in json.loads((tmp_path / "forget.json").read_text())["prompts"]] == [
         "a tall", None, "a"]
     assert ForgetSet.stored(tmp_path, {"k": 1}, forget.prompts).replaced == forget.replaced
+    # A run started before anchors were replaced resumes with its anchors as they were.
+    report = json.loads((tmp_path / "forget.json").read_text())
+    for row in report["prompts"]:
+        del row["anchor_reproducing"]
+    (tmp_path / "forget.json").write_text(json.dumps(report))
+    older = ForgetSet.stored(tmp_path, {"k": 1}, forget.prompts)
+    assert older.replaced == {} and older.anchors == forget.anchors
 
 
 def test_renders_that_collapse_onto_one_image_are_the_copies():

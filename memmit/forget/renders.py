@@ -135,8 +135,9 @@ class ForgetSet:
         return cls(prompts, images[:len(rows)], [r["collapsed_renders"] for r in rows],
                    anchors={r["prompt"]: r["anchor"] for r in copying},
                    triggers={r["prompt"]: r["words"] for r in copying if r["words"]},
+                   # A forget.json written before anchors were replaced has no such key: none was.
                    replaced={r["prompt"]: r["anchor_reproducing"] for r in copying
-                             if r["anchor_reproducing"] is not None},
+                             if r.get("anchor_reproducing") is not None},
                    retain_prompts=report["retain_prompts"], retain_renders=images[len(rows):],
                    dropped=report["retain_dropped_as_reproducing"])
 
