@@ -38,7 +38,8 @@ TEXT_TO_IMAGE_OPTIONS = (
 # Forget mode's options (only --forget_prompts reads them), and the options it refuses: they describe training images.
 FORGET_OPTIONS = ("forget_top", "forget_min_score", "forget_samples", "forget_share", "forget_inference_steps",
                   "anchor_prompts", "retain_prompts", "retain_samples", "retain_neighbours",
-                  "retain_recombined", "retain_detected", "forget_anchor_weight", "retain_distill")
+                  "retain_recombined", "retain_detected", "forget_anchor_weight", "retain_distill",
+                  "verify_retained")
 NEEDS_TRAINING_IMAGES = ("dataset_name", "dataset_config_name", "train_data_dir", "label_column", "max_train_samples",
                          "cache_latents", "cache_text_limit_gb", "dedup", "dedup_captions", "dedup_anchors",
                          "dedup_family_size")
@@ -205,6 +206,7 @@ class MemmitConfig(ModelDataConfig):
     retain_detected: int = opt(64, "forget_prompts of a detect_prompts.json: prompts retained from its lowest-ranked (those not taken as forget prompts, lowest score first; those whose renders reproduce a copy are left out): prompts of the user's own list the model renders without memorizing, so the run keeps what the forget prompts' words do not cover.")
     forget_anchor_weight: float = opt(2.0, "forget_prompts: the loss weight of a reproduction's anchored samples (1 = as a retained render's). Each reproducing prompt has as many anchored rows as collapsed renders, so it needs less than dedup_anchor_weight's boost: with the retained renders distilled and anchors that draw a copy replaced (the defaults), 2 took the testbed checkpoint that copies hard from 98.5 to 0.0 percent of duplicated-caption samples copying in 384 steps, other-prompt alignment from 81.4 to 74.9, and 4 to 0.0 and 72.9; before distillation, weight 1 left 12 of 100 new-seed renders copying and 16 lost more alignment than 4 (EFFICACY.md, forget mode).")
     retain_distill: bool = opt(True, "forget_prompts: the retained renders train towards the input model's prediction at their noised latents (a frozen copy of its denoiser, in memory beside the trained one) instead of towards the noise drawn: distillation holds what the model draws for them at every noise level, where training on its own renders drifts (EFFICACY.md, forget mode). --no-retain_distill saves the copy's memory.")
+    verify_retained: int = opt(64, "forget_prompts with --evaluate: how many of the retained prompts the verification renders, forget_samples times each by both pipelines (evenly spaced over their list; 0: all). A detection's top 64 retains thousands, hours of rendering.", resume="free")
 
     # Method: Iterative Ensemble Training
     num_shards: int = opt(1, "K: number of disjoint data shards, one model copy trained per shard and averaged every round (the paper's IET: K >= 2; with fewer shards than processes, P/K processes train each shard data-parallel). memmit's default, 1, fine-tunes one copy with AGC: at a fixed sample budget shards slow training down and keep more memorization (EFFICACY.md).")
@@ -384,6 +386,7 @@ class MemmitConfig(ModelDataConfig):
         need(self.retain_recombined >= 0, f"retain_recombined must be >= 0, got {self.retain_recombined}")
         need(self.retain_detected >= 0, f"retain_detected must be >= 0, got {self.retain_detected}")
         need(self.forget_anchor_weight > 0, f"forget_anchor_weight must be > 0, got {self.forget_anchor_weight}")
+        need(self.verify_retained >= 0, f"verify_retained must be >= 0, got {self.verify_retained}")
         need(not (self.retain_distill and self.agc_lambda), "agc_lambda > 0 with retain_distill: the retained "
              "renders' losses are distances to the input model's predictions (0 at the start), which AGC would skip; "
              "give --no-retain_distill or leave agc_lambda unset")

@@ -24,8 +24,8 @@ from memmit.forget.anchors import TRIGGER_SHARE, leave_one_out, nearest, trigger
 from memmit.forget.build import (forget_prompts, neighbour_prompts, recombined_prompts, replace_copying_anchors,
                                  unlike)
 from memmit.forget.prompts import lowest_ranked, read_forget_prompts
-from memmit.forget.renders import ForgetSet, collapsed, render
-from memmit.forget.verify import (VARIANTS, load_references, prompt_variants, reproduces, retained_quality,
+from memmit.forget.renders import ForgetSet, collapsed, render, to_pil
+from memmit.forget.verify import (VARIANTS, load_references, prompt_variants, reproduces, retained_quality, spread,
                                    verification_table, verify, verify_run)
 from memmit.families import load_task
 
@@ -94,16 +94,15 @@ def test_an_anchor_that_renders_a_copy_gives_way_to_the_nearest_retained_prompt(
     forget = ForgetSet(["a seven, bold, tall", "a three, thin", "a one"], renders, [[0, 1]] * 3,
                        anchors={"a seven, bold, tall": "a tall", "a three, thin": "thin", "a one": "a"},
                        retain_prompts=["thin", "a four, bold, tall", "a seven, bold, wide", "a seven, thin, tall"],
-                       dropped=["a tall", "a", "a three, thick"])
-    replace_copying_anchors(forget)
-    # "a tall" copies: the last three retained prompts share 3 words each with "a seven, bold, tall", the first of
+                       retain_renders=[renders[0]] * 4, dropped=["a tall", "a", "a three, thick"])
+    replace_copying_anchors(forget, PixelDetector(0.3, 4, 1))
+    # Flat renders are equally far from the copies (the detector sees no contrast). "a tall" copies: the last three retained prompts share 3 words each with "a seven, bold, tall", the first of
     # them wins; "thin" renders no copy and stays. "a one" shares 1 word ("a") with each of the last three.
     assert forget.anchors == {"a seven, bold, tall": "a four, bold, tall", "a three, thin": "thin",
                               "a one": "a four, bold, tall"}
     assert forget.replaced == {"a seven, bold, tall": "a tall", "a one": "a"}
     assert nearest("x y y", ["y", "y y z", "x"]) == "y y z"  # words counted with repeats
     # forget.json says which anchor copied, and a resumed run reads it back.
-    forget.retain_renders = [renders[0]] * 4
     forget.write(tmp_path, {"k": 1})
     assert [r["anchor_reproducing"] for r in json.loads((tmp_path / "forget.json").read_text())["prompts"]] == [
         "a tall", None, "a"]
@@ -115,6 +114,28 @@ def test_an_anchor_that_renders_a_copy_gives_way_to_the_nearest_retained_prompt(
     (tmp_path / "forget.json").write_text(json.dumps(report))
     older = ForgetSet.stored(tmp_path, {"k": 1}, forget.prompts)
     assert older.replaced == {} and older.anchors == forget.anchors
+
+
+def test_of_retained_prompts_tied_on_words_the_anchor_is_the_one_drawing_furthest_from_the_copy():
+    images, _ = mnist_images(4)
+    digits = [np.asarray(img.convert("L").resize((16, 16)))[..., None] for img in images]
+    rng = np.random.RandomState(0)
+    near = np.clip(digits[0].astype(int) + rng.randint(-40, 41, digits[0].shape), 0, 255).astype(np.uint8)
+    forget = ForgetSet(["a seven, bold, tall"], [np.stack([digits[0]] * 2)], [[0, 1]],
+                       anchors={"a seven, bold, tall": "tall"}, dropped=["tall"],
+                       retain_prompts=["a seven, bold, wide", "a seven, thin, tall", "bold"],
+                       retain_renders=[np.stack([near, digits[1]]), np.stack([digits[2], digits[3]]),
+                                       np.stack([digits[1]] * 2)])
+    detector = PixelDetector(0.3, 16, 1)
+    mean_distance = lambda r: float(detector.distance(detector.features([to_pil(x) for x in r]),
+                                                      detector.features([to_pil(digits[0])] * len(r))).mean())
+    assert mean_distance(forget.retain_renders[0]) < mean_distance(forget.retain_renders[1])
+    replace_copying_anchors(forget, detector)
+    # The first two share 3 words each; the second's renders lie further from the copy (the first draws a
+    # near-copy), so it wins though it comes second.
+    assert forget.anchors == {"a seven, bold, tall": "a seven, thin, tall"}
+    assert nearest("x y", ["x a", "y b", "z"], apart=[0.1, 0.5, 9.0].__getitem__) == "y b"
+    assert nearest("x y", ["x a", "y b", "x y"], apart=[0.1, 0.5, 0.0].__getitem__) == "x y"  # no tie
 
 
 def test_renders_that_collapse_onto_one_image_are_the_copies():
@@ -321,6 +342,7 @@ def test_a_prompt_longer_than_the_tokenizer_is_said_to_be_truncated(tiny_sd_pipe
     ("sd", ["--retain_detected", "-1"], "retain_detected must be >= 0"),
     ("sd", ["--retain_detected", "8"], "retain_detected retains prompts of a detect_prompts.json, and forget_prompts"),
     ("sd", ["--forget_anchor_weight", "0"], "forget_anchor_weight must be > 0"),
+    ("sd", ["--verify_retained", "-1"], "verify_retained must be >= 0"),
     ("sd", ["--dedup_anchor_weight", "8"], "forget mode's reproductions take --forget_anchor_weight"),
     ("sd", ["--agc_lambda", "0.5"], "agc_lambda > 0 with retain_distill"),
     ("sd", ["--evaluate", "--eval_quality_extractor", "no-such.pt"],
@@ -386,6 +408,11 @@ def stats(images: np.ndarray) -> np.ndarray:
     return np.stack([x.mean((1, 2, 3)), x.std((1, 2, 3), ddof=1), x[:, :8].mean((1, 2, 3))], 1)
 
 
+def test_the_verification_spreads_its_retained_prompts_over_their_list():
+    assert spread(list(range(10)), 4) == [0, 2, 5, 7]  # k * 10 // 4
+    assert spread(list(range(3)), 3) == spread(list(range(3)), 0) == spread(list(range(3)), 8) == [0, 1, 2]
+
+
 def test_retained_quality_is_the_frechet_distance_to_the_input_renders_of_the_other_seeds():
     rng = np.random.default_rng(0)
     before = [rng.integers(0, 256, (6, 16, 16, 1), dtype=np.uint8) for _ in range(3)]
@@ -449,6 +476,9 @@ def test_evaluate_verifies_a_forget_run_on_new_seeds_and_prompt_variants(tiny_sd
         assert ran[label]["extractor"] == {"kind": "torchscript", "path": str(scripted)}
         assert ran[label]["frechet_distance"] == pytest.approx(
             direct["retained"]["frechet_to_input"][label]["frechet_distance"], rel=1e-5)
+    # verify_retained 1: the first retained prompt alone (spread) is rendered.
+    cfg = parse_args(train_args(tiny_sd_pipeline, prompts, out, "--caption_column", "text", "--verify_retained", 1))
+    assert verify_run(cfg, out, torch.device("cpu"), False)["retained"]["prompts"] == kept[:1]
     (out / "memmit" / "forget" / "verify.json").write_text(json.dumps(direct))
     write_model_card(out, parse_args(train_args(tiny_sd_pipeline, prompts, out)).to_dict(), tiny_sd_pipeline, None)
     assert "2 retained prompts' renders changed by" in (out / "README.md").read_text()

@@ -7,14 +7,15 @@ its anchor is the empty prompt.
 
 An anchor whose renders still reproduce a copy would teach the copy back (the anchored rows train the forget prompt
 towards the model's prediction under its anchor): it is replaced by the retained prompt (one that renders no copy)
-sharing the most words with the forget prompt (build.replace_copying_anchors). Shorter anchors made of the prompt's
+sharing the most words with the forget prompt, of those that tie the one whose renders lie furthest from the copy
+(build.replace_copying_anchors). Shorter anchors made of the prompt's
 own words were measured and lost: on a checkpoint that copies hard, "handwritten", "a handwritten" and the empty
 prompt draw copies too, and several forget prompts pulled towards one generic anchor copied more (EFFICACY.md)."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from typing import Callable, Optional
 
 TRIGGER_SHARE = 0.5
 
@@ -45,10 +46,13 @@ def trigger_anchors(prompts: list[str], score: Callable[[str], float]) -> tuple[
     return anchors, words_of
 
 
-def nearest(prompt: str, options: list[str]) -> str:
-    """The option sharing the most words (counted with repeats) with the prompt; the first of those that tie."""
+def nearest(prompt: str, options: list[str], apart: Optional[Callable[[int], float]] = None) -> str:
+    """The option sharing the most words (counted with repeats) with the prompt; of those that tie, the one `apart`
+    (option index -> its distance from what the prompt copies) puts furthest, else the first."""
     words = Counter(prompt.split())
-    return max(options, key=lambda option: sum((words & Counter(option.split())).values()))
+    shared = [sum((words & Counter(option.split())).values()) for option in options]
+    tied = [k for k, count in enumerate(shared) if count == max(shared)]
+    return options[tied[0] if apart is None or len(tied) == 1 else max(tied, key=apart)]
 
 
 def read_anchors(lines: list[str], prompts: list[str], path: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from . import NothingToForget
 from .anchors import nearest, read_anchors, trigger_anchors
 from .prompts import lowest_ranked, ranking, read_forget_prompts, read_lines
 from .renders import ForgetSet, collapsed, render
-from .verify import reproduces
+from .verify import nearest_distances, reproduces
 
 if TYPE_CHECKING:
     from ..config import MemmitConfig
@@ -91,13 +91,18 @@ def unlike(renders: list[np.ndarray], copies: np.ndarray, detector: Detector) ->
     return [k for k, r in enumerate(renders) if not any(reproduces(r, copies, detector))]
 
 
-def replace_copying_anchors(forget: ForgetSet) -> None:
+def replace_copying_anchors(forget: ForgetSet, detector: Detector) -> None:
     """Each anchor left out of the retained prompts (its renders reproduce a copy) gives way to the retained prompt
-    sharing the most words with its forget prompt; forget.replaced keeps the anchors replaced."""
+    sharing the most words with its forget prompt, of those that tie the one whose renders lie furthest from the
+    prompt's copies (on average): a tied prompt drawing a near-copy just outside the threshold pulled its forget
+    prompt back onto the copy (EFFICACY.md). forget.replaced keeps the anchors replaced."""
     for prompt, anchor in forget.anchors.items():
         if anchor in forget.dropped and forget.retain_prompts:
+            i = forget.prompts.index(prompt)
+            copies = forget.renders[i][forget.copies[i]]
             forget.replaced[prompt] = anchor
-            forget.anchors[prompt] = nearest(prompt, forget.retain_prompts)
+            forget.anchors[prompt] = nearest(prompt, forget.retain_prompts, lambda k: float(
+                nearest_distances(forget.retain_renders[k], copies, detector).mean()))
 
 
 def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str], anchors: Optional[dict[str, str]],
@@ -138,6 +143,6 @@ def build_forget_set(cfg: MemmitConfig, task: TextToImageTask, prompts: list[str
     forget.retain_renders = [kept[k] for k in retained]
     forget.dropped = [c for k, c in enumerate(candidates) if k not in retained]
     if anchors is None:  # a user's anchors are theirs
-        replace_copying_anchors(forget)
+        replace_copying_anchors(forget, detector)
     logger.info(forget.summary(), main_process_only=True)
     return forget

@@ -38,13 +38,17 @@ def prompt_variants(prompt: str) -> dict[str, str]:
             "template": f"an image of {prompt}"}
 
 
-def reproduces(renders: np.ndarray, references: np.ndarray, detector: Detector) -> list[bool]:
-    """Whether each render lies within the detector's threshold of one of the references."""
+def nearest_distances(renders: np.ndarray, references: np.ndarray, detector: Detector) -> torch.Tensor:
+    """Each render's detector distance to its nearest reference."""
     a = detector.features([to_pil(x) for x in renders])
     b = detector.features([to_pil(x) for x in references])
     pairs = torch.cartesian_prod(torch.arange(len(a)), torch.arange(len(b)))
-    distances = detector.distance(a[pairs[:, 0]], b[pairs[:, 1]]).view(len(a), len(b))
-    return (distances.min(dim=1).values <= detector.threshold).tolist()
+    return detector.distance(a[pairs[:, 0]], b[pairs[:, 1]]).view(len(a), len(b)).min(dim=1).values
+
+
+def reproduces(renders: np.ndarray, references: np.ndarray, detector: Detector) -> list[bool]:
+    """Whether each render lies within the detector's threshold of one of the references."""
+    return (nearest_distances(renders, references, detector) <= detector.threshold).tolist()
 
 
 def retained_quality(before: list[np.ndarray], after: list[np.ndarray], extractor: Optional[Extractor],
@@ -151,9 +155,18 @@ def load_quality_extractor(cfg, task: TextToImageTask, device: torch.device) -> 
     return load_extractor(cfg.eval_quality_extractor, device, probe, "eval_quality_extractor")
 
 
+def spread(items: list, count: int) -> list:
+    """`count` of the items, evenly spaced over their list from the first; all of them when count is 0 or at least
+    their number."""
+    if not count or count >= len(items):
+        return items
+    return [items[k * len(items) // count] for k in range(count)]
+
+
 def verify_run(cfg, out: Path, device: torch.device, show_progress: bool = True) -> dict:
-    """--evaluate of a forget run: the input pipeline against the one exported to `out`; writes
-    memmit/forget/verify.json and returns it."""
+    """--evaluate of a forget run: the input pipeline against the one exported to `out`, on the reproducing prompts
+    and verify_retained of the retained ones (evenly spaced over their list, so each kind is in: anchors, the prompts
+    that do not reproduce, the user's, neighbours, recombinations); writes memmit/forget/verify.json and returns it."""
     import dataclasses
 
     from ..data.detectors import load_detector
@@ -164,7 +177,8 @@ def verify_run(cfg, out: Path, device: torch.device, show_progress: bool = True)
     before, after = load_task(cfg), load_task(dataclasses.replace(cfg, pretrained_model_name_or_path=str(out)))
     detector = load_detector(cfg.dedup_features, cfg.dedup_threshold, before.resolution, before.channels, device,
                              use="eval")
-    result = verify(before, after, report, load_references(folder / "references", report, before.channels), detector,
+    checked = {**report, "retain_prompts": spread(report["retain_prompts"], cfg.verify_retained)}
+    result = verify(before, after, checked, load_references(folder / "references", report, before.channels), detector,
                     cfg.forget_samples, cfg.forget_inference_steps, cfg.eval_batch_size, cfg.seed, device,
                     show_progress, load_quality_extractor(cfg, before, device))
     (folder / "verify.json").write_text(json.dumps(result, indent=2))
