@@ -96,7 +96,8 @@ def test_an_anchor_that_renders_a_copy_gives_way_to_the_nearest_retained_prompt(
                        retain_prompts=["thin", "a four, bold, tall", "a seven, bold, wide", "a seven, thin, tall"],
                        retain_renders=[renders[0]] * 4, dropped=["a tall", "a", "a three, thick"])
     replace_copying_anchors(forget, PixelDetector(0.3, 4, 1))
-    # Flat renders are equally far from the copies (the detector sees no contrast). "a tall" copies: the last three retained prompts share 3 words each with "a seven, bold, tall", the first of
+    # Flat renders are all equally far from the copies (the detector sees no contrast), so ties go to the first.
+    # "a tall" copies: the last three retained prompts share 3 words each with "a seven, bold, tall", the first of
     # them wins; "thin" renders no copy and stays. "a one" shares 1 word ("a") with each of the last three.
     assert forget.anchors == {"a seven, bold, tall": "a four, bold, tall", "a three, thin": "thin",
                               "a one": "a four, bold, tall"}

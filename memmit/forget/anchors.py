@@ -8,9 +8,9 @@ its anchor is the empty prompt.
 An anchor whose renders still reproduce a copy would teach the copy back (the anchored rows train the forget prompt
 towards the model's prediction under its anchor): it is replaced by the retained prompt (one that renders no copy)
 sharing the most words with the forget prompt, of those that tie the one whose renders lie furthest from the copy
-(build.replace_copying_anchors). Shorter anchors made of the prompt's
-own words were measured and lost: on a checkpoint that copies hard, "handwritten", "a handwritten" and the empty
-prompt draw copies too, and several forget prompts pulled towards one generic anchor copied more (EFFICACY.md)."""
+(build.replace_copying_anchors). Shorter anchors made of the prompt's own words were measured and lost: on a
+checkpoint that copies hard, "handwritten", "a handwritten" and the empty prompt draw copies too, and several forget
+prompts pulled towards one generic anchor copied more (EFFICACY.md)."""
 
 from __future__ import annotations
 
